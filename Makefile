@@ -1,0 +1,29 @@
+# Two commands for a fresh clone: `make run` and `make test`. Both (re)build .venv only when
+# pyproject.toml changed since the last install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is installed first and only when missing: these are the wheels this project's machines
+# carry on disk; elsewhere set TORCH_SPEC (e.g. TORCH_SPEC="torch torchvision") to taste.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_DATA ?= data/openmoji
+
+.PHONY: run test venv clean
+
+$(VENV)/.installed-%: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[$*]"
+	@touch $@
+
+venv: $(VENV)/.installed-serve
+
+run: $(VENV)/.installed-serve
+	$(BIN)/litpipe demo-data --out $(DEMO_DATA)
+	$(BIN)/litpipe run pipeline.yaml
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) litpipe-store runs

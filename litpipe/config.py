@@ -1,0 +1,257 @@
+"""The pipeline.yaml schema: one validated document that says what every stage does.
+
+Validation happens on load, before any work starts, and every error names the dotted key and
+the fix (`train.batch_sise: unknown key; did you mean train.batch_size?`).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from litpipe.errors import UserError
+
+DEFAULT_CONFIG = "pipeline.yaml"
+
+
+class ConfigError(UserError):
+    """A pipeline.yaml problem, already phrased for the user."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DatasetConfig(Section):
+    """One image-text dataset; every dataset under `data` is precomputed into the store."""
+
+    format: Literal["webdataset", "parquet", "folder"]
+    urls: str | list[str] = Field(
+        description="fsspec URL(s), globs or brace ranges (shard-{000000..000009}.tar); "
+        "for `folder`, the folder of images"
+    )
+    captions_file: str | None = Field(
+        None, description="folder only: JSONL or CSV with path, caption(s), optional label"
+    )
+    image_column: str | None = Field(None, description="parquet: image bytes column; webdataset: extension")
+    caption_column: str | None = Field(None, description="caption column (or webdataset extension)")
+    key_column: str | None = Field(None, description="unique key column; default: derived")
+    label_column: str | None = Field(None, description="optional integer class label column")
+    classnames: str | list[str] | None = Field(
+        None, description="class names (or a file, one per line) indexed by label, for zero-shot eval"
+    )
+
+
+class EncoderConfig(Section):
+    """The locked open_clip image tower whose outputs are cached."""
+
+    model: str = "ViT-B-32"
+    pretrained: str | None = Field(
+        None, description="a pretrained tag, a local checkpoint path or an hf-hub: id; none = random init"
+    )
+    architecture: dict[str, Any] | None = Field(
+        None, description="an open_clip model config (embed_dim, vision_cfg, text_cfg) registered under "
+        "`model`, for architectures open_clip does not ship"
+    )
+    output: Literal["projected", "pooled"] = "projected"
+    normalize: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, description="seeds random init when no pretrained weights are given")
+    image_size: int | None = Field(None, ge=8)
+    image_mean: list[float] | None = None
+    image_std: list[float] | None = None
+    image_interpolation: Literal["bicubic", "bilinear", "random"] | None = None
+    image_resize_mode: Literal["shortest", "longest", "squash"] | None = None
+
+
+class StoreConfig(Section):
+    root: str = Field("litpipe-store", description="fsspec URL of the folder that holds every cache")
+    embedding_dtype: Literal["float16", "float32"] = "float16"
+    row_group_rows: int = Field(65536, ge=1)
+
+
+class PrecomputeConfig(Section):
+    batch_size: int = Field(256, ge=1)
+    decode_workers: int | None = Field(None, ge=1, description="CPU decode tasks; none = one per free CPU")
+    encoder_actors: int = Field(1, ge=1, description="encoder actors (one GPU each when GPUs exist)")
+    max_image_pixels: int = Field(89_478_485, ge=1, description="larger images are skipped as bombs")
+
+
+class TextTowerConfig(Section):
+    width: int = Field(512, ge=8)
+    layers: int = Field(12, ge=1)
+    heads: int = Field(8, ge=1)
+    context_length: int = Field(77, ge=2)
+    vocab_size: int = Field(49408, ge=2)
+    init: str = Field(
+        "random", description="`random` (LiT's u) or an open_clip model/checkpoint whose text tower starts it (U)"
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TextTowerConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class TrainConfig(Section):
+    dataset: str = Field("train", description="the `data` entry to train on")
+    cache: str | None = Field(None, description="a cache id or URL; none = the cache of `dataset`")
+    tokenizer: str = Field("clip", description="`clip` or a path to a tokenizer.json")
+    tower: TextTowerConfig = TextTowerConfig()
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    batch_size: int = Field(1024, ge=2, description="the global batch, over all workers")
+    chunk_size: int = Field(256, ge=1, description="rows per loss/gradient-cache chunk")
+    grad_cache: bool = True
+    steps: int | None = Field(None, ge=1, description="optimiser steps; none = `epochs` worth")
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    init_temperature: float = Field(10.0, gt=0, description="LiT starts the logit scale at 10")
+    init_bias: float = Field(-10.0, description="sigmoid loss only")
+    seed: int = 0
+    workers: int = Field(1, ge=1, description="1 = single process; more = Ray Train workers")
+    use_gpu: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        if self.batch_size % self.workers:
+            raise ValueError(
+                f"batch_size must be divisible by the number of workers ({self.workers}); got {self.batch_size}"
+            )
+        return self
+
+
+class ZeroShotConfig(Section):
+    dataset: str
+    templates: str | list[str] = Field("openai", description="`openai`, a file (one per line) or a list")
+
+
+class EvalConfig(Section):
+    retrieval: list[str] = Field(default_factory=list, description="`data` entries for image-text retrieval")
+    zeroshot: list[ZeroShotConfig] = Field(default_factory=list)
+    ks: list[int] = Field([1, 5, 10], min_length=1)
+    index: Literal["auto", "flat", "ivf", "torch"] = "auto"
+    checkpoint: str | None = Field(None, description="a checkpoint or export; none = the train stage's last")
+
+
+class RayConfig(Section):
+    address: str = Field("", description="empty = a local Ray here; `auto` or ray://host:port = a cluster")
+    num_cpus: int | None = Field(None, ge=1)
+    num_gpus: int | None = Field(None, ge=0)
+
+
+class PipelineConfig(Section):
+    workdir: str = Field("runs/default", description="checkpoints, eval reports and plots go here")
+    data: dict[str, DatasetConfig] = Field(min_length=1)
+    encoder: EncoderConfig = EncoderConfig()
+    store: StoreConfig = StoreConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _datasets_exist(self) -> PipelineConfig:
+        named = [("train.dataset", self.train.dataset)]
+        named += [(f"eval.retrieval[{i}]", name) for i, name in enumerate(self.eval.retrieval)]
+        named += [(f"eval.zeroshot[{i}].dataset", z.dataset) for i, z in enumerate(self.eval.zeroshot)]
+        for key, name in named:
+            if name not in self.data:
+                raise ValueError(f"{key}: no dataset `{name}` under data; known: {', '.join(self.data)}")
+        return self
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> PipelineConfig:
+    """Read, override (`dotted.key=value`, the value parsed as YAML) and validate a pipeline.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file; pass the path of a pipeline.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, encoder, ...)")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict, creating mappings on the way."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.batch_size=4096")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def validate_config(raw: dict, source: str = "pipeline.yaml") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = [_describe(e, raw) for e in err.errors()]
+        raise ConfigError(f"{source}: " + ("\n  ".join(["invalid config:", *lines]) if len(lines) > 1 else lines[0])) from None
+
+
+def _describe(error: dict, raw: dict) -> str:
+    loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal")))]
+    key = _dotted(loc)
+    if error["type"] == "extra_forbidden":
+        guess = difflib.get_close_matches(str(loc[-1]), _known_fields(loc[:-1]), n=1)
+        hint = f"did you mean {_dotted([*loc[:-1], guess[0]])}?" if guess else f"known keys: {', '.join(_known_fields(loc[:-1]))}"
+        return f"{key}: unknown key; {hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{key}: required; add it to the config"
+    got = f"; got {error['input']!r}" if "input" in error and not isinstance(error["input"], dict) else ""
+    return f"{key}: {message}{got}" if key else f"{message}"
+
+
+def _dotted(loc: list) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _known_fields(loc: list) -> list[str]:
+    """The field names of the section at `loc`, for did-you-mean hints."""
+    model: type[BaseModel] | None = PipelineConfig
+    parts = [p for p in loc if not isinstance(p, int)]
+    while parts and model is not None:
+        part = parts.pop(0)
+        if model is PipelineConfig and part == "data":
+            model, parts = DatasetConfig, parts[1:]  # the next part is a free-form dataset name
+            continue
+        field = model.model_fields.get(part)
+        model = _section_type(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found:
+            return found
+    return None

@@ -1,0 +1,1 @@
+"""The embedding cache and the text-tower artifact: everything one stage writes and another reads."""

@@ -1,0 +1,48 @@
+"""pipeline.yaml validation: every kind of bad config fails before work starts, naming key and fix."""
+
+import pytest
+
+from litpipe.config import ConfigError, load_config
+
+
+def load_with(*overrides):
+    return load_config("pipeline.yaml", list(overrides))
+
+
+def test_embedded_default_is_valid():
+    cfg = load_with()
+    assert cfg.train.dataset in cfg.data and cfg.eval.retrieval
+
+
+def test_set_overrides_parse_values_as_yaml():
+    cfg = load_with("train.batch_size=4096", "train.grad_cache=false", "eval.ks=[1, 2]")
+    assert cfg.train.batch_size == 4096 and cfg.train.grad_cache is False and cfg.eval.ks == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batch_sise=3", "train.batch_sise: unknown key; did you mean train.batch_size?"),
+        ("data.train.formt=x", "data.train.formt: unknown key; did you mean data.train.format?"),
+        ("train.batch_size=abc", "train.batch_size: Input should be a valid integer"),
+        ("train.batch_size=1", "train.batch_size: Input should be greater than or equal to 2"),
+        ("encoder.precision=fp8", "encoder.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
+        ("train.workers=3", "batch_size must be divisible by the number of workers (3); got 1024"),
+        ("eval.retrieval=[nope]", "eval.retrieval[0]: no dataset `nope` under data"),
+        ("train.tower.heads=3", "width (128) must be divisible by heads (3)"),
+    ],
+)
+def test_bad_config_names_key_and_fix(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_with(override)
+    assert message in str(err.value)
+
+
+def test_malformed_override_says_the_form():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_with("train.batch_size")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.yaml")
