@@ -1,0 +1,80 @@
+"""`litpipe` as a user meets it: help for every command, `--set` overrides, bad configs as messages."""
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from litpipe.cli import build_parser, config_from_args, main
+
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "pipeline.yaml"
+CONSOLE_SCRIPT = Path(sys.executable).with_name("litpipe")
+
+
+def command_paths(parser: argparse.ArgumentParser, prefix: tuple = ()) -> list[tuple]:
+    """Every command and sub-command (`cache ls`) the parser knows, stages included."""
+    paths = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                paths.append((*prefix, name))
+                paths += command_paths(sub, (*prefix, name))
+    return paths
+
+
+COMMANDS = command_paths(build_parser())
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "run" in out and "demo-data" in out
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_that_says_what_it_does(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: litpipe " + " ".join(command))
+    assert len(out.splitlines()) > 3
+
+
+def test_console_script_is_installed_and_shows_help():
+    result = subprocess.run([str(CONSOLE_SCRIPT), "demo-data", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--out" in result.stdout and "OpenMoji" in result.stdout
+
+
+def test_set_overrides_reach_the_config():
+    args = build_parser().parse_args([
+        "run", str(REPO_CONFIG), "--set", "train.batch_size=2048", "--set", "ray.address=auto",
+        "--set", "encoder.pretrained=hf-hub:org/model",
+    ])
+    cfg = config_from_args(args)
+    assert (cfg.train.batch_size, cfg.ray.address, cfg.encoder.pretrained) == (2048, "auto", "hf-hub:org/model")
+
+
+def test_bad_config_exits_2_with_the_message_and_no_traceback(tmp_path):
+    bad = tmp_path / "pipeline.yaml"
+    bad.write_text(REPO_CONFIG.read_text().replace("  batch_size: 1024", "  batch_sise: 1024"))
+    result = subprocess.run([str(CONSOLE_SCRIPT), "run", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "train.batch_sise: unknown key; did you mean train.batch_size?" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "no-such-pipeline.yaml"], "no such config file"),
+    (["run", str(REPO_CONFIG), "--set", "train.batch_size"], "expected dotted.key=value"),
+    (["run", str(REPO_CONFIG), "--set", "train.batch_size=-1"], "train.batch_size"),
+])
+def test_user_errors_exit_2_with_a_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("litpipe: ") and message in err
