@@ -44,6 +44,7 @@ class DatasetConfig(Section):
     classnames: str | list[str] | None = Field(
         None, description="class names (or a file, one per line) indexed by label, for zero-shot eval"
     )
+    shard_rows: int = Field(10000, ge=1, description="folder only: captions-file rows per output shard (unit of commit)")
 
 
 class EncoderConfig(Section):
@@ -122,6 +123,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    checkpoint_dir: str | None = Field(None, description="fsspec URL for resumable checkpoints; none = {workdir}/train/checkpoints")
     log_every: int = Field(10, ge=1)
 
     @model_validator(mode="after")
@@ -135,14 +137,24 @@ class TrainConfig(Section):
 
 class ZeroShotConfig(Section):
     dataset: str
-    templates: str | list[str] = Field("openai", description="`openai`, a file (one per line) or a list")
+    templates: str | list[str] = Field(
+        "openai", description="`openai` (open_clip's ImageNet templates), a file (one per line) or a list; "
+        "`{c}` marks the class name"
+    )
+    ks: list[int] = Field([1, 5], min_length=1, description="top-k accuracies to report")
 
 
 class EvalConfig(Section):
     retrieval: list[str] = Field(default_factory=list, description="`data` entries for image-text retrieval")
     zeroshot: list[ZeroShotConfig] = Field(default_factory=list)
     ks: list[int] = Field([1, 5, 10], min_length=1)
-    index: Literal["auto", "flat", "ivf", "torch"] = "auto"
+    index: Literal["auto", "flat", "ivf", "torch"] = Field(
+        "auto", description="auto = exact faiss (GPU when present), torch when faiss is absent; ivf for huge galleries"
+    )
+    ivf_nlist: int | None = Field(None, ge=1, description="ivf lists; none = about 4 sqrt(N)")
+    ivf_nprobe: int = Field(16, ge=1, description="ivf lists searched per query")
+    text_batch_size: int = Field(512, ge=1, description="texts per text-tower forward")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint: str | None = Field(None, description="a checkpoint or export; none = the train stage's last")
 
 

@@ -1,0 +1,96 @@
+"""How close the cache's readers come to the physical limit: a raw read of the same shard bytes.
+
+Writes N x D float16 embeddings into a cache, then times, side by side in one run (each best of
+--repeats, page cache warm for all): a raw read of the shard files into memory, `load_all()`
+(with and without keys/captions) and a full epoch of the streaming reader. GB/s are shard-file
+bytes over seconds, so every ratio is a ratio of times. Goals: load_all >= 0.8x raw, reader >= 0.5x.
+
+    .venv/bin/python bench/store_read.py --rows 1000000 --dim 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from litpipe.store import EmbeddingCache
+
+
+def write_cache(root: str, rows: int, dim: int, shards: int) -> EmbeddingCache:
+    dataset = {"format": "bench", "options": {}, "inputs": [{"url": f"bench-{i}", "size": 0, "mtime": 0} for i in range(shards)]}
+    cache = EmbeddingCache.open_or_create(root, {"model": "bench", "dim": dim, "spec": {}}, dataset, embedding_dtype="float16")
+    rng = np.random.default_rng(0)
+    for s, part in enumerate(np.array_split(np.arange(rows), shards)):
+        vectors = rng.standard_normal((len(part), dim), dtype=np.float32).astype(np.float16)
+        cache.commit_shard(f"bench-{s}", pa.table({
+            "key": [f"{i:09d}" for i in part],
+            "captions": [[f"caption {i}"] for i in part],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        }))
+    cache.finalize()
+    return cache
+
+
+def raw_read(paths: list[str], total: int) -> None:
+    """The limit: the files' bytes into one preallocated buffer, no decoding."""
+    buffer = memoryview(bytearray(total))
+    offset = 0
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while (n := f.readinto(buffer[offset:])) > 0:
+                offset += n
+
+
+def stream(cache: EmbeddingCache, batch_size: int, text: bool) -> None:
+    for _ in cache.reader(batch_size, seed=0, epoch=0, text=text):
+        pass
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--shards", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="where to write the cache (default: a temp dir)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as root:
+        start = time.perf_counter()
+        cache = write_cache(root, args.rows, args.dim, args.shards)
+        write_s = time.perf_counter() - start
+        paths = [os.path.join(cache.path, s["path"]) for s in cache.shards()]
+        total = sum(s["bytes"] for s in cache.shards())
+        raw_read(paths, total)  # warm the page cache for everyone alike
+        results = {
+            "raw read": best_of(args.repeats, lambda: raw_read(paths, total)),
+            "load_all(text=False)": best_of(args.repeats, lambda: cache.load_all(text=False)),
+            "load_all()": best_of(args.repeats, lambda: cache.load_all()),
+            "reader(text=False)": best_of(args.repeats, lambda: stream(cache, args.batch_size, text=False)),
+            "reader()": best_of(args.repeats, lambda: stream(cache, args.batch_size, text=True)),
+        }
+    gb = total / 1e9
+    print(f"{args.rows:,} x {args.dim} float16 in {args.shards} shards, {gb:.2f} GB; "
+          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; written in {write_s:.1f} s")
+    for name, seconds in results.items():
+        print(f"{name:22} {gb / seconds:6.2f} GB/s  {seconds:7.3f} s  {results['raw read'] / seconds:5.2f}x raw")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""`litpipe serve`: the command. Kept free of torch and FastAPI imports, since every `litpipe` call loads it."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+import sys
+
+from litpipe.cli import add_config_args, config_from_args
+from litpipe.errors import UserError
+
+
+def register(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="a local web page: search a cache by text, sort it with a zero-shot classifier",
+        description="Load a cache and a trained text tower once, then serve a page (and a JSON API, documented "
+        "at /docs) to search the cached images by text and to classify them by class names you type.")
+    add_config_args(serve)
+    serve.add_argument("--checkpoint", help="a text-tower folder (default: eval.checkpoint or {workdir}/train/final)")
+    serve.add_argument("--dataset", help="the `data` entry to serve (default: the first eval set, else train.dataset)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    dataset = args.dataset or next(iter([*cfg.eval.retrieval, *(z.dataset for z in cfg.eval.zeroshot)]), cfg.train.dataset)
+    if dataset not in cfg.data:
+        raise UserError(f"--dataset {dataset}: no such `data` entry in {args.config}; known: {', '.join(cfg.data)}")
+    _check_port(args.host, args.port)
+    if not _is_loopback(args.host):
+        print(f"litpipe serve: WARNING: listening on {args.host}: anyone who can reach this machine can query "
+              "the cache and see its images", file=sys.stderr)
+
+    import uvicorn
+
+    from litpipe.eval.server import Explorer, create_app
+    from litpipe.eval.stage import default_checkpoint
+
+    explorer = Explorer.load(cfg, dataset, args.checkpoint or cfg.eval.checkpoint or default_checkpoint(cfg))
+    info = explorer.info()
+    if info["images_problem"]:
+        print(f"litpipe serve: {info['images_problem']}; results show keys and captions only", file=sys.stderr)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"litpipe serve: {info['num_images']:,} images of `{dataset}` (cache {info['cache_id']}) at "
+          f"http://{host}:{args.port}  (API docs: /docs; Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(explorer), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail before the slow model load, with the fix, when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({err.strerror}); "
+                            "pick another port with --port") from None

@@ -1,0 +1,585 @@
+"""The embedding cache: a directory of Parquet shards that become visible only through commit records.
+
+Object stores have no atomic rename, so a shard is published by a single small PUT: the data file
+is uploaded under a writer-unique name, then `commits/{shard}.json` is created exclusively. Readers
+see shards only through those records, so a crash anywhere leaves exactly the committed shards, and
+two writers racing on one input commit it once (the loser's data file is an orphan that `verify`
+reports and `remove_orphans` deletes). `finalize` folds the records into the manifest, so a complete
+cache opens with one GET. The format is described in docs/cache-format.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import uuid
+import warnings
+from collections import Counter
+from datetime import datetime, timezone
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+import litpipe
+from litpipe.errors import UserError
+from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint, is_local, to_url
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ERRORS_FILE = "errors.jsonl"
+REQUIRED_COLUMNS = ("key", "captions", "embedding")
+MANIFEST_KEYS = ("format_version", "id", "complete", "embedding_dtype", "row_group_rows", "encoder", "dataset")
+
+
+class CacheError(UserError):
+    """A cache that is missing, corrupt, or was asked to hold something it cannot."""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def _normalise_root(root: str) -> str:
+    fs, path = fsspec.core.url_to_fs(root)
+    return to_url(fs, path)
+
+
+def shard_name(input_url: str) -> str:
+    """A deterministic output name for an input shard: its readable stem plus a hash of the full URL."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.basename(input_url.rstrip("/")).split(".")[0])[:40] or "shard"
+    return f"{stem}-{hashlib.sha256(input_url.encode()).hexdigest()[:10]}"
+
+
+def encode_embeddings(vectors: pa.Array, dtype: str) -> pa.Array:
+    """fixed_size_list<float, D> -> the stored form: one fixed_size_binary(D * itemsize) per row.
+
+    Parquet decodes a list column value by value (float16 even as 2-byte binaries) at a fraction
+    of disk speed; one fixed-width binary per row decodes at memcpy speed (see docs/cache-format.md).
+    """
+    dim = vectors.type.list_size
+    values = vectors.flatten().cast(getattr(pa, dtype)()).to_numpy(zero_copy_only=False)
+    values = np.ascontiguousarray(values)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(dim * values.itemsize), len(vectors), [None, pa.py_buffer(values)])
+
+
+def decode_embeddings(column: pa.ChunkedArray | pa.Array, dim: int, dtype: str) -> np.ndarray:
+    """The stored embedding column as an [n, D] numpy array: a view of Arrow's buffer for one chunk."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    views = [np.frombuffer(c.buffers()[1], dtype=dtype, count=len(c) * dim, offset=c.offset * c.type.byte_width)
+             for c in chunks]
+    return (views[0] if len(views) == 1 else np.concatenate(views) if views else np.empty(0, dtype)).reshape(-1, dim)
+
+
+def stored_dim(field: pa.Field, dtype: str) -> int:
+    return field.type.byte_width // np.dtype(dtype).itemsize
+
+
+class EmbeddingCache:
+    """One cache directory: its manifest, its committed shards, and reading and writing them."""
+
+    def __init__(self, url: str, manifest: dict):
+        self.url = url
+        self.manifest = manifest
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+
+    # --- finding and opening -------------------------------------------------------------
+
+    @classmethod
+    def open_or_create(cls, root: str, encoder_fp: dict, dataset_fp: dict,
+                       embedding_dtype: str = "float16", row_group_rows: int = 65536) -> EmbeddingCache:
+        """The cache of this encoder and dataset under `root`, created empty if there is none.
+
+        `embedding_dtype` and `row_group_rows` are fixed when a cache is created; an existing cache
+        keeps its own (the manifest records them).
+        """
+        if embedding_dtype not in ("float16", "float32"):
+            raise CacheError(f"embedding_dtype {embedding_dtype!r}: use float16 or float32 (store.embedding_dtype)")
+        found = cls.find(root, encoder_fp, dataset_fp)
+        if found is not None:
+            return found
+        cid = cache_id(encoder_fp, dataset_fp)
+        url = _join(_normalise_root(root), cid)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "id": cid,
+            "litpipe_version": litpipe.__version__,
+            "created": _now(),
+            "complete": False,
+            "embedding_dtype": embedding_dtype,
+            "row_group_rows": row_group_rows,
+            "dim": encoder_fp.get("dim"),
+            "encoder": encoder_fp,
+            "dataset": dataset_fp,
+        }
+        cache = cls(url, manifest)
+        cache.fs.makedirs(cache.path, exist_ok=True)
+        # Two writers creating at once: the first manifest wins and both go on with it.
+        cache._write_exclusive(_join(cache.path, MANIFEST), _dumps(manifest))
+        return cls.open(url)
+
+    @classmethod
+    def find(cls, root: str, encoder_fp: dict, dataset_fp: dict) -> EmbeddingCache | None:
+        """The cache (complete or partial) made from exactly these fingerprints, or None."""
+        url = _join(_normalise_root(root), cache_id(encoder_fp, dataset_fp))
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache(path)
+        if not fs.exists(_join(path, MANIFEST)):
+            return None
+        cache = cls.open(url)
+        if canonical_json(cache.manifest["encoder"]) != canonical_json(encoder_fp) or \
+                canonical_json(cache.manifest["dataset"]) != canonical_json(dataset_fp):
+            raise CacheError(f"{cache.manifest_url}: its fingerprints differ from its id; the cache was edited. "
+                             f"Remove it with `litpipe cache rm {cache.id}` and re-run `litpipe precompute`")
+        return cache
+
+    @classmethod
+    def open(cls, url_or_id: str, root: str | None = None) -> EmbeddingCache:
+        """A cache by URL, or by id (or unique id prefix) under `root`."""
+        url = url_or_id
+        if root is not None and "/" not in url_or_id and "://" not in url_or_id:
+            url = _join(_normalise_root(root), url_or_id)
+            fs, path = fsspec.core.url_to_fs(url)
+            if not fs.exists(_join(path, MANIFEST)):
+                matches = [c for c in list_caches(root) if c.id.startswith(url_or_id)]
+                if len(matches) == 1:
+                    return matches[0]
+                raise CacheError(f"{url_or_id}: no cache with this id under {root} "
+                                 f"({'several match' if matches else 'none matches'}); `litpipe cache ls` lists them")
+        fs, path = fsspec.core.url_to_fs(url)
+        url = to_url(fs, path)
+        manifest_url = _join(url, MANIFEST)
+        try:
+            raw = fs.cat_file(_join(path, MANIFEST))
+        except FileNotFoundError:
+            raise CacheError(f"{manifest_url}: no cache manifest here; check the cache URL or id "
+                             f"(`litpipe cache ls` lists caches), or run `litpipe precompute` to build it") from None
+        try:
+            manifest = json.loads(raw)
+            problem = None if isinstance(manifest, dict) else "not a JSON object"
+        except ValueError as err:
+            problem = f"not valid JSON: {err}"
+        if problem is None and (missing := [k for k in MANIFEST_KEYS if k not in manifest]):
+            problem = f"missing {', '.join(missing)}"
+        if problem:
+            raise CacheError(f"{manifest_url}: corrupt cache manifest ({problem}); "
+                             f"delete the cache (`litpipe cache rm`) and re-run `litpipe precompute`")
+        version = manifest["format_version"]
+        if version > FORMAT_VERSION:
+            raise CacheError(f"{manifest_url}: cache format version {version} is newer than this litpipe "
+                             f"{litpipe.__version__} reads (up to {FORMAT_VERSION}); upgrade litpipe")
+        return cls(url, manifest)
+
+    # --- what it holds -------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self.manifest["id"]
+
+    @property
+    def manifest_url(self) -> str:
+        return _join(self.url, MANIFEST)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def embedding_dtype(self) -> str:
+        return self.manifest["embedding_dtype"]
+
+    @property
+    def dim(self) -> int | None:
+        if self.manifest.get("dim") is not None:
+            return self.manifest["dim"]
+        shards = self.shards()
+        return shards[0]["dim"] if shards else None
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s["rows"] for s in self.shards())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s["bytes"] for s in self.shards())
+
+    def shards(self) -> list[dict]:
+        """Committed shard records, in input order: the manifest's when complete, else commits/."""
+        if self.complete:
+            return self.manifest["shards"]
+        return sorted(self._commit_records(), key=lambda r: (r["input"], r["name"]))
+
+    def committed_inputs(self) -> set[str]:
+        """Input shard URLs whose output is committed: what a resumed writer skips."""
+        return {s["input"] for s in self.shards()}
+
+    def errors(self) -> list[dict]:
+        """Skipped samples, each {"key", "input", "reason"}."""
+        if self.complete:
+            try:
+                text = self.fs.cat_file(_join(self.path, ERRORS_FILE)).decode()
+            except FileNotFoundError:
+                raise CacheError(f"{_join(self.url, ERRORS_FILE)}: missing from a complete cache; "
+                                 f"delete the cache (`litpipe cache rm {self.id}`) and re-run `litpipe precompute`") from None
+            return [json.loads(line) for line in text.splitlines() if line]
+        return [e for s in self.shards() for e in s["errors"]]
+
+    def _commit_records(self) -> list[dict]:
+        commits = _join(self.path, "commits")
+        self.fs.invalidate_cache(commits)
+        try:
+            paths = [p for p in self.fs.ls(commits, detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        blobs = self.fs.cat(paths, on_error="return") if paths else {}
+        records = []
+        for path, blob in blobs.items():
+            if isinstance(blob, FileNotFoundError):
+                continue
+            if isinstance(blob, Exception):
+                raise blob
+            try:
+                records.append(json.loads(blob))
+            except ValueError:
+                raise CacheError(f"{to_url(self.fs, path)}: corrupt commit record; delete it and re-run "
+                                 f"`litpipe precompute` to recompute that shard") from None
+        return records
+
+    # --- writing -------------------------------------------------------------------------
+
+    def commit_shard(self, input_url: str, table: pa.Table, errors=()) -> dict | None:
+        """Publish the output of one input shard; None if that input is already committed.
+
+        `table` has key (string), captions (list<string>), embedding (fixed_size_list, any float
+        type: cast to the cache's embedding_dtype), optional label (int64) and metadata columns.
+        """
+        name = shard_name(input_url)
+        commit_path = _join(self.path, "commits", f"{name}.json")
+        self.fs.invalidate_cache(_join(self.path, "commits"))
+        if self.fs.exists(commit_path):
+            return None
+        if self.complete:
+            raise CacheError(f"{self.url}: cache is complete (finalized) and takes no more shards; "
+                             f"a changed dataset gets a new cache from `litpipe precompute`")
+        table, dim = self._conform(table, input_url)
+        data_path = f"shards/{name}.{uuid.uuid4().hex[:12]}.parquet"
+        blob = _parquet_bytes(table, self.manifest["row_group_rows"])
+        self.fs.makedirs(_join(self.path, "shards"), exist_ok=True)
+        self.fs.pipe_file(_join(self.path, data_path), blob)
+        record = {
+            "name": name,
+            "path": data_path,
+            "input": input_url,
+            "rows": table.num_rows,
+            "bytes": len(blob),
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "dim": dim,
+            "columns": table.column_names,
+            "row_groups": _row_group_rows(blob),
+            "committed": _now(),
+            "errors": [{"key": str(e["key"]), "input": e.get("input", input_url), "reason": str(e["reason"])}
+                       for e in errors],
+        }
+        self.fs.makedirs(_join(self.path, "commits"), exist_ok=True)
+        if not self._write_exclusive(commit_path, _dumps(record)):
+            self.fs.rm_file(_join(self.path, data_path))  # lost the race: the winner's shard stands
+            return None
+        return record
+
+    def _conform(self, table: pa.Table, input_url: str) -> tuple[pa.Table, int]:
+        """Check the columns and cast them to the cache's schema, so every shard reads alike."""
+        missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+        if missing:
+            raise CacheError(f"shard of {input_url}: missing column(s) {', '.join(missing)}; a shard needs "
+                             f"key, captions and embedding")
+        emb_type = table.schema.field("embedding").type
+        if not pa.types.is_fixed_size_list(emb_type):
+            raise CacheError(f"shard of {input_url}: `embedding` is {emb_type}; it must be fixed_size_list<float, D> "
+                             f"(pa.FixedSizeListArray.from_arrays(values, D))")
+        dim = self.dim
+        if dim is not None and emb_type.list_size != dim:
+            raise CacheError(f"shard of {input_url}: embedding dim {emb_type.list_size} differs from the cache's {dim} "
+                             f"({self.manifest_url}); the encoder fingerprint's dim is wrong or the shard is from another encoder")
+        if pc.count_distinct(table.column("key")).as_py() != table.num_rows:
+            raise CacheError(f"shard of {input_url}: duplicate keys; keys must be unique in the cache")
+        vectors = table.column("embedding").combine_chunks()
+        if vectors.null_count or vectors.flatten().null_count:
+            raise CacheError(f"shard of {input_url}: null embeddings; report failed samples as errors instead")
+        target = {"key": pa.string(), "captions": pa.list_(pa.string()), "label": pa.int64()}
+        fields = [pa.field(f.name, target.get(f.name, f.type)) for f in table.schema if f.name != "embedding"]
+        try:
+            table = table.drop_columns(["embedding"]).cast(pa.schema(fields))
+            stored = encode_embeddings(vectors, self.embedding_dtype)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise CacheError(f"shard of {input_url}: columns do not fit the cache schema ({err})") from None
+        field = pa.field("embedding", stored.type, nullable=False,
+                         metadata={"litpipe.dtype": self.embedding_dtype, "litpipe.dim": str(emb_type.list_size)})
+        return table.add_column(table.schema.get_field_index("captions") + 1, field, stored), emb_type.list_size
+
+    def finalize(self, expected_inputs=None) -> dict:
+        """Fold the commit records into the manifest (complete=True) and write errors.jsonl.
+
+        With `expected_inputs`, refuse while any of them is not committed yet.
+        """
+        if self.complete:
+            return self.manifest
+        records = self.shards()
+        if expected_inputs is not None:
+            missing = sorted(set(expected_inputs) - {r["input"] for r in records})
+            if missing:
+                raise CacheError(f"{self.url}: cannot finalize, {len(missing)} input shard(s) not committed "
+                                 f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")
+        errors = [e for r in records for e in r["errors"]]
+        errors_blob = "".join(json.dumps(e) + "\n" for e in errors).encode()
+        self._write_atomic(_join(self.path, ERRORS_FILE), errors_blob)
+        manifest = dict(self.manifest)
+        manifest.update(
+            complete=True,
+            completed=_now(),
+            dim=self.dim,
+            num_rows=sum(r["rows"] for r in records),
+            bytes=sum(r["bytes"] for r in records),
+            num_errors=len(errors),
+            error_counts=dict(Counter(e["reason"] for e in errors)),
+            shards=[{**{k: v for k, v in r.items() if k != "errors"}, "num_errors": len(r["errors"])} for r in records],
+        )
+        self._write_atomic(_join(self.path, MANIFEST), _dumps(manifest))
+        self.manifest = manifest
+        return manifest
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        """Replace a file in one step: temp + rename on local disk, one PUT on object stores."""
+        if is_local(self.fs):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def _write_exclusive(self, path: str, data: bytes) -> bool:
+        """Create a file only if absent, atomically; False when it already exists."""
+        if is_local(self.fs):
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)  # fails if `path` exists, never half-written
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        try:
+            self.fs.pipe_file(path, data, mode="create")  # S3 If-None-Match: *
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if "PreconditionFailed" in str(err) or "412" in str(err):
+                return False
+            raise
+        # Stores that ignore the precondition: the last PUT wins, so whoever reads back its own bytes won.
+        self.fs.invalidate_cache(path)
+        return self.fs.cat_file(path) == data
+
+    # --- reading -------------------------------------------------------------------------
+
+    def open_shard(self, record: dict, whole: bool = False) -> pq.ParquetFile:
+        """A shard's Parquet file; `whole` fetches it in one read (remote stores), not by ranges.
+
+        Checks what a reader relies on: a readable footer, the recorded rows and the cache's dim.
+        """
+        path = _join(self.path, record["path"])
+        url = _join(self.url, record["path"])
+        try:
+            if is_local(self.fs):
+                source = path
+            elif whole:
+                source = pa.BufferReader(self.fs.cat_file(path))
+            else:
+                source = self.fs.open(path, "rb")
+            parquet = pq.ParquetFile(source)
+        except FileNotFoundError:
+            raise CacheError(f"{url}: committed shard is missing; run `litpipe cache verify {self.id}`, "
+                             f"then `litpipe cache rm {self.id}` and re-run `litpipe precompute`") from None
+        except (pa.ArrowInvalid, OSError) as err:
+            raise CacheError(f"{url}: unreadable Parquet shard, truncated or corrupt ({err}); run `litpipe cache verify "
+                             f"{self.id}`, then `litpipe cache rm {self.id}` and re-run `litpipe precompute`") from None
+        dim = stored_dim(parquet.schema_arrow.field("embedding"), self.embedding_dtype)
+        if dim != self.dim:
+            raise CacheError(f"{url}: embedding dim {dim} differs from the cache's {self.dim}; the shard belongs to "
+                             f"another encoder: `litpipe cache rm {self.id}` and re-run `litpipe precompute`")
+        if parquet.metadata.num_rows != record["rows"]:
+            raise CacheError(f"{url}: {parquet.metadata.num_rows} rows, its commit record says {record['rows']}; "
+                             f"the file was replaced: `litpipe cache rm {self.id}` and re-run `litpipe precompute`")
+        return parquet
+
+    def load_all(self, text: bool = True):
+        """Everything in memory: embeddings as one float32 tensor [N, D], plus keys/captions/labels."""
+        from litpipe.store.reader import load_all
+
+        return load_all(self, text=text)
+
+    def reader(self, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
+               shuffle: bool = True, start_step: int = 0, **options):
+        """A StreamingReader over this cache's share for `rank`; see litpipe.store.reader."""
+        from litpipe.store.reader import StreamingReader
+
+        return StreamingReader(self, batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+                               shuffle=shuffle, start_step=start_step, **options)
+
+    # --- checking and removing -----------------------------------------------------------
+
+    def verify(self) -> list[str]:
+        """Re-read every shard; each problem names its file. Empty = good."""
+        problems = []
+        records = self.shards()
+        seen_keys: dict[str, str] = {}
+        for record in records:
+            url = _join(self.url, record["path"])
+            try:
+                blob = self.fs.cat_file(_join(self.path, record["path"]))
+            except FileNotFoundError:
+                problems.append(f"{url}: committed shard is missing")
+                continue
+            if len(blob) != record["bytes"]:
+                problems.append(f"{url}: {len(blob)} bytes, its commit record says {record['bytes']} (truncated or replaced)")
+            if hashlib.sha256(blob).hexdigest() != record["sha256"]:
+                problems.append(f"{url}: sha256 differs from its commit record (corrupted or replaced)")
+            try:
+                table = pq.read_table(pa.BufferReader(blob))
+            except (pa.ArrowInvalid, OSError) as err:
+                problems.append(f"{url}: unreadable Parquet ({err})")
+                continue
+            if table.num_rows != record["rows"]:
+                problems.append(f"{url}: {table.num_rows} rows, its commit record says {record['rows']}")
+            dim = stored_dim(table.schema.field("embedding"), self.embedding_dtype)
+            if dim != self.dim:
+                problems.append(f"{url}: embedding dim {dim}, the cache's is {self.dim}")
+                continue
+            vectors = decode_embeddings(table.column("embedding"), dim, self.embedding_dtype)
+            bad = int(table.num_rows - np.isfinite(vectors).all(axis=1).sum())
+            if bad:
+                problems.append(f"{url}: {bad} embedding(s) with NaN or inf")
+            for key in table.column("key").to_pylist():
+                if key in seen_keys:
+                    problems.append(f"{url}: key {key!r} also in {seen_keys[key]} (duplicate key)")
+                else:
+                    seen_keys[key] = record["path"]
+        for path in self.orphans():
+            problems.append(f"{_join(self.url, path)}: orphaned data file, in no commit record "
+                            f"(a crashed or losing writer); `litpipe cache rm {self.id} --orphans` deletes it")
+        return problems
+
+    def orphans(self) -> list[str]:
+        """Data files under shards/ that no commit record names (relative paths).
+
+        While a writer runs, its in-flight file shows here too until it commits.
+        """
+        shard_dir = _join(self.path, "shards")
+        self.fs.invalidate_cache(shard_dir)
+        try:
+            present = self.fs.ls(shard_dir, detail=False)
+        except FileNotFoundError:
+            return []
+        committed = {s["path"] for s in self.shards()}
+        return sorted(p for p in (f"shards/{os.path.basename(x)}" for x in present) if p not in committed)
+
+    def remove_orphans(self) -> list[str]:
+        """Delete orphans that can no longer be committed: all of them in a complete cache, else
+        those whose input shard is already committed (a race loser or a crashed earlier attempt)."""
+        committed_names = {s["name"] for s in self.shards()}
+        removed = [p for p in self.orphans()
+                   if self.complete or os.path.basename(p).split(".")[0] in committed_names]
+        for path in removed:
+            self.fs.rm_file(_join(self.path, path))
+        return removed
+
+    def remove(self) -> None:
+        """Delete the whole cache directory."""
+        self.fs.rm(self.path, recursive=True)
+        self.fs.invalidate_cache(self.path)
+
+
+def _dumps(obj) -> bytes:
+    return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+def _leaf_paths(field: pa.Field, prefix: str = "") -> list[str]:
+    """Parquet column paths of an Arrow field (lists nest as name.list.element)."""
+    name = prefix + field.name
+    t = field.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _leaf_paths(pa.field("element", t.value_type), name + ".list.")
+    if pa.types.is_struct(t):
+        return [p for i in range(t.num_fields) for p in _leaf_paths(t.field(i), name + ".")]
+    if pa.types.is_map(t):
+        return [f"{name}.key_value.key", *_leaf_paths(pa.field("value", t.item_type), name + ".key_value.")]
+    return [name]
+
+
+def _parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
+    """The shard file: vectors plain and uncompressed (they do not compress; decoding speed
+    matters), every other column zstd."""
+    paths = [p for f in table.schema for p in _leaf_paths(f)]
+    compression = {p: ("none" if p == "embedding" else "zstd") for p in paths}
+    sink = io.BytesIO()
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression=compression,
+                   use_dictionary=[f.name for f in table.schema if f.name != "embedding"],
+                   write_statistics=[p for p in paths if p != "embedding" and not p.startswith("captions.")])
+    return sink.getvalue()
+
+
+def _row_group_rows(blob: bytes) -> list[int]:
+    meta = pq.ParquetFile(pa.BufferReader(blob)).metadata
+    return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+
+# --- the store root ----------------------------------------------------------------------
+
+
+def list_caches(root: str) -> list[EmbeddingCache]:
+    """Every readable cache under `root`, oldest first; unreadable ones are skipped with a warning."""
+    fs, path = fsspec.core.url_to_fs(_normalise_root(root))
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    caches = []
+    for entry in entries:
+        if entry["type"] != "directory":
+            continue
+        if not fs.exists(_join(entry["name"], MANIFEST)):
+            continue
+        try:
+            caches.append(EmbeddingCache.open(to_url(fs, entry["name"])))
+        except CacheError as err:
+            warnings.warn(str(err), stacklevel=2)
+    return sorted(caches, key=lambda c: (c.manifest["created"], c.id))
+
+
+def resolve_cache(cfg, dataset_name: str, explicit: str | None = None) -> EmbeddingCache:
+    """The cache train/eval should read for `dataset_name`: `explicit` (an id or URL) if given, else
+    the one whose encoder spec equals `cfg.encoder` (less `device`) and whose dataset fingerprint
+    equals the dataset's current one; complete before partial, newest first."""
+    if explicit:
+        return EmbeddingCache.open(explicit, root=cfg.store.root)
+    dataset_fp = json.loads(canonical_json(dataset_fingerprint(cfg.data[dataset_name])))
+    spec = json.loads(canonical_json(cfg.encoder.model_dump(exclude={"device"})))
+    matches = [c for c in list_caches(cfg.store.root)
+               if json.loads(canonical_json(c.manifest["encoder"].get("spec"))) == spec
+               and json.loads(canonical_json(c.manifest["dataset"])) == dataset_fp]
+    if not matches:
+        raise CacheError(f"no cache of dataset `{dataset_name}` for encoder `{cfg.encoder.model}` under "
+                         f"{cfg.store.root}; run `litpipe precompute` first (`litpipe cache ls` lists what is there)")
+    return max(matches, key=lambda c: (c.complete, c.manifest["created"]))

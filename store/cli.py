@@ -1,0 +1,133 @@
+"""`litpipe cache ls|show|verify|rm`: look after the caches under the config's store.root."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+
+from litpipe.cli import add_config_args, config_from_args
+from litpipe.store.cache import EmbeddingCache, list_caches
+
+
+def register(commands) -> None:
+    cache = commands.add_parser("cache", help="list, show, verify or remove embedding caches (store.root)",
+                                description="Manage the embedding caches under store.root of the config.")
+    actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+
+    ls = actions.add_parser("ls", help="list caches: id, state, rows, size, encoder, dataset",
+                            description="List every cache under store.root, oldest first.")
+    add_config_args(ls)
+    ls.set_defaults(func=_ls)
+
+    show = actions.add_parser("show", help="print one cache's manifest readably",
+                              description="Print a cache's manifest: fingerprints, shards, errors.")
+    show.add_argument("cache", help="cache id (or unique prefix) under store.root, or a cache URL")
+    add_config_args(show)
+    show.add_argument("--json", action="store_true", help="print the raw manifest JSON instead")
+    show.set_defaults(func=_show)
+
+    verify = actions.add_parser("verify", help="re-read every shard and report problems (exit 1 if any)",
+                                description="Check checksums, row counts, dims, duplicate keys, NaN/inf and orphaned files.")
+    verify.add_argument("cache", help="cache id (or unique prefix) under store.root, or a cache URL")
+    add_config_args(verify)
+    verify.set_defaults(func=_verify)
+
+    rm = actions.add_parser("rm", help="delete a cache (or with --orphans only its orphaned data files)",
+                            description="Delete a cache directory, or only the data files no commit record names.")
+    rm.add_argument("cache", help="cache id (or unique prefix) under store.root, or a cache URL")
+    add_config_args(rm)
+    rm.add_argument("--orphans", action="store_true", help="delete only orphaned data files, keep the cache")
+    rm.set_defaults(func=_rm)
+
+
+def _open(args: argparse.Namespace) -> EmbeddingCache:
+    return EmbeddingCache.open(args.cache, root=config_from_args(args).store.root)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _describe_encoder(fp: dict) -> str:
+    return f"{fp.get('model')}" + (f" ({fp['pretrained']})" if fp.get("pretrained") else "") + \
+        f" {fp.get('output', '')} d={fp.get('dim')}"
+
+
+def _describe_dataset(fp: dict) -> str:
+    inputs = fp.get("inputs", [])
+    first = inputs[0]["url"] if inputs else "-"
+    return f"{fp.get('format')} {first}" + (f" (+{len(inputs) - 1})" if len(inputs) > 1 else "")
+
+
+def _ls(args: argparse.Namespace) -> int:
+    root = config_from_args(args).store.root
+    caches = list_caches(root)
+    if not caches:
+        print(f"no caches under {root}")
+        return 0
+    print(f"{'ID':16}  {'STATE':8}  {'ROWS':>10}  {'SIZE':>9}  ENCODER  |  DATASET")
+    for c in caches:
+        shards = c.shards()
+        state = "complete" if c.complete else "partial"
+        rows, size = sum(s["rows"] for s in shards), sum(s["bytes"] for s in shards)
+        print(f"{c.id:16}  {state:8}  {rows:>10,}  {_size(size):>9}  "
+              f"{_describe_encoder(c.manifest['encoder'])}  |  {_describe_dataset(c.manifest['dataset'])}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    cache = _open(args)
+    m = cache.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    shards = cache.shards()
+    errors = m.get("error_counts") if cache.complete else dict(Counter(e["reason"] for e in cache.errors()))
+    print(f"cache {cache.id}  ({'complete' if cache.complete else 'partial: being written or interrupted'})")
+    print(f"  url:            {cache.url}")
+    print(f"  format version: {m['format_version']} (litpipe {m['litpipe_version']})")
+    print(f"  created:        {m['created']}" + (f", completed {m['completed']}" if m.get("completed") else ""))
+    print(f"  rows:           {sum(s['rows'] for s in shards):,} in {len(shards)} shard(s), "
+          f"{_size(sum(s['bytes'] for s in shards))}, {m['embedding_dtype']} x {cache.dim}")
+    print(f"  errors:         {sum(errors.values())}" + "".join(f"\n    {n:>8}  {r}" for r, n in sorted(errors.items())))
+    print("  encoder:")
+    for key, value in m["encoder"].items():
+        print(f"    {key}: {json.dumps(value)}")
+    inputs = m["dataset"].get("inputs", [])
+    print(f"  dataset: {m['dataset'].get('format')}, options {json.dumps(m['dataset'].get('options'))}")
+    print(f"    {len(inputs)} input(s), {_size(sum(i.get('size') or 0 for i in inputs))}")
+    for entry in inputs[:5]:
+        print(f"    {entry['url']}")
+    if len(inputs) > 5:
+        print(f"    ... {len(inputs) - 5} more")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    cache = _open(args)
+    problems = cache.verify()
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"cache {cache.id}: {len(problems)} problem(s)")
+        return 1
+    print(f"cache {cache.id}: ok ({len(cache.shards())} shards, {cache.num_rows:,} rows)")
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    cache = _open(args)
+    if args.orphans:
+        removed = cache.remove_orphans()
+        kept = len(cache.orphans())
+        print(f"cache {cache.id}: removed {len(removed)} orphaned file(s)" + (
+            f"; kept {kept} whose input is not committed yet (a running writer may still commit them)" if kept else ""))
+        return 0
+    cache.remove()
+    print(f"removed cache {cache.id} ({cache.url})")
+    return 0

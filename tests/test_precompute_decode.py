@@ -1,0 +1,79 @@
+"""precompute/decode.py: every odd image mode converted as it looks, bad bytes turned into reasons."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from litpipe.precompute.decode import DecodeError, decode_image
+from precompute_samples import encode_image, image_bytes
+
+MAX = 10_000_000
+
+
+def rgb(image_data: bytes) -> np.ndarray:
+    out = decode_image(image_data, MAX)
+    assert out.mode == "RGB"
+    return np.asarray(out).astype(int)
+
+
+def test_grayscale_and_bilevel_become_equal_channels():
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    np.testing.assert_array_equal(rgb(encode_image(Image.fromarray(grey, "L"), "PNG")), np.repeat(grey[..., None], 3, 2))
+    bits = Image.fromarray(grey > 100).convert("1")
+    np.testing.assert_array_equal(rgb(encode_image(bits, "PNG"))[..., 0], np.where(grey > 100, 255, 0))
+
+
+def test_palette_takes_its_colours_and_its_transparent_index_shows_white():
+    palette = Image.new("P", (4, 1))
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * 759)
+    palette.putdata([0, 1, 2, 1])
+    np.testing.assert_array_equal(rgb(encode_image(palette, "PNG"))[0], [[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 255, 0]])
+    palette.info["transparency"] = 1
+    out = io.BytesIO()
+    palette.save(out, "PNG", transparency=1)
+    np.testing.assert_array_equal(rgb(out.getvalue())[0], [[255, 0, 0], [255, 255, 255], [0, 0, 255], [255, 255, 255]])
+
+
+def test_alpha_is_composited_on_white_not_dropped():
+    rgba = np.zeros((1, 3, 4), dtype=np.uint8)
+    rgba[0, :, :3] = [10, 20, 30]
+    rgba[0, :, 3] = [0, 128, 255]
+    got = rgb(encode_image(Image.fromarray(rgba, "RGBA"), "PNG"))[0]
+    alpha = np.array([0, 128, 255])[:, None] / 255.0
+    expected = np.array([10, 20, 30]) * alpha + 255 * (1 - alpha)  # float64 reference
+    np.testing.assert_allclose(got, expected, atol=1)
+    la = Image.fromarray(np.stack([np.full((1, 2), 50, np.uint8), np.array([[0, 255]], np.uint8)], -1), "LA")
+    np.testing.assert_array_equal(rgb(encode_image(la, "PNG"))[0], [[255, 255, 255], [50, 50, 50]])
+
+
+def test_16bit_grey_is_scaled_not_clipped():
+    values = np.array([[0, 257 * 128, 65535, 1000]], dtype=np.uint16)
+    got = rgb(encode_image(Image.fromarray(values), "PNG"))[0, :, 0]
+    np.testing.assert_array_equal(got, np.rint(values[0] / 257.0))
+
+
+def test_cmyk_becomes_the_rgb_it_prints_as():
+    cmyk = Image.frombytes("CMYK", (3, 1), bytes([0, 0, 0, 0, 255, 0, 0, 0, 0, 0, 0, 255]))
+    np.testing.assert_array_equal(rgb(encode_image(cmyk, "TIFF"))[0], [[255, 255, 255], [0, 255, 255], [0, 0, 0]])
+    jpeg = rgb(encode_image(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"))
+    np.testing.assert_allclose(jpeg.reshape(-1, 3).mean(0), [255, 0, 0], atol=3)  # red, within JPEG loss
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty image"),
+    (b"definitely not an image", "undecodable image"),
+    (image_bytes(0, size=(64, 64))[:300], "truncated image"),
+])
+def test_bad_bytes_raise_a_reason(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        decode_image(data, MAX)
+
+
+def test_bomb_is_refused_from_its_header_before_decoding():
+    bomb = encode_image(Image.new("L", (3000, 2000)), "PNG")
+    assert len(bomb) < 50_000
+    with pytest.raises(DecodeError, match="decompression bomb: 3000x2000"):
+        decode_image(bomb, max_pixels=5_000_000)
+    assert decode_image(bomb, max_pixels=6_000_000).size == (3000, 2000)

@@ -1,0 +1,182 @@
+"""The precompute job end to end on a real local Ray: parity, bad input, reuse, resume after kill -9, formats."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from litpipe.config import validate_config
+from litpipe.precompute import stage
+from litpipe.precompute.decode import decode_image
+from litpipe.store.cache import EmbeddingCache, decode_embeddings
+from litpipe.store.encoder import load_encoder
+from precompute_samples import encode_image, image_bytes, sample_members, tiny_config, write_tar
+
+GOOD_RGB = [f"plain/{i}" for i in range(5)]
+ODD_MODES = {  # converted, not skipped
+    "odd/grey": encode_image(Image.new("L", (30, 20), 90), "PNG"),
+    "odd/palette": encode_image(Image.open(io.BytesIO(image_bytes(5))).convert("P"), "PNG"),
+    "odd/cmyk": encode_image(Image.new("CMYK", (24, 24), (10, 200, 30, 0)), "JPEG"),
+    "odd/grey16": encode_image(Image.fromarray(np.full((20, 20), 40000, np.uint16)), "PNG"),
+    "odd/alpha": encode_image(Image.open(io.BytesIO(image_bytes(6))).convert("RGBA"), "PNG"),
+}
+BAD_IMAGES = {
+    "bad/undecodable": b"this is not an image at all",
+    "bad/zero-byte": b"",
+    "bad/truncated": image_bytes(7, size=(64, 64))[:200],
+    "bad/bomb": encode_image(Image.new("L", (3000, 2000)), "PNG"),
+}
+PLANTED_ERRORS = len(BAD_IMAGES) + 3  # + a sample without caption, a truncated tar's cut, an unreadable shard
+
+
+def build_planted_dataset(folder: Path) -> list[str]:
+    """Four real tar shards holding every kind of bad input; returns the good keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tar(folder / "train-000000.tar", [m for i, key in enumerate(GOOD_RGB)
+                                            for m in sample_members(key, image_bytes(i), f"caption {i}\nalt {i}", label=i)])
+    odd = [m for key, data in ODD_MODES.items() for m in sample_members(key, data, f"odd {key}")]
+    bad = [m for key, data in BAD_IMAGES.items() for m in sample_members(key, data, f"bad {key}")]
+    write_tar(folder / "train-000001.tar", odd + bad + sample_members("bad/no-caption", image_bytes(8), None))
+    cut_members = [m for i in range(3) for m in sample_members(f"cut/{i}", image_bytes(10 + i, size=(64, 64)), f"cut {i}")]
+    write_tar(folder / "train-000002.tar", cut_members)
+    data = (folder / "train-000002.tar").read_bytes()
+    (folder / "train-000002.tar").write_bytes(data[:data.index(image_bytes(12, size=(64, 64))) + 50])
+    (folder / "train-000003.tar").write_bytes(b"\x00not a tar" * 64)
+    return GOOD_RGB + list(ODD_MODES) + ["cut/0", "cut/1"]
+
+
+def planted_config(data_dir: Path, root: str, **sections) -> dict:
+    raw = tiny_config({"train": {"format": "webdataset", "urls": str(data_dir / "train-*.tar")}}, root, **sections)
+    raw["precompute"].update(max_image_pixels=1_000_000, batch_size=4)
+    return raw
+
+
+def cache_rows(cache: EmbeddingCache) -> dict:
+    """key -> row of the committed shards, read straight from their Parquet files."""
+    rows = {}
+    for record in cache.shards():
+        table = cache.open_shard(record).read()
+        vectors = decode_embeddings(table.column("embedding"), cache.dim, cache.embedding_dtype)
+        for row, vector in zip(table.drop_columns(["embedding"]).to_pylist(), vectors):
+            assert row["key"] not in rows, f"key {row['key']} committed twice"
+            rows[row["key"]] = {**row, "embedding": vector}
+    return rows
+
+
+@pytest.fixture(scope="module")
+def planted(ray_local, tmp_path_factory):
+    base = tmp_path_factory.mktemp("precompute")
+    good = build_planted_dataset(base / "data")
+    cfg = validate_config(planted_config(base / "data", str(base / "store")))
+    summary = stage.run(cfg)["datasets"]["train"]
+    return {"base": base, "good": good, "cfg": cfg, "summary": summary,
+            "cache": EmbeddingCache.open(summary["cache_url"])}
+
+
+def test_planted_bad_inputs_are_recorded_and_every_good_sample_kept(planted):
+    cache, summary = planted["cache"], planted["summary"]
+    assert cache.complete
+    assert sorted(cache_rows(cache)) == sorted(planted["good"])
+    errors = cache.errors()
+    assert len(errors) == PLANTED_ERRORS == summary["skipped"] == cache.manifest["num_errors"]
+    reasons = {e["key"]: e["reason"] for e in errors}
+    assert reasons["bad/zero-byte"].startswith("empty image")
+    assert reasons["bad/truncated"].startswith("truncated image")
+    assert reasons["bad/undecodable"].startswith("undecodable image")
+    assert reasons["bad/bomb"].startswith("decompression bomb")
+    assert reasons["bad/no-caption"].startswith("no caption")
+    assert reasons["cut/2"].startswith("truncated shard")
+    assert [e["input"].endswith("train-000003.tar") for e in errors if e["reason"].startswith("unreadable shard")] == [True]
+    assert summary["embedded"] == len(planted["good"])
+
+
+def test_cached_embeddings_equal_open_clip_encode_image_of_the_same_images(planted):
+    """Tolerance: float16 storage, |cached - direct| <= 1e-3 * |direct| + 1e-3 * max|direct|."""
+    rows = cache_rows(planted["cache"])
+    encoder = load_encoder(planted["cfg"].encoder, device="cpu")
+    images = [Image.open(io.BytesIO(image_bytes(i))).convert("RGB") for i in range(len(GOOD_RGB))]
+    images += [decode_image(data, 10**6) for data in ODD_MODES.values()]
+    with torch.no_grad():
+        direct = encoder.model.encode_image(torch.stack([encoder.preprocess(im) for im in images])).double().numpy()
+    cached = np.array([rows[key]["embedding"] for key in GOOD_RGB + list(ODD_MODES)], dtype=np.float64)
+    np.testing.assert_allclose(cached, direct, rtol=1e-3, atol=1e-3 * np.abs(direct).max())
+
+
+def test_captions_labels_and_metadata_pass_through(planted):
+    rows = cache_rows(planted["cache"])
+    assert rows["plain/3"]["captions"] == ["caption 3", "alt 3"] and rows["plain/3"]["label"] == 3
+    assert rows["odd/grey"].get("label") is None and rows["odd/grey"]["captions"] == ["odd odd/grey"]
+    assert json.loads(rows["plain/0"]["metadata"]) == {"source": "test"}
+
+
+def test_second_run_with_same_encoder_and_data_encodes_nothing(planted):
+    again = stage.run(planted["cfg"])
+    result = again["datasets"]["train"]
+    assert result["reused"] and result["embedded"] == 0 and result["inputs_processed"] == 0
+    assert result["cache_id"] == planted["cache"].id
+    assert "nothing encoded" in again["report"][0]
+
+
+KILL_AFTER_FIRST_COMMIT = """
+import json, os, signal, sys
+from litpipe.config import validate_config
+from litpipe.precompute.job import precompute_dataset
+from litpipe.store.encoder import load_encoder
+cfg = validate_config(json.loads(sys.argv[1]))
+precompute_dataset(cfg, "train", load_encoder(cfg.encoder, device="cpu"),
+                   on_commit=lambda record: os.kill(os.getpid(), signal.SIGKILL))
+"""
+
+
+def test_resume_after_kill_writes_each_key_once_and_matches_an_uninterrupted_run(planted):
+    raw = planted_config(planted["base"] / "data", str(planted["base"] / "resumed"), ray={"num_cpus": 2})
+    child = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_COMMIT, json.dumps(raw)],
+                           capture_output=True, text=True, timeout=240, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
+    assert child.returncode == -9, child.stderr[-3000:]
+    cfg = validate_config(raw)
+    partial = EmbeddingCache.find(cfg.store.root, planted["cache"].manifest["encoder"], planted["cache"].manifest["dataset"])
+    assert not partial.complete and len(partial.shards()) == 1
+
+    resumed = stage.run(cfg)["datasets"]["train"]
+    assert resumed["inputs_processed"] == 3
+    cache, reference = EmbeddingCache.open(resumed["cache_url"]), planted["cache"]
+    assert cache.complete and cache.id == reference.id
+    got, want = cache_rows(cache), cache_rows(reference)
+    assert list(got) == list(want)  # every key exactly once, in the same order
+    for key in want:
+        assert got[key]["embedding"].tobytes() == want[key]["embedding"].tobytes()  # bit-identical
+        assert {k: v for k, v in got[key].items() if k != "embedding"} == {k: v for k, v in want[key].items() if k != "embedding"}
+    assert sorted(map(json.dumps, cache.errors())) == sorted(map(json.dumps, reference.errors()))
+
+
+def test_parquet_and_folder_datasets_are_precomputed_into_an_fsspec_store(ray_local, tmp_path):
+    table = pa.table({"image": [{"bytes": image_bytes(i), "path": None} for i in range(3)] + [{"bytes": b"bad", "path": None}],
+                      "text": ["p0", "p1", "p2", "p3"], "label": [0, 1, 2, 3]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        (tmp_path / "images" / f"f{i}.png").write_bytes(image_bytes(20 + i))
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps({"path": f"f{i}.png", "caption": f"folder {i}"}) + "\n"
+                                                     for i in range(3)))
+    data = {"pq": {"format": "parquet", "urls": str(tmp_path / "*.parquet")},
+            "folder": {"format": "folder", "urls": str(tmp_path / "images"), "captions_file": str(tmp_path / "captions.jsonl"),
+                       "shard_rows": 2}}
+    summary = stage.run(validate_config(tiny_config(data, "memory://litpipe-precompute-test", train={"dataset": "pq"})))["datasets"]
+    pq_cache, folder_cache = (EmbeddingCache.open(summary[n]["cache_url"]) for n in ("pq", "folder"))
+    assert pq_cache.url.startswith("memory://") and pq_cache.complete and folder_cache.complete
+    pq_rows, folder_rows = cache_rows(pq_cache), cache_rows(folder_cache)
+    assert {k: (r["captions"], r["label"]) for k, r in pq_rows.items()} == {f"part-0/{i}": ([f"p{i}"], i) for i in range(3)}
+    assert [e["key"] for e in pq_cache.errors()] == ["part-0/3"]
+    assert {k: r["captions"] for k, r in folder_rows.items()} == {f"f{i}": [f"folder {i}"] for i in range(3)}
+    assert len(folder_cache.shards()) == 2
+    fsspec.filesystem("memory").rm("/litpipe-precompute-test", recursive=True)

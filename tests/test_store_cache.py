@@ -1,0 +1,246 @@
+"""The cache's write side and lookup, on local disk, memory:// and S3 (moto's server over loopback)."""
+
+import json
+import multiprocessing
+import threading
+import uuid
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from litpipe.config import validate_config
+from litpipe.store import CacheError, EmbeddingCache, list_caches, resolve_cache
+from litpipe.store.cache import FORMAT_VERSION, shard_name
+
+DIM = 8
+ENCODER = {"model": "tiny", "pretrained": None, "weights_sha256": "w1", "output": "projected", "normalize": False,
+           "precision": "fp32", "dim": DIM,
+           "preprocess": {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic",
+                          "resize_mode": "shortest", "transform": "..."},
+           "spec": {"model": "tiny"}}
+DATASET = {"format": "webdataset", "options": {}, "inputs": [{"url": f"/data/in-{i}.tar", "size": 1, "mtime": 1.0} for i in range(4)]}
+INPUTS = [e["url"] for e in DATASET["inputs"]]
+
+
+def shard_table(prefix: str, rows: int, seed: int = 0, dim: int = DIM, writer: str = "w") -> pa.Table:
+    vectors = np.random.default_rng(seed).standard_normal((rows, dim)).astype(np.float32)
+    return pa.table({
+        "key": [f"{prefix}/{i}" for i in range(rows)],
+        "captions": [[f"caption {prefix} {i}", "alt"] for i in range(rows)],
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        "label": np.arange(rows, dtype=np.int64),
+        "writer": [writer] * rows,
+    })
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    if request.param == "memory":
+        return f"memory://store-{uuid.uuid4().hex[:8]}"
+    return request.getfixturevalue("s3_root")
+
+
+def test_committed_shards_read_back_exactly_and_finalize_consolidates(root):
+    cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET, row_group_rows=4)
+    tables = {url: shard_table(f"s{i}", 5 + i, seed=i) for i, url in enumerate(INPUTS)}
+    for i, (url, table) in enumerate(tables.items()):
+        record = cache.commit_shard(url, table, [{"key": f"bad{i}", "reason": "undecodable image"}])
+        assert record["rows"] == table.num_rows and sum(record["row_groups"]) == table.num_rows and record["row_groups"][0] == 4
+    assert cache.committed_inputs() == set(INPUTS) and not cache.complete
+    assert sorted(e["key"] for e in cache.errors()) == ["bad0", "bad1", "bad2", "bad3"]
+
+    manifest = cache.finalize(expected_inputs=INPUTS)
+    assert manifest["complete"] and manifest["num_rows"] == sum(t.num_rows for t in tables.values())
+    assert manifest["error_counts"] == {"undecodable image": 4} and manifest["format_version"] == FORMAT_VERSION
+
+    found = EmbeddingCache.find(root, ENCODER, DATASET)
+    assert found.complete and found.id == cache.id and found.dim == DIM
+    assert {e["input"] for e in found.errors()} == set(INPUTS)
+    contents = found.load_all()
+    expected = np.concatenate([t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
+                               for t in tables.values()]).astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(contents.embeddings.double().numpy(), expected)
+    assert contents.keys == [k for t in tables.values() for k in t.column("key").to_pylist()]
+    assert contents.captions[0] == ["caption s0 0", "alt"]
+    assert contents.labels.tolist() == [i for t in tables.values() for i in range(t.num_rows)]
+    assert found.verify() == []
+
+
+def test_crash_before_commit_leaves_exactly_the_committed_shards_and_resume_writes_each_key_once(root):
+    cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
+    cache.commit_shard(INPUTS[0], shard_table("s0", 6))
+    # What a writer killed mid-shard leaves: a partial data file under its unique name, no record.
+    fs, path = fsspec.core.url_to_fs(cache.url)
+    partial = f"shards/{shard_name(INPUTS[1])}.0123456789ab.parquet"
+    fs.pipe_file(f"{path}/{partial}", b"PAR1 partial")
+
+    reopened = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
+    assert reopened.committed_inputs() == {INPUTS[0]} and reopened.num_rows == 6
+    assert reopened.load_all().keys == [f"s0/{i}" for i in range(6)]
+    for i, url in enumerate(INPUTS):
+        if url not in reopened.committed_inputs():
+            reopened.commit_shard(url, shard_table(f"s{i}", 6))
+    keys = reopened.load_all().keys
+    assert len(keys) == len(set(keys)) == 6 * len(INPUTS)
+    assert [p.split(": ")[1] for p in reopened.verify()] == ["orphaned data file, in no commit record "
+                                                             f"(a crashed or losing writer); `litpipe cache rm {cache.id} --orphans` deletes it"]
+    assert reopened.remove_orphans() == [partial]
+    assert reopened.verify() == []
+
+
+def test_two_writers_racing_on_the_same_inputs_commit_each_key_once(root):
+    results = {}
+
+    def write(writer):
+        cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
+        results[writer] = [cache.commit_shard(url, shard_table(f"s{i}", 5, writer=writer)) for i, url in enumerate(INPUTS)]
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cache = EmbeddingCache.find(root, ENCODER, DATASET)
+    assert sorted(s["input"] for s in cache.shards()) == sorted(INPUTS)
+    keys = cache.load_all().keys
+    assert len(keys) == len(set(keys)) == 5 * len(INPUTS)
+    if not root.startswith("s3://"):  # moto's conditional PUT is not atomic under races; AWS's is
+        assert all((ra is None) != (rb is None) for ra, rb in zip(results["a"], results["b"]))
+    cache.remove_orphans()
+    assert cache.verify() == []
+
+
+def _commit_all_in_process(root):
+    cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
+    return [cache.commit_shard(url, shard_table(f"s{i}", 5)) is not None for i, url in enumerate(INPUTS)]
+
+
+def test_two_writer_processes_on_local_disk_commit_each_input_once(tmp_path):
+    root = str(tmp_path / "store")
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        won = pool.map(_commit_all_in_process, [root, root])
+    assert [a + b for a, b in zip(*won)] == [1] * len(INPUTS)
+    cache = EmbeddingCache.find(root, ENCODER, DATASET)
+    assert cache.num_rows == 5 * len(INPUTS) and cache.orphans() == [] and cache.verify() == []
+
+
+def test_same_fingerprints_find_the_cache_and_changed_preprocessing_does_not(root):
+    cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
+    cache.commit_shard(INPUTS[0], shard_table("s0", 3))
+    assert EmbeddingCache.open_or_create(root, ENCODER, DATASET).id == cache.id
+    assert EmbeddingCache.find(root, json.loads(json.dumps(ENCODER)), DATASET).num_rows == 3
+    changed = {**ENCODER, "preprocess": {**ENCODER["preprocess"], "interpolation": "bilinear"}}
+    assert EmbeddingCache.find(root, changed, DATASET) is None
+    assert EmbeddingCache.find(root, {**ENCODER, "weights_sha256": "w2"}, DATASET) is None
+    assert EmbeddingCache.find(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:2]}) is None
+    assert [c.id for c in list_caches(root)] == [cache.id]
+    cache.remove()
+    assert EmbeddingCache.find(root, ENCODER, DATASET) is None and list_caches(root) == []
+
+
+def _pipeline_cfg(tmp_path):
+    (tmp_path / "in-0.tar").write_bytes(b"tar")
+    return validate_config({"data": {"train": {"format": "webdataset", "urls": str(tmp_path / "in-*.tar")}},
+                            "store": {"root": str(tmp_path / "store")}})
+
+
+def test_resolve_cache_matches_encoder_spec_and_dataset_and_prefers_complete(tmp_path):
+    from litpipe.store.fingerprint import dataset_fingerprint
+
+    cfg = _pipeline_cfg(tmp_path)
+    data_fp = dataset_fingerprint(cfg.data["train"])
+    spec = cfg.encoder.model_dump(exclude={"device"})
+    with pytest.raises(CacheError, match="no cache of dataset `train`.*run `litpipe precompute`"):
+        resolve_cache(cfg, "train")
+    complete = EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "spec": spec}, data_fp)
+    complete.commit_shard(data_fp["inputs"][0]["url"], shard_table("a", 3))
+    complete.finalize()
+    partial = EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "weights_sha256": "w2", "spec": spec}, data_fp)
+    EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "spec": {**spec, "image_size": 64}}, data_fp)
+    assert resolve_cache(cfg, "train").id == complete.id
+    assert resolve_cache(cfg, "train", explicit=partial.id).id == partial.id
+    assert resolve_cache(cfg, "train", explicit=partial.url).id == partial.id
+
+
+def test_commit_refuses_wrong_dim_duplicate_keys_and_a_finalized_cache(tmp_path):
+    cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET)
+    with pytest.raises(CacheError, match=f"shard of {INPUTS[0]}: embedding dim 4 differs from the cache's 8"):
+        cache.commit_shard(INPUTS[0], shard_table("s", 3, dim=4))
+    doubled = pa.concat_tables([shard_table("s", 2), shard_table("s", 2)])
+    with pytest.raises(CacheError, match="duplicate keys"):
+        cache.commit_shard(INPUTS[0], doubled)
+    with pytest.raises(CacheError, match="missing column"):
+        cache.commit_shard(INPUTS[0], shard_table("s", 2).drop_columns(["captions"]))
+    cache.commit_shard(INPUTS[0], shard_table("s", 2))
+    with pytest.raises(CacheError, match="1 input shard.*not committed.*re-run `litpipe precompute`"):
+        cache.finalize(expected_inputs=INPUTS[:2])
+    cache.finalize()
+    assert cache.commit_shard(INPUTS[0], shard_table("s", 2)) is None
+    with pytest.raises(CacheError, match="is complete"):
+        cache.commit_shard(INPUTS[1], shard_table("t", 2))
+
+
+def test_float32_caches_keep_float32_vectors(tmp_path):
+    cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET, embedding_dtype="float32")
+    table = shard_table("s", 4)
+    cache.commit_shard(INPUTS[0], table)
+    expected = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
+    np.testing.assert_array_equal(cache.load_all().embeddings.numpy(), expected)
+
+
+@pytest.fixture
+def written(tmp_path):
+    cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET)
+    for i, url in enumerate(INPUTS[:2]):
+        cache.commit_shard(url, shard_table(f"s{i}", 5, seed=i))
+    return cache
+
+
+def test_missing_corrupt_and_too_new_manifests_name_the_file_and_the_fix(written, tmp_path):
+    with pytest.raises(CacheError, match=f"{tmp_path}/nope/manifest.json: no cache manifest here.*litpipe cache ls"):
+        EmbeddingCache.open(str(tmp_path / "nope"))
+    with pytest.raises(CacheError, match="zzz: no cache with this id.*litpipe cache ls"):
+        EmbeddingCache.open("zzz", root=str(tmp_path))
+    manifest = tmp_path / written.id / "manifest.json"
+    original = manifest.read_text()
+    manifest.write_text(original[: len(original) // 2])
+    with pytest.raises(CacheError, match=f"{manifest}: corrupt cache manifest.*litpipe cache rm"):
+        EmbeddingCache.open(written.id, root=str(tmp_path))
+    manifest.write_text(json.dumps({**json.loads(original), "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(CacheError, match=f"{manifest}: cache format version {FORMAT_VERSION + 1} is newer.*upgrade litpipe"):
+        EmbeddingCache.open(written.id, root=str(tmp_path))
+
+
+def test_truncated_shard_and_dim_mismatch_fail_reads_naming_the_shard(written, tmp_path):
+    shard = tmp_path / written.id / written.shards()[0]["path"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 40])
+    with pytest.raises(CacheError, match=f"{shard}: unreadable Parquet shard, truncated or corrupt.*litpipe cache verify"):
+        written.load_all()
+    shard.write_bytes(data)
+    written.manifest["dim"] = 16
+    with pytest.raises(CacheError, match=f"{shard}: embedding dim 8 differs from the cache's 16"):
+        written.load_all()
+
+
+def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_path):
+    assert written.verify() == []
+    first, second = written.shards()
+    path = tmp_path / written.id / second["path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    bad = shard_table("s0", 3)  # keys s0/0..2 again, and a NaN vector
+    vectors = bad.column("embedding").combine_chunks().flatten().to_numpy().copy()
+    vectors[0] = np.nan
+    bad = bad.set_column(2, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors), DIM))
+    written.commit_shard(INPUTS[2], bad)
+    problems = written.verify()
+    assert any(p.startswith(f"{written.url}/{second['path']}: sha256 differs") for p in problems)
+    third = next(s for s in written.shards() if s["input"] == INPUTS[2])
+    assert f"{written.url}/{third['path']}: 1 embedding(s) with NaN or inf" in problems
+    assert f"{written.url}/{third['path']}: key 's0/0' also in {first['path']} (duplicate key)" in problems

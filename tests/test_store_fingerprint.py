@@ -1,0 +1,88 @@
+"""Fingerprints decide reuse: they must change with anything that changes the vectors, and only then."""
+
+import os
+
+import fsspec
+import pytest
+
+from litpipe.config import DatasetConfig
+from litpipe.errors import UserError
+from litpipe.store.fingerprint import cache_id, dataset_fingerprint, expand_urls
+
+
+def _touch(path, data=b"x"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_expand_urls_takes_brace_ranges_and_globs_sorted_and_absolute(tmp_path, monkeypatch):
+    for i in (2, 0, 1):
+        _touch(tmp_path / f"shard-{i:03d}.tar")
+    _touch(tmp_path / "other.txt")
+    monkeypatch.chdir(tmp_path)
+    expected = [str(tmp_path / f"shard-{i:03d}.tar") for i in range(3)]
+    assert expand_urls("shard-{000..002}.tar") == expected
+    assert expand_urls(str(tmp_path / "shard-*.tar")) == expected
+    assert expand_urls(["shard-002.tar", "shard-00[01].tar", "shard-000.tar"]) == expected
+
+
+def test_expand_urls_keeps_the_protocol_of_remote_urls():
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/fp-proto/a-0.tar": b"1", "/fp-proto/a-1.tar": b"2"})
+    assert expand_urls("memory://fp-proto/a-{0..1}.tar") == ["memory:///fp-proto/a-0.tar", "memory:///fp-proto/a-1.tar"]
+    assert expand_urls("memory://fp-proto/*.tar") == ["memory:///fp-proto/a-0.tar", "memory:///fp-proto/a-1.tar"]
+
+
+def test_expand_urls_names_the_pattern_that_matches_nothing(tmp_path):
+    _touch(tmp_path / "a-0.tar")
+    with pytest.raises(UserError, match=r"a-\{0\.\.1\}|a-1\.tar.*matches no files"):
+        expand_urls(str(tmp_path / "a-{0..1}.tar"))
+    with pytest.raises(UserError, match="nothing-\\*.tar: matches no files"):
+        expand_urls(str(tmp_path / "nothing-*.tar"))
+
+
+def test_dataset_fingerprint_changes_with_input_bytes_and_column_options_but_not_classnames(tmp_path):
+    _touch(tmp_path / "d-0.parquet", b"abc")
+    cfg = DatasetConfig(format="parquet", urls=str(tmp_path / "d-*.parquet"), caption_column="text")
+    fp = dataset_fingerprint(cfg)
+    assert fp["format"] == "parquet" and fp["options"]["caption_column"] == "text"
+    assert [e["url"] for e in fp["inputs"]] == [str(tmp_path / "d-0.parquet")]
+    assert fp["inputs"][0]["size"] == 3 and "mtime" in fp["inputs"][0]
+
+    assert dataset_fingerprint(cfg.model_copy(update={"classnames": ["a", "b"]})) == fp
+    assert dataset_fingerprint(cfg.model_copy(update={"caption_column": "alt"})) != fp
+    stat = os.stat(tmp_path / "d-0.parquet")
+    (tmp_path / "d-0.parquet").write_bytes(b"abd")
+    os.utime(tmp_path / "d-0.parquet", (stat.st_atime, stat.st_mtime + 5))
+    assert dataset_fingerprint(cfg) != fp
+
+
+def test_folder_fingerprint_covers_captions_file_and_every_visible_image(tmp_path):
+    _touch(tmp_path / "imgs" / "a.png")
+    _touch(tmp_path / "imgs" / "sub" / "b.jpg")
+    _touch(tmp_path / "imgs" / ".DS_Store")
+    _touch(tmp_path / "captions.jsonl", b'{"path": "a.png", "caption": "a"}\n')
+    cfg = DatasetConfig(format="folder", urls=str(tmp_path / "imgs"), captions_file=str(tmp_path / "captions.jsonl"))
+    urls = [e["url"] for e in dataset_fingerprint(cfg)["inputs"]]
+    assert urls == [str(tmp_path / "captions.jsonl"), str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "sub" / "b.jpg")]
+    before = dataset_fingerprint(cfg)
+    _touch(tmp_path / "imgs" / "c.png")
+    assert dataset_fingerprint(cfg) != before
+
+
+def test_s3_inputs_are_fingerprinted_by_etag(s3_root):
+    fs = fsspec.filesystem("s3")
+    fs.pipe(f"{s3_root}/s-0.tar", b"one")
+    fp = dataset_fingerprint(DatasetConfig(format="webdataset", urls=f"{s3_root}/s-{{0..0}}.tar"))
+    assert fp["inputs"][0]["url"] == f"{s3_root}/s-0.tar" and fp["inputs"][0]["etag"]
+    fs.pipe(f"{s3_root}/s-0.tar", b"two")
+    assert dataset_fingerprint(DatasetConfig(format="webdataset", urls=f"{s3_root}/s-0.tar")) != fp
+
+
+def test_cache_id_is_stable_under_key_order_and_changes_with_either_fingerprint():
+    enc = {"model": "m", "preprocess": {"image_size": 224, "mean": [0.5, 0.5, 0.5]}}
+    data = {"format": "webdataset", "options": {}, "inputs": [{"url": "a", "size": 1, "mtime": 2.0}]}
+    assert cache_id(enc, data) == cache_id({"preprocess": {"mean": [0.5, 0.5, 0.5], "image_size": 224}, "model": "m"}, data)
+    assert len(cache_id(enc, data)) == 16
+    assert cache_id({**enc, "preprocess": {"image_size": 256, "mean": [0.5] * 3}}, data) != cache_id(enc, data)
+    assert cache_id(enc, {**data, "inputs": []}) != cache_id(enc, data)
