@@ -22,8 +22,8 @@ from litpipe.store.text_model import load_text_tower
 class CacheSearch:
     """One cache's image embeddings in a search index, queried by text; loaded once, searched often."""
 
-    def __init__(self, cfg: PipelineConfig, dataset: str, checkpoint: str):
-        self.cache = resolve_cache(cfg, dataset)
+    def __init__(self, cfg: PipelineConfig, dataset: str, checkpoint: str, cache: str | None = None):
+        self.cache = resolve_cache(cfg, dataset, cache)  # `cache`: an id or URL instead of `dataset`'s own
         self.contents = self.cache.load_all()
         self.index = build_index(F.normalize(self.contents.embeddings, dim=-1), cfg.eval.index,
                                  nlist=cfg.eval.ivf_nlist, nprobe=cfg.eval.ivf_nprobe)

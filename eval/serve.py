@@ -19,6 +19,8 @@ def register(commands) -> None:
     add_config_args(serve)
     serve.add_argument("--checkpoint", help="a text-tower folder (default: eval.checkpoint or {workdir}/train/final)")
     serve.add_argument("--dataset", help="the `data` entry to serve (default: the first eval set, else train.dataset)")
+    serve.add_argument("--cache", help="a cache id or URL to serve instead of the dataset's own cache "
+                       "(images still come from the dataset's source shards)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.set_defaults(func=_serve)
@@ -39,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     from litpipe.eval.server import Explorer, create_app
     from litpipe.eval.stage import default_checkpoint
 
-    explorer = Explorer.load(cfg, dataset, args.checkpoint or cfg.eval.checkpoint or default_checkpoint(cfg))
+    explorer = Explorer.load(cfg, dataset, args.checkpoint or cfg.eval.checkpoint or default_checkpoint(cfg), args.cache)
     info = explorer.info()
     if info["images_problem"]:
         print(f"litpipe serve: {info['images_problem']}; results show keys and captions only", file=sys.stderr)

@@ -54,9 +54,9 @@ class Explorer:
         self.images_problem = self._check_images()
 
     @classmethod
-    def load(cls, cfg: PipelineConfig, dataset: str, checkpoint: str) -> Explorer:
+    def load(cls, cfg: PipelineConfig, dataset: str, checkpoint: str, cache: str | None = None) -> Explorer:
         spec = cfg.data[dataset].classnames
-        return cls(CacheSearch(cfg, dataset, checkpoint), dataset, checkpoint,
+        return cls(CacheSearch(cfg, dataset, checkpoint, cache), dataset, checkpoint,
                    load_classnames(spec, dataset) if spec is not None else None)
 
     def _check_images(self) -> str | None:
