@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np

@@ -1,0 +1,159 @@
+"""Text-tower training: cached vs on-the-fly locked-image throughput, and peak memory vs global batch.
+
+    .venv/bin/python bench/train.py                        # CPU defaults (a few minutes on 2 cores)
+    .venv/bin/python bench/train.py --batch 1024 --steps 10 --memory-batches 1024 4096 16384 65536   # GPU
+
+(a) cached: the trainer reads image embeddings from a real cache (store API);
+(b) on the fly: the same trainer, text tower and batches, but the locked image tower embeds each
+    batch's images every step (open_clip's --lock-image); both in this one run, printed as a ratio.
+Memory: one training step (GradCache on / off) at each global batch, each in a fresh process,
+peak RSS (CPU) or peak CUDA memory (GPU) above the process's footprint before the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from litpipe.config import validate_config
+from litpipe.store import EmbeddingCache
+from litpipe.store.encoder import load_encoder
+from litpipe.store.fingerprint import dataset_fingerprint
+
+TOWER = {"width": 128, "layers": 2, "heads": 4, "context_length": 32}
+IMAGE_TOWERS = {
+    "small (litpipe-tiny-vit, 64px)": {
+        "model": "litpipe-tiny-vit",
+        "architecture": {"embed_dim": 128,
+                         "vision_cfg": {"image_size": 64, "layers": 4, "width": 192, "head_width": 64, "patch_size": 8},
+                         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2}},
+    },
+    "large (ViT-B-32, 224px)": {"model": "ViT-B-32"},
+}
+
+
+def pipeline(tmp: Path, encoder: dict, batch: int, steps: int) -> dict:
+    return {
+        "workdir": str(tmp / "run"),
+        "data": {"train": {"format": "webdataset", "urls": str(tmp / "inputs" / "part-0.tar")}},
+        "encoder": {**encoder, "precision": "auto"},
+        "store": {"root": str(tmp / "store")},
+        "train": {"tower": TOWER, "batch_size": batch, "chunk_size": min(batch, 256), "steps": steps, "log_every": steps},
+    }
+
+
+def throughput(name: str, encoder_spec: dict, batch: int, steps: int) -> tuple[float, float]:
+    """samples/s of (a) cached and (b) on-the-fly training on the same synthetic images."""
+    from litpipe.train_text.trainer import train
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        (tmp / "inputs").mkdir()
+        (tmp / "inputs" / "part-0.tar").write_bytes(b"synthetic")
+        cfg = validate_config(pipeline(tmp, encoder_spec, batch, steps))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        encoder = load_encoder(cfg.encoder, device=device)
+        rows = batch * steps
+        images = torch.rand(rows, 3, *encoder.image_size, generator=torch.Generator().manual_seed(0))
+        keys = [f"k{i:06d}" for i in range(rows)]
+        by_key = dict(zip(keys, images))
+        embeddings = torch.cat([encoder.encode(images[i : i + 256]) for i in range(0, rows, 256)]).numpy()
+        cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["train"]))
+        captions = [[f"synthetic image number {i}", f"picture {i % 97}"] for i in range(rows)]
+        cache.commit_shard(str(tmp / "inputs" / "part-0.tar"), pa.table({
+            "key": keys, "captions": captions,
+            "embedding": pa.FixedSizeListArray.from_arrays(embeddings.reshape(-1), embeddings.shape[1])}))
+        cache.finalize()
+        cached = train(cfg)["samples_per_s"]
+        on_the_fly = train(cfg, image_features=lambda b: encoder.encode(torch.stack([by_key[k] for k in b.keys])))["samples_per_s"]
+    print(f"{name}: (a) cached {cached:,.0f} samples/s, (b) on the fly {on_the_fly:,.0f} samples/s, "
+          f"speedup (a)/(b) = {cached / on_the_fly:.1f}x", flush=True)
+    return cached, on_the_fly
+
+
+def _step_memory(batch: int, grad_cache: bool, chunk: int, queue) -> None:
+    """One optimiser step at global batch `batch` in this (fresh) process; report peak memory above the start."""
+    from litpipe.store.text_model import TextTower
+    from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
+    from litpipe.train_text.loss import global_contrastive_loss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    tower = TextTower({**TOWER, "vocab_size": 49408}, 512).to(device)
+    optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-3)
+    tokens = torch.randint(1, 49406, (batch, TOWER["context_length"]), device=device)
+    tokens[:, -1] = 49407
+    images = torch.nn.functional.normalize(torch.randn(batch, 512, device=device), dim=-1)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+
+    def embed(t):
+        with autocast:
+            return tower(t).float()
+
+    def loss_fn(f):
+        return global_contrastive_loss(f, images, tower.logit_scale, tower.logit_bias, "softmax", chunk)
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    start = time.perf_counter()
+    if grad_cache:
+        grad_cached_backward(embed, tokens, chunk, loss_fn)
+    else:
+        full_backward(embed, tokens, loss_fn)
+    optimizer.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put({"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start})
+
+
+def memory(batch: int, grad_cache: bool, chunk: int) -> dict:
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_step_memory, args=(batch, grad_cache, chunk, queue))
+    process.start()
+    process.join()
+    return queue.get() if process.exitcode == 0 else {"extra_mb": float("nan"), "seconds": float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128, help="global batch for the throughput runs")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--memory-batches", type=int, nargs="*", default=[1024, 4096, 16384])
+    parser.add_argument("--no-cache-max", type=int, default=4096,
+                        help="largest batch tried without GradCache (its activations grow with the batch)")
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {device}; text tower {TOWER}")
+    if not args.skip_throughput:
+        print(f"== throughput: global batch {args.batch}, {args.steps} steps")
+        for name, spec in IMAGE_TOWERS.items():
+            throughput(name, spec, args.batch, args.steps)
+    print(f"== peak memory of one step above the process's start (chunk {args.chunk}), image dim 512")
+    print(f"{'global batch':>12} | {'GradCache MB':>12} | {'s':>6} | {'no GradCache MB':>15} | {'s':>6}")
+    for batch in args.memory_batches:
+        cached = memory(batch, True, args.chunk)
+        full = memory(batch, False, args.chunk) if batch <= args.no_cache_max else {"extra_mb": np.nan, "seconds": np.nan}
+        print(f"{batch:>12} | {cached['extra_mb']:>12,.0f} | {cached['seconds']:>6.1f} | "
+              f"{full['extra_mb']:>15,.0f} | {full['seconds']:>6.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

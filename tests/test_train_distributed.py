@@ -1,0 +1,88 @@
+"""Two Ray Train workers (gloo, CPU) against one process on the concatenated batch, in float64."""
+
+import sys
+
+import torch
+from test_train_loop import tiny_cache  # noqa: F401  (the module-scoped tiny cache fixture)
+
+CHUNK = 5
+KINDS = ("softmax", "sigmoid")
+
+
+def tiny_setup(kind):
+    """The same float64 tower, batch and loss on every process (seeded, no files)."""
+    import torch.nn.functional as F
+
+    from litpipe.store.text_model import TextTower
+    from litpipe.train_text.loss import global_contrastive_loss
+
+    torch.manual_seed(0)
+    tower = TextTower(dict(width=32, layers=1, heads=2, context_length=12, vocab_size=500), 24, init_bias=-3.0).double()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(1, 498, (24, 12), generator=g)
+    tokens[:, -1] = 499
+    images = F.normalize(torch.randn(24, 24, generator=g, dtype=torch.float64), dim=-1)
+
+    def loss_fn(features, images):
+        return global_contrastive_loss(features, images, tower.logit_scale, tower.logit_bias, kind, chunk_size=CHUNK)
+
+    return tower, tokens, images, loss_fn
+
+
+def worker_step(config):
+    """One Ray Train worker: its half of the batch, GradCache step, gradients summed over ranks."""
+    import torch
+
+    from litpipe.train_text.gather import sum_gradients, world
+    from litpipe.train_text.grad_cache import grad_cached_backward
+
+    rank, size = world()
+    for kind in KINDS:
+        tower, tokens, images, loss_fn = tiny_setup(kind)
+        rows = slice(rank * len(tokens) // size, (rank + 1) * len(tokens) // size)
+        loss, _ = grad_cached_backward(tower, tokens[rows], CHUNK, lambda f: loss_fn(f, images[rows]))
+        sum_gradients(tower.parameters())
+        grads = {k: p.grad for k, p in tower.named_parameters() if p.grad is not None}
+        torch.save({"world": size, "loss": loss, "grads": grads}, f"{config['out']}/{kind}-rank{rank}.pt")
+
+
+def test_two_ray_train_workers_give_the_loss_and_gradients_of_one_process_on_the_whole_batch(ray_local, tmp_path):
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    TorchTrainer(worker_step, train_loop_config={"out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 torch_config=TorchConfig(backend="gloo"),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="grads")).fit()
+
+    for kind in KINDS:
+        check_against_one_process(kind, tmp_path)
+
+
+def check_against_one_process(kind, folder):
+    tower, tokens, images, loss_fn = tiny_setup(kind)
+    expected = loss_fn(tower(tokens), images)
+    expected.backward()
+    for rank in (0, 1):
+        got = torch.load(folder / f"{kind}-rank{rank}.pt")
+        assert got["world"] == 2
+        torch.testing.assert_close(got["loss"], expected.detach(), rtol=1e-12, atol=1e-12)
+        for name, p in tower.named_parameters():
+            reference = p.grad if p.grad is not None else torch.zeros_like(p)
+            torch.testing.assert_close(got["grads"].get(name, torch.zeros_like(p)), reference, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_train_stage_with_two_workers_runs_ray_train_and_writes_the_text_tower(ray_local, tiny_cache):
+    from test_train_loop import config
+
+    from litpipe.config import validate_config
+    from litpipe.store.text_model import load_text_tower
+    from litpipe.train_text.stage import run
+
+    summary = run(validate_config(config(tiny_cache, "two-workers", workers=2, steps=2)))
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    tower, tokenizer, meta = load_text_tower(summary["artifact"])
+    assert meta["steps"] == 2 and tower(tokenizer(["a red cat"])).shape == (1, 32)
+    assert any("2 worker(s)" in line for line in summary["report"])

@@ -1,0 +1,158 @@
+"""The training loop end to end on a tiny real cache: cache == on-the-fly, resume after kill -9, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pytest
+import torch
+import yaml
+from conftest import TINY_ARCHITECTURE
+
+from litpipe.config import validate_config
+from litpipe.store import EmbeddingCache, resolve_cache
+from litpipe.store.encoder import load_encoder
+from litpipe.store.fingerprint import dataset_fingerprint
+from litpipe.store.text_model import build_text_tower, load_text_tower
+from litpipe.train_text.export import export_model
+from litpipe.train_text.trainer import train
+
+ROWS = 96
+WORDS = ["red", "blue", "cat", "dog", "face", "smiling", "rocket", "tree", "flag", "heart", "star", "moon"]
+
+
+def raw_config(tmp: Path, **train) -> dict:
+    return {
+        "workdir": str(tmp / "run"),
+        "data": {"train": {"format": "webdataset", "urls": str(tmp / "inputs" / "part-*.tar")}},
+        "encoder": {"model": "litpipe-train-test-tiny", "architecture": TINY_ARCHITECTURE, "precision": "fp32"},
+        "store": {"root": str(tmp / "store"), "embedding_dtype": "float32"},
+        "train": {"tower": {"width": 32, "layers": 1, "heads": 2, "context_length": 16}, "batch_size": 16,
+                  "chunk_size": 6, "steps": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 1, **train},
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """A real cache written through the store API from the tiny encoder's outputs on random images."""
+    tmp = tmp_path_factory.mktemp("train")
+    (tmp / "inputs").mkdir()
+    for i in range(2):
+        (tmp / "inputs" / f"part-{i}.tar").write_bytes(b"stand-in input shard %d" % i)
+    cfg = validate_config(raw_config(tmp))
+    encoder = load_encoder(cfg.encoder, device="cpu")
+    images = torch.rand(ROWS, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    captions = [[" ".join(rng.choice(WORDS, 3)) for _ in range(rng.integers(1, 4))] for _ in range(ROWS)]
+    keys = [f"k{i:04d}" for i in range(ROWS)]
+    embeddings = encoder.encode(images).numpy()
+    cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["train"]),
+                                          embedding_dtype="float32", row_group_rows=24)
+    for part, rows in enumerate((slice(0, 48), slice(48, ROWS))):
+        table = pa.table({"key": keys[rows], "captions": captions[rows],
+                          "embedding": pa.FixedSizeListArray.from_arrays(embeddings[rows].reshape(-1), embeddings.shape[1])})
+        cache.commit_shard(str(tmp / "inputs" / f"part-{part}.tar"), table)
+    cache.finalize()
+    return {"tmp": tmp, "images": dict(zip(keys, images)), "encoder": encoder}
+
+
+def config(tiny_cache, name, **train):
+    raw = raw_config(tiny_cache["tmp"], **train)
+    raw["workdir"] = str(tiny_cache["tmp"] / name)
+    return raw
+
+
+def losses(workdir) -> dict:
+    """The last loss logged for each step (a resumed run re-logs the steps after its checkpoint)."""
+    lines = (Path(workdir) / "train" / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
+def test_training_from_the_cache_equals_on_the_fly_locked_image_training(tiny_cache, loss):
+    cached = train(validate_config(config(tiny_cache, f"cached-{loss}", loss=loss)))
+    encoder, images = tiny_cache["encoder"], tiny_cache["images"]
+    on_the_fly = train(validate_config(config(tiny_cache, f"fly-{loss}", loss=loss)),
+                       image_features=lambda batch: encoder.encode(torch.stack([images[k] for k in batch.keys])))
+    expected, got = losses(cached["artifact"].rsplit("/train", 1)[0]), losses(on_the_fly["artifact"].rsplit("/train", 1)[0])
+    assert list(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=1e-5)
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_losses(tiny_cache, tmp_path):
+    steps = 12
+    uninterrupted = config(tiny_cache, "whole", steps=steps, checkpoint_every=2)
+    train(validate_config(uninterrupted))
+    killed = config(tiny_cache, "killed", steps=steps, checkpoint_every=2)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(killed))
+    command = [sys.executable, "-m", "litpipe.cli", "train", str(path)]
+    latest = Path(killed["workdir"]) / "train" / "checkpoints" / "latest.json"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (latest.exists() and json.loads(latest.read_text() or "{}").get("step", 0) >= 4):
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert killed_at < steps and not (Path(killed["workdir"]) / "train" / "final").exists()
+    subprocess.run([*command, "--resume"], check=True, capture_output=True)
+    np.testing.assert_array_equal(list(losses(killed["workdir"]).values()), list(losses(uninterrupted["workdir"]).values()))
+
+
+def test_export_loads_in_open_clip_with_the_trained_text_and_cached_image_features(tiny_cache, tmp_path):
+    raw = config(tiny_cache, "exported", steps=2)
+    cfg = validate_config(raw)
+    summary = train(cfg)
+    folder = export_model(cfg, str(tmp_path / "export"))
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    tower, our_tokenizer, _ = load_text_tower(summary["artifact"])
+    texts = ["a red cat", "smiling face", "blue rocket moon"]
+    assert torch.equal(tokenizer(texts), our_tokenizer(texts))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokenizer(texts), normalize=True), tower(our_tokenizer(texts)))
+        contents = resolve_cache(cfg, "train").load_all()
+        images = torch.stack([tiny_cache["images"][k] for k in contents.keys[:8]])
+        torch.testing.assert_close(model.encode_image(images), contents.embeddings[:8], rtol=1e-5, atol=1e-5)
+    assert model.logit_scale.item() == pytest.approx(tower.logit_scale.item())
+    continued = build_text_tower(cfg.train.tower.model_copy(update={"init": f"local-dir:{folder}"}), tower.embed_dim)
+    for name, value in tower.text.state_dict().items():  # LiT's "U": a model's text tower starts training
+        torch.testing.assert_close(continued.text.state_dict()[name], value, msg=name)
+
+
+def test_cli_fits_a_tokenizer_on_the_cache_captions_and_documents_every_command(tiny_cache, tmp_path, capsys):
+    from litpipe.cli import main
+    from litpipe.store.tokenizer import Tokenizer
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config(tiny_cache, "cli")))
+    out = tmp_path / "tok.json"
+    assert main(["tokenizer", "train", str(path), "--vocab-size", "600", "--out", str(out)]) == 0
+    tokenizer = Tokenizer.load(str(out), 16)
+    assert tokenizer.vocab_size <= 600 and tokenizer.decode(tokenizer(["red cat"])[0].tolist()).strip() == "red cat"
+    for command in (["train"], ["export"], ["tokenizer", "train"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        assert "--" in capsys.readouterr().out
+
+
+def test_checkpoints_on_s3_restore_weights_optimiser_and_schedule(tiny_cache, s3_root):
+    from litpipe.train_text.trainer import build_run, load_checkpoint
+
+    cfg = validate_config(config(tiny_cache, "s3-checkpoints", steps=2, checkpoint_dir=f"{s3_root}/checkpoints"))
+    summary = train(cfg)
+    run = build_run(cfg)
+    assert load_checkpoint(cfg.train.checkpoint_dir, run) == 2
+    final, _, _ = load_text_tower(summary["artifact"])
+    for name, value in final.state_dict().items():
+        torch.testing.assert_close(run.tower.state_dict()[name], value, msg=name)
+    assert run.scheduler.last_epoch == 2 and run.optimizer.state_dict()["state"]

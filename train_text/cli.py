@@ -1,0 +1,61 @@
+"""`litpipe train`, `litpipe export`, `litpipe tokenizer train`."""
+
+from __future__ import annotations
+
+from litpipe.cli import add_config_args, config_from_args
+
+
+def register(commands) -> None:
+    train = commands.add_parser("train", help="train the text tower on the train cache (train section)",
+                                description="Train a text tower against cached image embeddings; writes {workdir}/train/.")
+    add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (train.checkpoint_dir)")
+    train.set_defaults(func=_train)
+
+    export = commands.add_parser("export", help="write an open_clip-loadable model: locked image tower + trained text tower",
+                                 description="Load it with open_clip.create_model_and_transforms('local-dir:OUT').")
+    add_config_args(export)
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--checkpoint", help="text-tower folder (default: {workdir}/train/final)")
+    export.set_defaults(func=_export)
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizer tools",
+                                    description="Fit a CLIP-style BPE tokenizer on a cache's captions.")
+    actions = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    fit = actions.add_parser("train", help="fit a BPE of --vocab-size ids on a cache's captions, write tokenizer.json",
+                             description="Fit a BPE (CLIP's cleaning and split) on the captions of a dataset's cache.")
+    add_config_args(fit)
+    fit.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, start/end tokens included")
+    fit.add_argument("--out", required=True, help="tokenizer.json to write (any fsspec URL)")
+    fit.add_argument("--dataset", help="the `data` entry whose cache's captions to use (default: train.dataset)")
+    fit.set_defaults(func=_tokenizer_train)
+
+
+def _train(args) -> int:
+    from litpipe.train_text.stage import run
+
+    for line in run(config_from_args(args), resume=args.resume)["report"]:
+        print(line)
+    return 0
+
+
+def _export(args) -> int:
+    from litpipe.train_text.export import export_model
+
+    folder = export_model(config_from_args(args), args.out, args.checkpoint)
+    print(f"exported to {folder}; load with open_clip.create_model_and_transforms('local-dir:{folder}')")
+    return 0
+
+
+def _tokenizer_train(args) -> int:
+    from litpipe.store import resolve_cache
+    from litpipe.store.tokenizer import train_bpe
+
+    cfg = config_from_args(args)
+    cache = resolve_cache(cfg, args.dataset or cfg.train.dataset, None if args.dataset else cfg.train.cache)
+    captions = (c for caption_list in cache.load_all().captions for c in caption_list)
+    tokenizer = train_bpe(captions, args.vocab_size, cfg.train.tower.context_length)
+    tokenizer.save(args.out)
+    print(f"wrote {args.out}: {tokenizer.vocab_size} ids; set train.tokenizer: {args.out} and "
+          f"train.tower.vocab_size: {tokenizer.vocab_size}")
+    return 0

@@ -1,0 +1,58 @@
+"""`litpipe export`: the locked image tower + the trained text tower as one open_clip model folder.
+
+    DIR/open_clip_config.json       {"model_cfg": {embed_dim, vision_cfg, text_cfg, ...}, "preprocess_cfg"}
+    DIR/open_clip_model.safetensors the CLIP state dict (visual.* from the encoder, text from the tower)
+    DIR/tokenizer.json              the training tokenizer
+
+`open_clip.create_model_and_transforms("local-dir:DIR")` loads it; `open_clip.get_tokenizer("local-dir:DIR")`
+gives the CLIP tokenizer (a custom tokenizer.json: `litpipe.store.tokenizer.Tokenizer.load(DIR/tokenizer.json)`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from litpipe.config import PipelineConfig
+from litpipe.errors import UserError
+from litpipe.store.encoder import load_encoder
+from litpipe.store.text_model import load_text_tower
+
+
+def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -> Path:
+    """Write the open_clip folder for `cfg.encoder` + the text tower at `checkpoint` (default: train's final)."""
+    import open_clip
+
+    tower, tokenizer, meta = load_text_tower(checkpoint or f"{cfg.workdir.rstrip('/')}/train/final")
+    if cfg.encoder.output != "projected":
+        raise UserError("export: encoder.output is `pooled`, which an open_clip CLIP cannot express; "
+                        "export models trained on a `projected` cache")
+    encoder = load_encoder(cfg.encoder, device="cpu")
+    model_cfg = open_clip.get_model_config(encoder.fingerprint["pretrained"] if str(encoder.fingerprint["pretrained"]).startswith("hf-hub:")
+                                           else cfg.encoder.model)
+    if model_cfg is None:
+        raise UserError(f"export: open_clip has no config for encoder.model `{cfg.encoder.model}`; give encoder.architecture")
+    if model_cfg.get("quick_gelu"):
+        raise UserError(f"export: `{cfg.encoder.model}` uses QuickGELU for both towers in open_clip, the text tower was "
+                        "trained with GELU; export needs a GELU image tower")
+    if model_cfg["embed_dim"] != tower.embed_dim:
+        raise UserError(f"export: the text tower projects to {tower.embed_dim} but the image tower gives "
+                        f"{model_cfg['embed_dim']}; train on a cache of this encoder")
+    model_cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "text_cfg", "init_logit_bias")}
+    model_cfg["text_cfg"] = {k: v for k, v in tower.text_cfg.items() if v is not None}
+    state = {f"visual.{k}": v for k, v in encoder.model.visual.state_dict().items()}
+    state.update(tower.text.state_dict())
+    state["logit_scale"] = tower.logit_scale.detach().clone()
+    if meta.get("loss") == "sigmoid":
+        model_cfg["init_logit_bias"] = float(tower.logit_bias)
+        state["logit_bias"] = tower.logit_bias.detach().clone()
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": model_cfg, "preprocess_cfg": dict(encoder.model.visual.preprocess_cfg),
+         "litpipe": {"text_tower": meta, "encoder": encoder.fingerprint}}, indent=2, default=str))
+    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors"))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder

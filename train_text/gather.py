@@ -1,0 +1,50 @@
+"""The one cross-rank path: gather rows without gradient, sum tensors. World size 1 = no-ops.
+
+Gradients never travel through a gather: each rank's loss step returns the gradient of the
+*global* loss with respect to its own rows (and its share of the temperature/bias gradient),
+so one all-reduce SUM of every parameter's gradient after backward gives the exact gradient of
+one process on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's `x` (same shape on each) concatenated in rank order, detached."""
+    _, size = world()
+    x = x.detach().contiguous()
+    if size == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(out, x)
+    return torch.cat(out)
+
+
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """In-place all-reduce SUM (returns `x`)."""
+    if world()[1] > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def sum_gradients(parameters) -> None:
+    """Turn each rank's partial gradients into the global gradient (flattened, one all-reduce)."""
+    if world()[1] == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()

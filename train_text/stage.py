@@ -1,0 +1,25 @@
+"""`litpipe run`'s train step: fit the text tower on the train cache; eval reads {workdir}/train/final."""
+
+from __future__ import annotations
+
+from litpipe.config import PipelineConfig
+
+STAGE_NAME = "train"
+
+
+def run(cfg: PipelineConfig, resume: bool = False) -> dict:
+    if cfg.train.workers > 1:
+        from litpipe.train_text.distributed import train_distributed
+
+        summary = train_distributed(cfg, resume)
+    else:
+        from litpipe.train_text.trainer import train
+
+        summary = train(cfg, resume)
+    resumed = f", resumed at step {summary['resumed_at']}" if summary["resumed_at"] else ""
+    summary["report"] = [
+        f"{summary['steps']} steps on cache {summary['cache_id']} ({summary['world_size']} worker(s){resumed}): "
+        f"final loss {summary['final_loss'] or float('nan'):.4f}, {summary['samples_per_s']:,.0f} samples/s",
+        f"text tower: {summary['artifact']}; loss curve: {summary.get('loss_curve')}",
+    ]
+    return summary

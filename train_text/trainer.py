@@ -1,0 +1,282 @@
+"""The training loop: cached image embeddings in, a text tower out.
+
+One loop for one process and for each Ray Train worker (rank/world come from torch.distributed).
+Every step: this rank's slice of the global batch from the store's reader, one caption per image
+picked by a generator seeded by (seed, step, rank), tokenised in a background thread; the global
+contrastive loss and its gradient (GradCache or one full backward); gradients summed over ranks;
+clipping; AdamW; warmup + cosine. Checkpoints hold everything needed to continue the same loss
+trajectory: weights, optimiser, scheduler, RNG states and the global step (epoch and position
+follow from it, because the reader's order is a pure function of seed and epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import fsspec
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from litpipe.config import PipelineConfig
+from litpipe.errors import UserError
+from litpipe.store import Batch, EmbeddingCache, resolve_cache
+from litpipe.store.text_model import TextTower, build_text_tower, save_text_tower
+from litpipe.store.tokenizer import Tokenizer, load_tokenizer
+from litpipe.train_text.gather import sum_gradients, world
+from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
+from litpipe.train_text.loss import global_contrastive_loss
+
+LATEST = "latest.json"
+
+
+@dataclass
+class Run:
+    """What a training run is made of, built the same way for training, resuming and tests."""
+
+    cache: EmbeddingCache
+    tokenizer: Tokenizer
+    tower: TextTower
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    steps_per_epoch: int
+    total_steps: int
+    device: torch.device
+
+
+def build_run(cfg: PipelineConfig) -> Run:
+    t = cfg.train
+    rank, size = world()
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if t.use_gpu and torch.cuda.is_available() else "cpu")
+    cache = resolve_cache(cfg, t.dataset, t.cache)
+    steps_per_epoch = len(cache.reader(t.batch_size // size, rank, size, t.seed, 0, text=False))
+    total_steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        tower = build_text_tower(t.tower, cache.dim, t.init_temperature, t.init_bias).to(device)
+    tokenizer = load_tokenizer(t.tokenizer, tower.context_length)
+    if tokenizer.vocab_size > tower.text_cfg["vocab_size"]:
+        raise UserError(f"train.tokenizer has {tokenizer.vocab_size} ids but train.tower.vocab_size is "
+                        f"{tower.text_cfg['vocab_size']}; set train.tower.vocab_size: {tokenizer.vocab_size}")
+    decay = [p for n, p in tower.named_parameters() if p.ndim >= 2 and "positional_embedding" not in n]
+    no_decay = [p for n, p in tower.named_parameters() if not (p.ndim >= 2 and "positional_embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.warmup_steps, total_steps))
+    return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device)
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[Batch], torch.Tensor] | None = None) -> dict:
+    """Train (or continue) the text tower of `cfg`; rank 0 writes metrics, checkpoints and the final artifact.
+
+    `image_features` replaces the cached embeddings of a batch (by its keys): the on-the-fly
+    locked-image reference that tests and bench/train.py compare the cache against.
+    """
+    t = cfg.train
+    rank, size = world()
+    run = build_run(cfg)
+    out = f"{cfg.workdir.rstrip('/')}/train"
+    ckpt_dir = (t.checkpoint_dir or f"{out}/checkpoints").rstrip("/")
+    step = load_checkpoint(ckpt_dir, run) if resume else 0
+    precision = "bf16" if t.precision == "bf16" or (t.precision == "auto" and run.device.type == "cuda") else "fp32"
+    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    embed_module = torch.compile(run.tower) if t.compile else run.tower
+
+    def embed(tokens):
+        with autocast:
+            return embed_module(tokens).float()
+
+    log = MetricsLog(out, enabled=rank == 0, append=resume)
+    bar = tqdm(total=run.total_steps, initial=step, disable=rank != 0, desc="train", unit="step")
+    started, losses = time.perf_counter(), []
+    for tokens, batch in batches(run, cfg, step):
+        tick = time.perf_counter()
+        images = image_features(batch) if image_features else batch.embeddings
+        tokens, images = tokens.to(run.device, non_blocking=True), images.to(run.device, non_blocking=True)
+        run.tower.train()
+        run.optimizer.zero_grad(set_to_none=True)
+
+        def loss_fn(features):
+            return global_contrastive_loss(features, images, run.tower.logit_scale, run.tower.logit_bias, t.loss, t.chunk_size)
+
+        if t.grad_cache:
+            loss, _ = grad_cached_backward(embed, tokens, t.chunk_size, loss_fn)
+        else:
+            loss, _ = full_backward(embed, tokens, loss_fn)
+        sum_gradients(run.tower.parameters())
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.tower.parameters(), t.grad_clip or float("inf"))
+        lr = run.scheduler.get_last_lr()[0]
+        run.optimizer.step()
+        run.scheduler.step()
+        step += 1
+        seconds = time.perf_counter() - tick
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{t.batch_size / seconds:,.0f}")
+        bar.update(1)
+        if step % t.log_every == 0 or step == run.total_steps:
+            log.write({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+                       "temperature": run.tower.logit_scale.exp().item(), "bias": run.tower.logit_bias.item(),
+                       "samples_per_s": t.batch_size / seconds})
+        if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == run.total_steps:
+            if rank == 0:
+                save_checkpoint(ckpt_dir, run, step)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    summary = {"steps": run.total_steps, "resumed_at": run.total_steps - len(losses), "cache_id": run.cache.id,
+               "final_loss": losses[-1] if losses else None, "samples_per_s": t.batch_size * len(losses) / max(elapsed, 1e-9),
+               "artifact": f"{out}/final", "world_size": size}
+    if rank == 0:
+        save_text_tower(f"{out}/final", run.tower, run.tokenizer,
+                        {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss, "dataset": t.dataset,
+                         "encoder": cfg.encoder.model_dump(exclude={"device"})})
+        log.close()
+        summary["loss_curve"] = log.plot()
+        with fsspec.open(f"{out}/summary.json", "w") as f:
+            f.write(json.dumps(summary, indent=2))
+    return summary
+
+
+def batches(run: Run, cfg: PipelineConfig, step: int):
+    """(tokens, store Batch) of this rank from global step `step` on; tokenised one batch ahead."""
+    t = cfg.train
+    rank, size = world()
+    ready: queue.Queue = queue.Queue(maxsize=2)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            s = step
+            while s < run.total_steps:
+                epoch, within = divmod(s, run.steps_per_epoch)
+                reader = run.cache.reader(t.batch_size // size, rank, size, t.seed, epoch, start_step=within)
+                for batch in reader:
+                    pick = random.Random(f"{t.seed}/{s}/{rank}")
+                    texts = [pick.choice(c) if c else "" for c in batch.captions]
+                    item = (run.tokenizer(texts), batch)
+                    while not stop.is_set():
+                        with contextlib.suppress(queue.Full):
+                            ready.put(item, timeout=0.1)
+                            break
+                    s += 1
+                    if stop.is_set() or s >= run.total_steps:
+                        break
+            ready.put(None)
+        except BaseException as err:  # raised in the training thread
+            ready.put(err)
+
+    thread = threading.Thread(target=produce, name="litpipe-tokenize", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def save_checkpoint(ckpt_dir: str, run: Run, step: int) -> str:
+    """step-XXXXXXXX.pt, then latest.json pointing at it (a reader never sees a half-written one)."""
+    state = {"step": step, "model": run.tower.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    fs, root = fsspec.core.url_to_fs(ckpt_dir)
+    fs.makedirs(root, exist_ok=True)
+    name = f"step-{step:08d}.pt"
+    with fs.open(f"{root}/{name}", "wb") as f:
+        f.write(buffer.getvalue())
+    with fs.open(f"{root}/{LATEST}", "w") as f:
+        f.write(json.dumps({"step": step, "file": name}))
+    return f"{ckpt_dir}/{name}"
+
+
+def load_checkpoint(ckpt_dir: str, run: Run) -> int:
+    """Restore the latest checkpoint into `run`; the global step to continue from."""
+    fs, root = fsspec.core.url_to_fs(ckpt_dir)
+    try:
+        with fs.open(f"{root}/{LATEST}", "r") as f:
+            latest = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--resume: no checkpoint under {ckpt_dir} ({LATEST} missing); "
+                        "run without --resume, or set train.checkpoint_dir to where the run wrote them") from None
+    with fs.open(f"{root}/{latest['file']}", "rb") as f:
+        state = torch.load(io.BytesIO(f.read()), map_location=run.device, weights_only=False)
+    run.tower.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard under the train folder, and the loss-curve PNG at the end."""
+
+    def __init__(self, out: str, enabled: bool, append: bool):
+        self.out, self.enabled = out, enabled
+        if not enabled:
+            return
+        fs, root = fsspec.core.url_to_fs(out)
+        fs.makedirs(root, exist_ok=True)
+        self.jsonl = fsspec.open(f"{out}/metrics.jsonl", "a" if append else "w").open()
+        self.tensorboard = None
+        if "://" not in out:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(f"{out}/tensorboard")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.tensorboard:
+            for key, value in record.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+    def plot(self) -> str:
+        """loss.png from metrics.jsonl (the last value logged for each step, so resumed runs plot once)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        with fsspec.open(f"{self.out}/metrics.jsonl", "r") as f:
+            points = {r["step"]: r["loss"] for r in map(json.loads, f)}
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(list(points), list(points.values()))
+        ax.set(xlabel="step", ylabel="loss", title="text-tower training loss")
+        fig.tight_layout()
+        with fsspec.open(f"{self.out}/loss.png", "wb") as f:
+            fig.savefig(f, format="png")
+        plt.close(fig)
+        return f"{self.out}/loss.png"
