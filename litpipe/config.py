@@ -109,6 +109,10 @@ class TrainConfig(Section):
     batch_size: int = Field(1024, ge=2, description="the global batch, over all workers")
     chunk_size: int = Field(256, ge=1, description="rows per loss/gradient-cache chunk")
     grad_cache: bool = True
+    shuffle_captions: bool = Field(
+        False, description="control run: each image trains with another image's captions (a fixed permutation); "
+        "its eval must stay at chance"
+    )
     steps: int | None = Field(None, ge=1, description="optimiser steps; none = `epochs` worth")
     epochs: float = Field(1.0, gt=0)
     lr: float = Field(1e-3, gt=0)

@@ -51,6 +51,15 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     device: torch.device
+    swapped_captions: dict[str, list[str]] | None = None  # the shuffled-caption control's pairing
+
+
+def swap_captions(cache: EmbeddingCache, seed: int) -> dict[str, list[str]]:
+    """Every key paired with another image's captions by one fixed permutation: a control run whose
+    eval must stay at chance, since nothing of the true image-text pairing reaches training."""
+    contents = cache.load_all()
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(contents.keys))
+    return {key: contents.captions[j] for key, j in zip(contents.keys, order)}
 
 
 def build_run(cfg: PipelineConfig) -> Run:
@@ -72,7 +81,8 @@ def build_run(cfg: PipelineConfig) -> Run:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.warmup_steps, total_steps))
-    return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device)
+    swapped = swap_captions(cache, t.seed) if t.shuffle_captions else None
+    return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -167,7 +177,8 @@ def batches(run: Run, cfg: PipelineConfig, step: int):
                 reader = run.cache.reader(t.batch_size // size, rank, size, t.seed, epoch, start_step=within)
                 for batch in reader:
                     pick = random.Random(f"{t.seed}/{s}/{rank}")
-                    texts = [pick.choice(c) if c else "" for c in batch.captions]
+                    captions = [run.swapped_captions[k] for k in batch.keys] if run.swapped_captions else batch.captions
+                    texts = [pick.choice(c) if c else "" for c in captions]
                     item = (run.tokenizer(texts), batch)
                     while not stop.is_set():
                         with contextlib.suppress(queue.Full):
