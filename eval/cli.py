@@ -6,6 +6,7 @@ import argparse
 
 from litpipe.cli import add_config_args, config_from_args
 from litpipe.errors import UserError
+from litpipe.eval.defaults import chosen_checkpoint, chosen_dataset
 
 
 def register(commands) -> None:
@@ -42,15 +43,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from litpipe.eval.search import CacheSearch, write_contact_sheet
-    from litpipe.eval.stage import default_checkpoint
 
     cfg = config_from_args(args)
     if args.k < 1:
         raise UserError(f"--k {args.k}: must be at least 1")
-    dataset = args.dataset or next(iter([*cfg.eval.retrieval, *(z.dataset for z in cfg.eval.zeroshot)]), cfg.train.dataset)
-    if dataset not in cfg.data:
-        raise UserError(f"--dataset {dataset}: no such `data` entry in {args.config}; known: {', '.join(cfg.data)}")
-    search = CacheSearch(cfg, dataset, args.checkpoint or cfg.eval.checkpoint or default_checkpoint(cfg))
+    dataset = chosen_dataset(cfg, args.dataset)
+    search = CacheSearch(cfg, dataset, chosen_checkpoint(cfg, args.checkpoint))
     hits = search.search(args.query, args.k)
     print(f"{args.query!r} in {dataset} (cache {search.cache.id}):")
     for hit in hits:

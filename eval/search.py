@@ -42,7 +42,7 @@ def contact_sheet(query: str, hits: list[dict], images: dict[str, bytes]) -> str
     cells = []
     for hit in hits:
         data = images.get(hit["key"])
-        picture = (f'<img src="data:{_mime(data)};base64,{base64.b64encode(data).decode()}">' if data
+        picture = (f'<img src="data:{image_mime(data)};base64,{base64.b64encode(data).decode()}">' if data
                    else '<div class="missing">image not found in its source</div>')
         caption = html.escape(hit["captions"][0] if hit["captions"] else "")
         cells.append(f'<figure>{picture}<figcaption><b>#{hit["rank"]}</b> {hit["score"]:.3f} '
@@ -54,7 +54,7 @@ def contact_sheet(query: str, hits: list[dict], images: dict[str, bytes]) -> str
             f"<h2>{html.escape(query)}</h2><main>{''.join(cells)}</main>\n")
 
 
-def _mime(data: bytes) -> str:
+def image_mime(data: bytes) -> str:
     try:
         return Image.open(io.BytesIO(data)).get_format_mimetype() or "image/jpeg"
     except Exception:  # unreadable bytes: let the browser sniff

@@ -9,6 +9,7 @@ import sys
 
 from litpipe.cli import add_config_args, config_from_args
 from litpipe.errors import UserError
+from litpipe.eval.defaults import chosen_checkpoint, chosen_dataset
 
 
 def register(commands) -> None:
@@ -17,7 +18,9 @@ def register(commands) -> None:
         description="Load a cache and a trained text tower once, then serve a page (and a JSON API, documented "
         "at /docs) to search the cached images by text and to classify them by class names you type.")
     add_config_args(serve)
-    serve.add_argument("--checkpoint", help="a text-tower folder (default: eval.checkpoint or {workdir}/train/final)")
+    tower = serve.add_mutually_exclusive_group()
+    tower.add_argument("--checkpoint", help="a text-tower folder (default: eval.checkpoint or {workdir}/train/final)")
+    tower.add_argument("--export", dest="checkpoint", metavar="DIR", help="a `litpipe export` folder instead")
     serve.add_argument("--dataset", help="the `data` entry to serve (default: the first eval set, else train.dataset)")
     serve.add_argument("--cache", help="a cache id or URL to serve instead of the dataset's own cache "
                        "(images still come from the dataset's source shards)")
@@ -28,9 +31,7 @@ def register(commands) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    dataset = args.dataset or next(iter([*cfg.eval.retrieval, *(z.dataset for z in cfg.eval.zeroshot)]), cfg.train.dataset)
-    if dataset not in cfg.data:
-        raise UserError(f"--dataset {dataset}: no such `data` entry in {args.config}; known: {', '.join(cfg.data)}")
+    dataset = chosen_dataset(cfg, args.dataset)
     _check_port(args.host, args.port)
     if not _is_loopback(args.host):
         print(f"litpipe serve: WARNING: listening on {args.host}: anyone who can reach this machine can query "
@@ -39,9 +40,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from litpipe.eval.server import Explorer, create_app
-    from litpipe.eval.stage import default_checkpoint
 
-    explorer = Explorer.load(cfg, dataset, args.checkpoint or cfg.eval.checkpoint or default_checkpoint(cfg), args.cache)
+    explorer = Explorer.load(cfg, dataset, chosen_checkpoint(cfg, args.checkpoint), args.cache)
     info = explorer.info()
     if info["images_problem"]:
         print(f"litpipe serve: {info['images_problem']}; results show keys and captions only", file=sys.stderr)

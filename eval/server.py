@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
 from litpipe.eval.image_source import ImageSourceError
-from litpipe.eval.search import CacheSearch, _mime
+from litpipe.eval.search import CacheSearch, image_mime
 from litpipe.eval.text_features import encode_texts
 from litpipe.eval.zeroshot import build_classifier, classify, load_classnames, load_templates
 
@@ -207,6 +207,6 @@ def create_app(explorer: Explorer) -> FastAPI:
     def image(key: str) -> Response:
         """The original image bytes of a cached key, read from the source shard it was embedded from."""
         data = explorer.image(key)
-        return Response(data, media_type=_mime(data), headers={"Cache-Control": "max-age=3600"})
+        return Response(data, media_type=image_mime(data), headers={"Cache-Control": "max-age=3600"})
 
     return app

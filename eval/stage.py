@@ -13,6 +13,7 @@ import torch
 
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
+from litpipe.eval.defaults import chosen_checkpoint
 from litpipe.eval.report import markdown_table, write_report
 from litpipe.eval.retrieval import evaluate_retrieval, flatten_captions
 from litpipe.eval.text_features import encode_texts
@@ -21,11 +22,6 @@ from litpipe.store import resolve_cache
 from litpipe.store.text_model import load_text_tower
 
 STAGE_NAME = "eval"
-
-
-def default_checkpoint(cfg: PipelineConfig) -> str:
-    """Where the train stage leaves its final text tower."""
-    return f"{cfg.workdir.rstrip('/')}/train/final"
 
 
 def eval_device(cfg: PipelineConfig) -> torch.device:
@@ -37,7 +33,7 @@ def eval_device(cfg: PipelineConfig) -> torch.device:
 
 def evaluate(cfg: PipelineConfig, checkpoint: str | None = None) -> dict:
     """Every metric of every eval set, with the cache ids and checkpoint they came from."""
-    url = checkpoint or cfg.eval.checkpoint or default_checkpoint(cfg)
+    url = chosen_checkpoint(cfg, checkpoint)
     device = eval_device(cfg)
     tower, tokenizer, meta = load_text_tower(url, device=str(device))
     encode = partial(encode_texts, tower, tokenizer, batch_size=cfg.eval.text_batch_size, device=device)

@@ -12,6 +12,8 @@ SigLIP's learnable bias. The artifact is a folder at any fsspec URL:
 
 `load_text_tower(url)` gives back `(tower, tokenizer, meta)`; `tower(tokens)` returns
 L2-normalised features [N, D] comparable (by dot product) with the normalised cached embeddings.
+It also reads the text half of a `litpipe export` folder (open_clip_config.json +
+open_clip_model.safetensors + tokenizer.json), so eval and serve take either.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from litpipe.store.tokenizer import Tokenizer
 
 FORMAT = "litpipe-text-tower/1"
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "text_tower.safetensors", "tokenizer.json"
+EXPORT_CONFIG_FILE, EXPORT_WEIGHTS_FILE = "open_clip_config.json", "open_clip_model.safetensors"
 
 
 class TextTowerError(UserError):
@@ -113,18 +116,24 @@ def save_text_tower(url: str, tower: TextTower, tokenizer: Tokenizer, meta: dict
 
 
 def load_text_tower(url: str, device: str = "cpu") -> tuple[TextTower, Tokenizer, dict]:
-    """Read an artifact folder written by `save_text_tower`: (tower in eval mode, tokenizer, meta)."""
+    """Read a folder written by `save_text_tower` or `litpipe export`: (tower in eval mode, tokenizer, meta)."""
     fs, root = fsspec.core.url_to_fs(url)
+    exported = not fs.exists(f"{root}/{CONFIG_FILE}") and fs.exists(f"{root}/{EXPORT_CONFIG_FILE}")
     try:
-        with fs.open(f"{root}/{CONFIG_FILE}", "r") as f:
+        with fs.open(f"{root}/{EXPORT_CONFIG_FILE if exported else CONFIG_FILE}", "r") as f:
             config = json.load(f)
-        with fs.open(f"{root}/{WEIGHTS_FILE}", "rb") as f:
+        with fs.open(f"{root}/{EXPORT_WEIGHTS_FILE if exported else WEIGHTS_FILE}", "rb") as f:
             state = load_safetensors(f.read())
         with fs.open(f"{root}/{TOKENIZER_FILE}", "r") as f:
             tokenizer_json = f.read()
     except FileNotFoundError as err:
-        raise TextTowerError(f"{url}: not a text-tower folder ({err.filename or err} missing); "
+        raise TextTowerError(f"{url}: not a text-tower or export folder ({err.filename or err} missing); "
                              "run `litpipe train` or point eval.checkpoint at its output") from None
+    if exported:  # the CLIP state dict: text weights at the top level beside visual.*
+        config = {"format": FORMAT, "embed_dim": config["model_cfg"]["embed_dim"],
+                  "text_cfg": config["model_cfg"]["text_cfg"], "meta": config.get("litpipe", {}).get("text_tower", {})}
+        state = {k if k.startswith("logit_") else f"text.{k}": v for k, v in state.items() if not k.startswith("visual.")}
+        state.setdefault("logit_bias", torch.tensor(0.0))  # softmax-trained exports carry no bias
     if config.get("format") != FORMAT:
         raise TextTowerError(f"{url}/{CONFIG_FILE}: format {config.get('format')!r}, expected {FORMAT!r}")
     tower = TextTower(config["text_cfg"], config["embed_dim"])

@@ -164,5 +164,5 @@ def test_eval_without_a_trained_tower_says_where_it_looked(evaluated):
     from litpipe.errors import UserError
     from litpipe.eval.stage import run
 
-    with pytest.raises(UserError, match="not a text-tower folder"):
+    with pytest.raises(UserError, match="not a text-tower or export folder"):
         run(evaluated["cfg"], checkpoint=str(evaluated["root"] / "nowhere"))

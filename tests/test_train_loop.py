@@ -124,6 +124,10 @@ def test_export_loads_in_open_clip_with_the_trained_text_and_cached_image_featur
         images = torch.stack([tiny_cache["images"][k] for k in contents.keys[:8]])
         torch.testing.assert_close(model.encode_image(images), contents.embeddings[:8], rtol=1e-5, atol=1e-5)
     assert model.logit_scale.item() == pytest.approx(tower.logit_scale.item())
+    from_export, _, _ = load_text_tower(str(folder))  # eval and serve read an export folder too
+    with torch.no_grad():
+        torch.testing.assert_close(from_export(our_tokenizer(texts)), tower(our_tokenizer(texts)))
+    assert from_export.logit_scale.item() == pytest.approx(tower.logit_scale.item())
     continued = build_text_tower(cfg.train.tower.model_copy(update={"init": f"local-dir:{folder}"}), tower.embed_dim)
     for name, value in tower.text.state_dict().items():  # LiT's "U": a model's text tower starts training
         torch.testing.assert_close(continued.text.state_dict()[name], value, msg=name)
