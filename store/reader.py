@@ -8,8 +8,6 @@ without reading batches 0..k-1, which is what resuming from a step needs.
 from __future__ import annotations
 
 import bisect
-import queue
-import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from litpipe.store.cache import CacheError, EmbeddingCache, decode_embeddings
+from litpipe.store.prefetch import prefetched
 
 # Tensors made here over Arrow's immutable buffers are only ever read (cast or copied), never written.
 warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning, __name__)
@@ -139,35 +138,7 @@ class StreamingReader:
         return max(0, self.num_batches - self.start_step)
 
     def __iter__(self):
-        batches: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        done = object()
-
-        def produce():
-            try:
-                for batch in self._batches():
-                    while not stop.is_set():
-                        try:
-                            batches.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
-                        return
-                batches.put(done)
-            except BaseException as err:  # handed to the consumer, raised there
-                batches.put(err)
-
-        thread = threading.Thread(target=produce, name="litpipe-cache-prefetch", daemon=True)
-        thread.start()
-        try:
-            while (item := batches.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
+        return prefetched(self._batches(), self.prefetch, "litpipe-cache-prefetch")
 
     def _batches(self):
         """Batches start_step..num_batches-1, reading only the windows they fall in."""
@@ -176,9 +147,12 @@ class StreamingReader:
             first = window * per_window
             last = min(first + per_window, self.num_batches)
             table = self._read_rows(self.first_row + first * B, self.first_row + last * B)
-            # The window stays in the stored dtype (half the memory to touch); batches are cast as they go.
-            vectors = torch.cat([torch.from_numpy(decode_embeddings(chunk, self.dim, self.cache.embedding_dtype))
-                                 for chunk in table.column("embedding").chunks])
+            # One pass decodes the window into float32; each batch is then one gather (or a view).
+            vectors = torch.empty((table.num_rows, self.dim), dtype=torch.float32)
+            row = 0
+            for chunk in table.column("embedding").chunks:
+                vectors[row:row + len(chunk)].copy_(torch.from_numpy(decode_embeddings(chunk, self.dim, self.cache.embedding_dtype)))
+                row += len(chunk)
             # Python objects once per window: cheaper than an Arrow take plus conversion per batch.
             text = {c: table.column(c).to_pylist() for c in ("key", "captions") if c in self.columns}
             labels = _labels(table) if "label" in self.columns else None
@@ -190,7 +164,7 @@ class StreamingReader:
                 rows = order[lo:hi] if order is not None else torch.arange(lo, hi)
                 picked = rows.tolist()
                 yield Batch(
-                    embeddings=(vectors.index_select(0, rows) if order is not None else vectors[lo:hi]).to(torch.float32, copy=True),
+                    embeddings=vectors.index_select(0, rows) if order is not None else vectors[lo:hi],
                     captions=[text["captions"][i] for i in picked] if "captions" in text else [],
                     keys=[text["key"][i] for i in picked] if "key" in text else [],
                     labels=labels.index_select(0, rows) if labels is not None else None,

@@ -15,9 +15,7 @@ import contextlib
 import io
 import json
 import math
-import queue
 import random
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -30,6 +28,7 @@ from tqdm import tqdm
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
 from litpipe.store import Batch, EmbeddingCache, resolve_cache
+from litpipe.store.prefetch import prefetched
 from litpipe.store.text_model import TextTower, build_text_tower, save_text_tower
 from litpipe.store.tokenizer import Tokenizer, load_tokenizer
 from litpipe.train_text.gather import sum_gradients, world
@@ -163,44 +162,22 @@ def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[B
 
 
 def batches(run: Run, cfg: PipelineConfig, step: int):
-    """(tokens, store Batch) of this rank from global step `step` on; tokenised one batch ahead."""
+    """(tokens, store Batch) of this rank from global step `step` on; tokenised in the background."""
+    return prefetched(tokenized_batches(run, cfg, step), 2, "litpipe-tokenize")
+
+
+def tokenized_batches(run: Run, cfg: PipelineConfig, step: int):
     t = cfg.train
     rank, size = world()
-    ready: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-
-    def produce():
-        try:
-            s = step
-            while s < run.total_steps:
-                epoch, within = divmod(s, run.steps_per_epoch)
-                reader = run.cache.reader(t.batch_size // size, rank, size, t.seed, epoch, start_step=within)
-                for batch in reader:
-                    pick = random.Random(f"{t.seed}/{s}/{rank}")
-                    captions = [run.swapped_captions[k] for k in batch.keys] if run.swapped_captions else batch.captions
-                    texts = [pick.choice(c) if c else "" for c in captions]
-                    item = (run.tokenizer(texts), batch)
-                    while not stop.is_set():
-                        with contextlib.suppress(queue.Full):
-                            ready.put(item, timeout=0.1)
-                            break
-                    s += 1
-                    if stop.is_set() or s >= run.total_steps:
-                        break
-            ready.put(None)
-        except BaseException as err:  # raised in the training thread
-            ready.put(err)
-
-    thread = threading.Thread(target=produce, name="litpipe-tokenize", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    while step < run.total_steps:
+        epoch, within = divmod(step, run.steps_per_epoch)
+        for batch in run.cache.reader(t.batch_size // size, rank, size, t.seed, epoch, start_step=within):
+            pick = random.Random(f"{t.seed}/{step}/{rank}")
+            captions = [run.swapped_captions[k] for k in batch.keys] if run.swapped_captions else batch.captions
+            yield run.tokenizer([pick.choice(c) if c else "" for c in captions]), batch
+            step += 1
+            if step >= run.total_steps:
+                return
 
 
 def save_checkpoint(ckpt_dir: str, run: Run, step: int) -> str:
