@@ -147,12 +147,11 @@ class StreamingReader:
             first = window * per_window
             last = min(first + per_window, self.num_batches)
             table = self._read_rows(self.first_row + first * B, self.first_row + last * B)
-            # One pass decodes the window into float32; each batch is then one gather (or a view).
-            vectors = torch.empty((table.num_rows, self.dim), dtype=torch.float32)
-            row = 0
-            for chunk in table.column("embedding").chunks:
-                vectors[row:row + len(chunk)].copy_(torch.from_numpy(decode_embeddings(chunk, self.dim, self.cache.embedding_dtype)))
-                row += len(chunk)
+            # The window stays in the stored dtype (a view of Arrow's buffer when it is one chunk): each
+            # batch is then one gather at half the bytes, cast to float32 as it goes.
+            chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
+                      for c in table.column("embedding").chunks]
+            vectors = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
             # Python objects once per window: cheaper than an Arrow take plus conversion per batch.
             text = {c: table.column(c).to_pylist() for c in ("key", "captions") if c in self.columns}
             labels = _labels(table) if "label" in self.columns else None
@@ -164,7 +163,7 @@ class StreamingReader:
                 rows = order[lo:hi] if order is not None else torch.arange(lo, hi)
                 picked = rows.tolist()
                 yield Batch(
-                    embeddings=vectors.index_select(0, rows) if order is not None else vectors[lo:hi],
+                    embeddings=(vectors.index_select(0, rows) if order is not None else vectors[lo:hi]).to(torch.float32),
                     captions=[text["captions"][i] for i in picked] if "captions" in text else [],
                     keys=[text["key"][i] for i in picked] if "key" in text else [],
                     labels=labels.index_select(0, rows) if labels is not None else None,
