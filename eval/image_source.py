@@ -27,11 +27,12 @@ class ImageFetcher:
 
     def input_of(self, key: str) -> str:
         """The input shard URL `key` was embedded from (the shards' key columns, read once)."""
-        if self._input_of is None:
-            self._input_of = {}
+        if self._input_of is None:  # built whole, then published: a thread or a failed read never sees half a map
+            input_of = {}
             for record in self.cache.shards():
                 keys = self.cache.open_shard(record).read(columns=["key"]).column("key").to_pylist()
-                self._input_of.update(dict.fromkeys(keys, record["input"]))
+                input_of.update(dict.fromkeys(keys, record["input"]))
+            self._input_of = input_of
         if key not in self._input_of:
             raise ImageSourceError(f"key {key!r} is not in cache {self.cache.id}; pick a key that `litpipe search` printed")
         return self._input_of[key]

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 RETRIEVAL_LABELS = {"image_retrieval_recall": "text→image R", "text_retrieval_recall": "image→text R"}
-ZEROSHOT_LABELS = {"acc": "top-", "mean_per_class_recall": "mean per-class recall"}
+ZEROSHOT_LABELS = {"mean_per_class_recall": "mean per-class recall"}
 
 
 def metric_label(name: str) -> str:
@@ -71,7 +71,7 @@ def plot(results: dict, path: Path) -> None:
         ax.bar(xs, chance, width=0.8, fill=False, edgecolor="tab:red", linestyle="--", label="chance")
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_xticks(list(xs), [metric_label(n) for n in names], rotation=30, ha="right", fontsize=8)
-        ax.set_ylim(0, min(105, max(5, 1.3 * max(values + chance))))  # small recalls stay readable
+        ax.set_ylim(0, min(105, max(5, 1.3 * max(values + chance, default=0))))  # small recalls stay readable
         ax.set_ylabel("%")
         ax.set_title(f"{dataset}: {'retrieval' if task == 'retrieval' else 'zero-shot'}")
         ax.legend(fontsize=8, loc="upper left")

@@ -15,6 +15,8 @@ import math
 import numpy as np
 import torch
 
+from litpipe.errors import UserError
+
 INDEX_KINDS = ("auto", "flat", "ivf", "torch")
 
 
@@ -44,6 +46,9 @@ class FaissIndex:
         num, dim = vectors.shape
         if ivf:
             nlist = nlist or default_nlist(num)
+            if nlist > num:  # faiss's k-means needs a training point per list
+                raise UserError(f"eval.ivf_nlist: {nlist} lists for {num} vectors; give at most {num}, "
+                                "or leave it empty for about 4 sqrt(N)")
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
             index.train(vectors)
             index.nprobe = min(nprobe, nlist)

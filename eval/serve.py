@@ -63,6 +63,7 @@ def _check_port(host: str, port: int) -> None:
     """Fail before the slow model load, with the fix, when the port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a just-stopped server's port is free
         try:
             sock.bind((host, port))
         except OSError as err:

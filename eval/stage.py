@@ -56,8 +56,7 @@ def evaluate(cfg: PipelineConfig, checkpoint: str | None = None) -> dict:
         classnames = load_classnames(cfg.data[name].classnames, name)
         classifier = build_classifier(partial(encode, desc=f"{name} prompts"), classnames, load_templates(zeroshot.templates))
         result = evaluate_zeroshot(contents.embeddings, contents.labels, classifier, classnames, zeroshot.ks)
-        templates = zeroshot.templates if isinstance(zeroshot.templates, str) else list(zeroshot.templates)
-        results["zeroshot"][name] = {"cache_id": cache.id, "templates": templates, **result}
+        results["zeroshot"][name] = {"cache_id": cache.id, "templates": zeroshot.templates, **result}
     return results
 
 

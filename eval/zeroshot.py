@@ -54,6 +54,8 @@ def _read_lines(url: str, key: str) -> list[str]:
             return [line.strip() for line in f if line.strip()]
     except FileNotFoundError:
         raise ZeroShotError(f"{key}: {url}: no such file; give an existing file (one entry per line) or a list") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ZeroShotError(f"{key}: {url}: cannot be read as UTF-8 text ({err}); give a text file, one entry per line") from None
 
 
 def build_classifier(encode_texts: Callable[[list[str]], torch.Tensor], classnames: list[str],

@@ -33,8 +33,8 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 def stage_modules(name: str) -> list:
     """The `<stage>.<name>` modules of the stages that are installed, in pipeline order."""
     found = []
-    for package in STAGE_PACKAGES:
-        if importlib.util.find_spec(f"{package}.{name}") is not None:
+    for package in STAGE_PACKAGES:  # the package first: find_spec of `absent.cli` raises rather than answer None
+        if importlib.util.find_spec(package) is not None and importlib.util.find_spec(f"{package}.{name}") is not None:
             found.append(importlib.import_module(f"{package}.{name}"))
     return found
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -192,7 +193,7 @@ class PipelineConfig(Section):
 def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> PipelineConfig:
     """Read, override (`dotted.key=value`, the value parsed as YAML) and validate a pipeline.yaml."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise ConfigError(f"{path}: no such config file; pass the path of a pipeline.yaml")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -229,7 +230,7 @@ def validate_config(raw: dict, source: str = "pipeline.yaml") -> PipelineConfig:
 
 
 def _describe(error: dict, raw: dict) -> str:
-    loc = [p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-after", "literal")))]
+    loc = _file_loc(error["loc"])
     key = _dotted(loc)
     if error["type"] == "extra_forbidden":
         guess = difflib.get_close_matches(str(loc[-1]), _known_fields(loc[:-1]), n=1)
@@ -239,7 +240,7 @@ def _describe(error: dict, raw: dict) -> str:
     if error["type"] == "missing":
         return f"{key}: required; add it to the config"
     got = f"; got {error['input']!r}" if "input" in error and not isinstance(error["input"], dict) else ""
-    return f"{key}: {message}{got}" if key else f"{message}"
+    return f"{key}: {message}{got}" if key else message
 
 
 def _dotted(loc: list) -> str:
@@ -249,25 +250,42 @@ def _dotted(loc: list) -> str:
     return out
 
 
+def _file_loc(loc: tuple) -> list:
+    """`loc` as keys of the file: pydantic adds the member tried for a union field (`urls.str`,
+    `urls.list[str]`), which is no key; dropped by walking the schema, so a dataset named like one stays."""
+    out, node = [], PipelineConfig
+    for part in loc:
+        if _is_union(node):
+            node = None
+            continue
+        out.append(part)
+        node = _child(node, part)
+    return out
+
+
 def _known_fields(loc: list) -> list[str]:
     """The field names of the section at `loc`, for did-you-mean hints."""
-    model: type[BaseModel] | None = PipelineConfig
-    parts = [p for p in loc if not isinstance(p, int)]
-    while parts and model is not None:
-        part = parts.pop(0)
-        if model is PipelineConfig and part == "data":
-            model, parts = DatasetConfig, parts[1:]  # the next part is a free-form dataset name
-            continue
-        field = model.model_fields.get(part)
-        model = _section_type(field.annotation) if field else None
-    return list(model.model_fields) if model else []
+    node: Any = PipelineConfig
+    for part in loc:
+        node = _child(node, part)
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
 
 
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _section_type(arg)
-        if found:
-            return found
+def _child(node: Any, part: str | int) -> Any:
+    """The type at `part` inside `node` (a section, dict, list or optional), or None when unknown."""
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        field = node.model_fields.get(part)
+        return field.annotation if field else None
+    origin, args = get_origin(node), [a for a in get_args(node) if a is not type(None)]
+    if origin is dict:
+        return args[1]
+    if origin is list:
+        return args[0]
+    if origin in (Union, UnionType) and len(args) == 1:  # `X | None` is X
+        return _child(args[0], part)
     return None
+
+
+def _is_union(node: Any) -> bool:
+    """A union of several types (not just `X | None`), whose errors pydantic tags with the member tried."""
+    return get_origin(node) in (Union, UnionType) and len([a for a in get_args(node) if a is not type(None)]) > 1

@@ -21,9 +21,9 @@ from litpipe.ray_cluster import init_ray
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.encoder import Encoder, load_encoder
 from litpipe.store.fingerprint import dataset_fingerprint
+from litpipe.store.sources import SHARD_ERROR_KEY, Sample, list_shards, read_shard
 
 from .decode import DecodeError, decode_and_preprocess
-from litpipe.store.sources import Sample, list_shards, read_shard
 
 
 def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_commit=None) -> dict:
@@ -32,7 +32,8 @@ def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_comm
     cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(dataset),
                                           cfg.store.embedding_dtype, cfg.store.row_group_rows)
     inputs = list_shards(dataset)
-    todo = [url for url in inputs if url not in cache.committed_inputs()] if not cache.complete else []
+    committed = cache.committed_inputs()  # one listing of commits/, not one per input
+    todo = [url for url in inputs if url not in committed] if not cache.complete else []
     start = time.perf_counter()
     writer = ShardWriter(cache, on_commit)
     if todo:
@@ -83,7 +84,7 @@ def decoded_records(row: dict, dataset: DatasetConfig, preprocess, image_size, m
     """
     samples = read_shard(dataset, row["input"])
     if not samples:
-        samples = [Sample("", error="empty shard: no samples")]
+        samples = [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")]
     blank = np.zeros((3, *image_size), dtype=np.float32)
     for pos, sample in enumerate(samples):
         pixels, error = blank, sample.error

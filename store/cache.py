@@ -208,10 +208,6 @@ class EmbeddingCache:
     def num_rows(self) -> int:
         return sum(s["rows"] for s in self.shards())
 
-    @property
-    def num_bytes(self) -> int:
-        return sum(s["bytes"] for s in self.shards())
-
     def shards(self) -> list[dict]:
         """Committed shard records, in input order: the manifest's when complete, else commits/."""
         if self.complete:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import bisect
 import warnings
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -23,6 +25,10 @@ from litpipe.store.prefetch import prefetched
 
 # Tensors made here over Arrow's immutable buffers are only ever read (cast or copied), never written.
 warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning, __name__)
+
+# A shuffled epoch revisits shards in random order: keep recent ones open (footer read once), but
+# never one file descriptor per shard of a large cache.
+MAX_OPEN_SHARDS = 64
 
 
 @dataclass
@@ -83,9 +89,8 @@ def load_all(cache: EmbeddingCache, text: bool = True) -> CacheContents:
         return table.drop_columns(["embedding"])
 
     # Threads overlap one shard's I/O with another's conversion; both release the GIL.
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with progress, ThreadPoolExecutor(max_workers=2) as pool:
         tables = list(pool.map(read, range(len(records))))
-    progress.close()
     rest = pa.concat_tables(tables) if tables else None
     return CacheContents(
         embeddings=out,
@@ -131,7 +136,7 @@ class StreamingReader:
         self.columns = ["embedding", "key", "captions"] if text else ["embedding"]
         if _has_labels(self.records):
             self.columns.append("label")
-        self._files: dict[int, object] = {}
+        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()  # least recently used first
         self._last_unit: tuple[int, pa.Table] | None = None
 
     def __len__(self) -> int:
@@ -142,6 +147,15 @@ class StreamingReader:
 
     def _batches(self):
         """Batches start_step..num_batches-1, reading only the windows they fall in."""
+        try:
+            yield from self._window_batches()
+        finally:  # an epoch's end or an early stop releases the shard files
+            for parquet in self._files.values():
+                parquet.close(force=True)
+            self._files.clear()
+            self._last_unit = None
+
+    def _window_batches(self):
         B, per_window = self.batch_size, self.window_batches
         for window in range(self.start_step // per_window, -(-self.num_batches // per_window)):
             first = window * per_window
@@ -185,8 +199,12 @@ class StreamingReader:
         if self._last_unit is not None and self._last_unit[0] == i:
             return self._last_unit[1]
         shard, group, _ = self.units[i]
-        if shard not in self._files:
+        if shard in self._files:
+            self._files.move_to_end(shard)
+        else:
             self._files[shard] = self.cache.open_shard(self.records[shard])
+            if len(self._files) > MAX_OPEN_SHARDS:
+                self._files.popitem(last=False)[1].close(force=True)
         table = _read(self._files[shard], self.records[shard], self.columns, group)
         self._last_unit = (i, table)
         return table

@@ -47,7 +47,8 @@ def list_shards(dataset: DatasetConfig) -> list[str]:
         return expand_urls(dataset.urls)
     if not dataset.captions_file:
         raise UserError("data: a `folder` dataset needs captions_file (JSONL or CSV with path, caption(s), label)")
-    (captions_url,) = expand_urls(dataset.captions_file)
+    captions_url = _one_path(dataset.captions_file, "captions_file")
+    _one_path(dataset.urls, "urls")  # image paths are relative to one folder
     rows = len(_read_caption_rows(captions_url))
     step = dataset.shard_rows
     return [f"{captions_url}{FOLDER_ROWS_MARK}{start}-{min(start + step, rows)}" for start in range(0, rows, step)]
@@ -190,8 +191,7 @@ def read_folder_rows(dataset: DatasetConfig, url: str) -> list[Sample]:
     """One row range of the captions file; image paths are relative to the folder."""
     captions_url, _, span = url.partition(FOLDER_ROWS_MARK)
     start, end = (int(x) for x in span.split("-"))
-    (folder,) = expand_urls(dataset.urls)
-    fs, root = fsspec.core.url_to_fs(folder)
+    fs, root = fsspec.core.url_to_fs(_one_path(dataset.urls, "urls"))
     samples = []
     for index, row in enumerate(_read_caption_rows(captions_url)[start:end], start):
         path = row.get("path") or row.get("file") or row.get("image")
@@ -219,12 +219,28 @@ def read_folder_rows(dataset: DatasetConfig, url: str) -> list[Sample]:
     return mark_duplicates(samples)
 
 
+def _one_path(urls: str | list[str], option: str) -> str:
+    found = expand_urls(urls)
+    if len(found) != 1:
+        raise UserError(f"data: a `folder` dataset's {option} must name one path; {urls!r} matches {len(found)} "
+                        f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}); name one")
+    return found[0]
+
+
 def _read_caption_rows(url: str) -> list[dict]:
     """JSONL: {path, caption | captions, label?}; CSV: path, caption (repeatable column), label."""
     with fsspec.open(url, "rt", encoding="utf-8") as f:
         text = f.read()
     if url.lower().endswith((".jsonl", ".json")):
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as err:
+                    raise UserError(f"{url}: line {number} is not valid JSON ({err}); captions_file needs one "
+                                    f"JSON object per line") from None
+        return rows
     reader = csv.reader(io.StringIO(text))
     header = next(reader, [])
     rows = []

@@ -46,9 +46,10 @@ class TextTower(torch.nn.Module):
 
     def __init__(self, text_cfg: dict, embed_dim: int, init_temperature: float = 10.0, init_bias: float = -10.0):
         super().__init__()
-        self.text_cfg = asdict(CLIPTextCfg(**text_cfg))
+        cfg = CLIPTextCfg(**text_cfg)
+        self.text_cfg = asdict(cfg)
         self.embed_dim = embed_dim
-        self.text = _build_text_tower(embed_dim, CLIPTextCfg(**text_cfg))
+        self.text = _build_text_tower(embed_dim, cfg)
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(init_temperature)))
         self.logit_bias = torch.nn.Parameter(torch.tensor(float(init_bias)))
 

@@ -37,10 +37,9 @@ class TokenizerError(UserError):
 class Tokenizer:
     """Batch text -> LongTensor [N, context_length] with start/end tokens and zero padding."""
 
-    def __init__(self, rust: RustTokenizer, context_length: int = 77, clean: bool = True):
+    def __init__(self, rust: RustTokenizer, context_length: int = 77):
         self.rust = rust
         self.context_length = context_length
-        self.clean = clean
         self.start_id = rust.token_to_id(START)
         self.end_id = rust.token_to_id(END)
         if self.start_id is None or self.end_id is None:
@@ -72,8 +71,7 @@ class Tokenizer:
         if isinstance(texts, str):
             texts = [texts]
         ctx = context_length or self.context_length
-        cleaned = [_clean_lower(t) for t in texts] if self.clean else list(texts)
-        pieces = [_split_specials(t) for t in cleaned]
+        pieces = [_split_specials(_clean_lower(t)) for t in texts]
         flat = [p for parts in pieces for p in parts if p not in (START, END)]
         encoded = iter(self.rust.encode_batch(flat, add_special_tokens=False)) if flat else iter(())
         out = np.zeros((len(texts), ctx), dtype=np.int64)
@@ -132,7 +130,8 @@ def _with_specials(rust: RustTokenizer) -> RustTokenizer:
 
 @lru_cache(maxsize=4)
 def _clip_rust() -> RustTokenizer:
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    with gzip.open(default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     alphabet = list(bytes_to_unicode().values())
     vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges] + [START, END]

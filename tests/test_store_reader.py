@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from litpipe.store import CacheError, EmbeddingCache
+from litpipe.store import reader as reader_module
 
 DIM = 6
 ENCODER = {"model": "tiny", "dim": DIM, "spec": {}}
@@ -148,3 +149,14 @@ def test_shards_without_labels_read_as_label_minus_one_beside_labelled_shards(tm
     assert {by_key[f"{s}/{i}"] for s in (0, 2) for i in range(4)} == {-1}
     streamed = {k: int(label) for b in cache.reader(4, shuffle=False) for k, label in zip(b.keys, b.labels)}
     assert streamed == by_key
+
+
+def test_an_epoch_keeps_few_shard_files_open_and_closes_them_all_at_its_end(written, monkeypatch):
+    cache, reference = written
+    monkeypatch.setattr(reader_module, "MAX_OPEN_SHARDS", 1)
+    opened, open_shard = [], cache.open_shard
+    monkeypatch.setattr(cache, "open_shard", lambda record: opened.append(open_shard(record)) or opened[-1])
+    batches = _epoch(cache, batch_size=5, seed=2, buffer_rows=16)
+    for keys, vectors in batches:  # evicted shards are reopened, rows unchanged
+        np.testing.assert_array_equal(vectors.astype(np.float64), np.stack([reference[k] for k in keys]))
+    assert len(opened) > len(SHARD_ROWS) and all(parquet.closed for parquet in opened)

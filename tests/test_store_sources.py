@@ -5,8 +5,10 @@ import json
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from litpipe.config import DatasetConfig
+from litpipe.errors import UserError
 from litpipe.store.sources import SHARD_ERROR_KEY, list_shards, read_shard
 from precompute_samples import image_bytes, sample_members, write_tar
 
@@ -108,3 +110,14 @@ def test_tar_shards_are_read_through_fsspec():
     (url,) = list_shards(ds)
     assert url.startswith("memory://")
     assert [(s.key, s.captions) for s in read_shard(ds, url)] == [("m0", ["mem"])]
+
+
+def test_folder_dataset_with_two_folders_or_a_broken_captions_line_is_a_user_error_naming_it(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "caps.jsonl").write_text('{"path": "x.png", "caption": "c"}\n{"path": \n')
+    two = DatasetConfig(format="folder", urls=str(tmp_path / "[ab]"), captions_file=str(tmp_path / "caps.jsonl"))
+    with pytest.raises(UserError, match="urls must name one path.*matches 2"):
+        list_shards(two)
+    with pytest.raises(UserError, match="caps.jsonl: line 2 is not valid JSON"):
+        list_shards(two.model_copy(update={"urls": str(tmp_path / "a")}))

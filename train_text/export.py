@@ -25,10 +25,10 @@ def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -
     """Write the open_clip folder for `cfg.encoder` + the text tower at `checkpoint` (default: train's final)."""
     import open_clip
 
-    tower, tokenizer, meta = load_text_tower(checkpoint or f"{cfg.workdir.rstrip('/')}/train/final")
     if cfg.encoder.output != "projected":
         raise UserError("export: encoder.output is `pooled`, which an open_clip CLIP cannot express; "
                         "export models trained on a `projected` cache")
+    tower, tokenizer, meta = load_text_tower(checkpoint or f"{cfg.workdir.rstrip('/')}/train/final")
     encoder = load_encoder(cfg.encoder, device="cpu")
     model_cfg = open_clip.get_model_config(encoder.fingerprint["pretrained"] if str(encoder.fingerprint["pretrained"]).startswith("hf-hub:")
                                            else cfg.encoder.model)

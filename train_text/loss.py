@@ -53,28 +53,26 @@ def _softmax_terms(texts, images, local, logit_scale, _bias, chunk):
     diag = (t_local * x_local).sum(-1)
     loss = 0.5 * (lse_row.sum() + lse_col[local].sum()) / n - s * diag.sum() / n
     d_text = torch.empty_like(t_local)
-    d_s = torch.zeros((), dtype=texts.dtype)
+    d_s = texts.new_zeros(())
     for a in range(0, t_local.shape[0], chunk):
         dots = t_local[a : a + chunk] @ images.T
         weights = (torch.exp(s * dots - lse_row[a : a + chunk, None]) + torch.exp(s * dots - lse_col[None, :])) * (0.5 / n)
         d_text[a : a + chunk] = s * (weights @ images - x_local[a : a + chunk] / n)
         d_s += (weights * dots).sum()
     d_s -= diag.sum() / n
-    return loss, d_text, (d_s * s).to(logit_scale.dtype), torch.zeros((), dtype=logit_scale.dtype)
+    return loss, d_text, (d_s * s).to(logit_scale.dtype), torch.zeros_like(logit_scale)
 
 
 def _sigmoid_terms(texts, images, local, logit_scale, logit_bias, chunk):
     """This rank's rows of the SigLIP loss, d/d(local texts), d/d(logit_scale), d/d(bias)."""
     n, s, b = texts.shape[0], logit_scale.exp(), logit_bias
     t_local = texts[local]
-    loss = torch.zeros((), dtype=texts.dtype)
+    loss, d_s, d_b = texts.new_zeros(()), texts.new_zeros(()), texts.new_zeros(())  # on the features' device
     d_text = torch.empty_like(t_local)
-    d_s = torch.zeros((), dtype=texts.dtype)
-    d_b = torch.zeros((), dtype=texts.dtype)
     for a in range(0, t_local.shape[0], chunk):
         dots = t_local[a : a + chunk] @ images.T
         logits = s * dots + b
-        rows = torch.arange(a, a + dots.shape[0])
+        rows = torch.arange(a, a + dots.shape[0], device=logits.device)
         positive = torch.zeros_like(logits, dtype=torch.bool)
         positive[rows - a, rows + local.start] = True
         loss += F.softplus(torch.where(positive, -logits, logits)).sum() / n

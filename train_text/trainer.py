@@ -75,8 +75,9 @@ def build_run(cfg: PipelineConfig) -> Run:
     if tokenizer.vocab_size > tower.text_cfg["vocab_size"]:
         raise UserError(f"train.tokenizer has {tokenizer.vocab_size} ids but train.tower.vocab_size is "
                         f"{tower.text_cfg['vocab_size']}; set train.tower.vocab_size: {tokenizer.vocab_size}")
-    decay = [p for n, p in tower.named_parameters() if p.ndim >= 2 and "positional_embedding" not in n]
-    no_decay = [p for n, p in tower.named_parameters() if not (p.ndim >= 2 and "positional_embedding" not in n)]
+    decay, no_decay = [], []  # weight decay on matrices only, not on gains, biases or positions
+    for name, p in tower.named_parameters():
+        (decay if p.ndim >= 2 and "positional_embedding" not in name else no_decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.warmup_steps, total_steps))
@@ -114,11 +115,11 @@ def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[B
     log = MetricsLog(out, enabled=rank == 0, append=resume)
     bar = tqdm(total=run.total_steps, initial=step, disable=rank != 0, desc="train", unit="step")
     started, losses = time.perf_counter(), []
-    for tokens, batch in batches(run, cfg, step):
+    run.tower.train()
+    for tokens, batch in prefetched(tokenized_batches(run, cfg, step), 2, "litpipe-tokenize"):
         tick = time.perf_counter()
         images = image_features(batch) if image_features else batch.embeddings
         tokens, images = tokens.to(run.device, non_blocking=True), images.to(run.device, non_blocking=True)
-        run.tower.train()
         run.optimizer.zero_grad(set_to_none=True)
 
         def loss_fn(features):
@@ -134,12 +135,12 @@ def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[B
         run.optimizer.step()
         run.scheduler.step()
         step += 1
+        losses.append(loss.item())  # one device sync per step
         seconds = time.perf_counter() - tick
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{t.batch_size / seconds:,.0f}")
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{t.batch_size / seconds:,.0f}")
         bar.update(1)
         if step % t.log_every == 0 or step == run.total_steps:
-            log.write({"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
+            log.write({"step": step, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm),
                        "temperature": run.tower.logit_scale.exp().item(), "bias": run.tower.logit_bias.item(),
                        "samples_per_s": t.batch_size / seconds})
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == run.total_steps:
@@ -161,12 +162,8 @@ def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[B
     return summary
 
 
-def batches(run: Run, cfg: PipelineConfig, step: int):
-    """(tokens, store Batch) of this rank from global step `step` on; tokenised in the background."""
-    return prefetched(tokenized_batches(run, cfg, step), 2, "litpipe-tokenize")
-
-
 def tokenized_batches(run: Run, cfg: PipelineConfig, step: int):
+    """(tokens, store Batch) of this rank from global step `step` on (the trainer prefetches it)."""
     t = cfg.train
     rank, size = world()
     while step < run.total_steps:
@@ -193,8 +190,9 @@ def save_checkpoint(ckpt_dir: str, run: Run, step: int) -> str:
     name = f"step-{step:08d}.pt"
     with fs.open(f"{root}/{name}", "wb") as f:
         f.write(buffer.getvalue())
-    with fs.open(f"{root}/{LATEST}", "w") as f:
+    with fs.open(f"{root}/{LATEST}.tmp", "w") as f:  # renamed over: a kill never leaves an empty latest.json
         f.write(json.dumps({"step": step, "file": name}))
+    fs.mv(f"{root}/{LATEST}.tmp", f"{root}/{LATEST}")
     return f"{ckpt_dir}/{name}"
 
 
@@ -207,8 +205,13 @@ def load_checkpoint(ckpt_dir: str, run: Run) -> int:
     except FileNotFoundError:
         raise UserError(f"--resume: no checkpoint under {ckpt_dir} ({LATEST} missing); "
                         "run without --resume, or set train.checkpoint_dir to where the run wrote them") from None
-    with fs.open(f"{root}/{latest['file']}", "rb") as f:
-        state = torch.load(io.BytesIO(f.read()), map_location=run.device, weights_only=False)
+    try:
+        with fs.open(f"{root}/{latest['file']}", "rb") as f:
+            # on the CPU: RNG states must stay CPU tensors; weights and optimiser state move to the device on load
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"--resume: {ckpt_dir}/{LATEST} names {latest['file']}, which is missing; restore it, "
+                        "or delete the checkpoints and run without --resume") from None
     run.tower.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
