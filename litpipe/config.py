@@ -129,6 +129,7 @@ class TrainConfig(Section):
     compile: bool = False
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     checkpoint_dir: str | None = Field(None, description="fsspec URL for resumable checkpoints; none = {workdir}/train/checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest step checkpoints kept; older ones are deleted")
     log_every: int = Field(10, ge=1)
 
     @model_validator(mode="after")

@@ -90,6 +90,8 @@ def test_resume_after_kill_reproduces_the_uninterrupted_losses(tiny_cache, tmp_p
     steps = 12
     uninterrupted = config(tiny_cache, "whole", steps=steps, checkpoint_every=2)
     train(validate_config(uninterrupted))
+    kept = sorted(p.name for p in (Path(uninterrupted["workdir"]) / "train" / "checkpoints").glob("step-*.pt"))
+    assert kept == ["step-00000010.pt", "step-00000012.pt"]  # train.keep_checkpoints: the newest 2
     killed = config(tiny_cache, "killed", steps=steps, checkpoint_every=2)
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(killed))

@@ -145,7 +145,7 @@ def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[B
                        "samples_per_s": t.batch_size / seconds})
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == run.total_steps:
             if rank == 0:
-                save_checkpoint(ckpt_dir, run, step)
+                save_checkpoint(ckpt_dir, run, step, t.keep_checkpoints)
     bar.close()
     elapsed = time.perf_counter() - started
     summary = {"steps": run.total_steps, "resumed_at": run.total_steps - len(losses), "cache_id": run.cache.id,
@@ -177,8 +177,9 @@ def tokenized_batches(run: Run, cfg: PipelineConfig, step: int):
                 return
 
 
-def save_checkpoint(ckpt_dir: str, run: Run, step: int) -> str:
-    """step-XXXXXXXX.pt, then latest.json pointing at it (a reader never sees a half-written one)."""
+def save_checkpoint(ckpt_dir: str, run: Run, step: int, keep: int = 2) -> str:
+    """step-XXXXXXXX.pt, then latest.json pointing at it (a reader never sees a half-written one);
+    then only the newest `keep` step files stay, so a long run does not fill the disk."""
     state = {"step": step, "model": run.tower.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -193,6 +194,8 @@ def save_checkpoint(ckpt_dir: str, run: Run, step: int) -> str:
     with fs.open(f"{root}/{LATEST}.tmp", "w") as f:  # renamed over: a kill never leaves an empty latest.json
         f.write(json.dumps({"step": step, "file": name}))
     fs.mv(f"{root}/{LATEST}.tmp", f"{root}/{LATEST}")
+    for old in sorted(fs.glob(f"{root}/step-*.pt"))[:-keep]:
+        fs.rm_file(old)
     return f"{ckpt_dir}/{name}"
 
 
