@@ -24,8 +24,9 @@ def run(cfg: PipelineConfig, datasets: list[str] | None = None) -> dict:
 
 def report_line(result: dict) -> str:
     if result["reused"]:
-        return f"{result['dataset']}: reused cache {result['cache_id']} ({result['rows_in_cache']} rows), nothing encoded"
+        return (f"{result['dataset']}: reused cache {result['cache_id']} ({result['rows_in_cache']} rows) at "
+                f"{result['cache_url']}, nothing encoded")
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(result["skipped_by_reason"].items())) or "none"
     return (f"{result['dataset']}: cache {result['cache_id']}: embedded {result['embedded']}, skipped {result['skipped']} "
             f"({skipped}) from {result['inputs_processed']}/{result['inputs']} input shards in {result['seconds']} s "
-            f"({result['images_per_s']} images/s)")
+            f"({result['images_per_s']} images/s) -> {result['cache_url']}")
