@@ -403,7 +403,7 @@ class EmbeddingCache:
                 source = pa.BufferReader(self.fs.cat_file(path))
             else:
                 source = self.fs.open(path, "rb")
-            parquet = pq.ParquetFile(source)
+            parquet = pq.ParquetFile(source, memory_map=is_local(self.fs))  # local: decode straight from the page cache
         except FileNotFoundError:
             raise CacheError(f"{url}: committed shard is missing; run `litpipe cache verify {self.id}`, "
                              f"then `litpipe cache rm {self.id}` and re-run `litpipe precompute`") from None
