@@ -44,9 +44,6 @@ from litpipe.store.text_model import build_text_tower, save_text_tower
 from litpipe.store.tokenizer import clip_tokenizer
 
 DEMO_EMOJI, DEMO_VIEWS = 20, 2
-README_SCREENSHOT = Path(__file__).parent.parent / "docs" / "serve.png"
-
-
 def _raw_config(root: Path, data: Path) -> dict:
     return {
         "workdir": str(root / "run"),
@@ -377,8 +374,6 @@ def test_page_searches_by_text_and_sorts_the_cache_into_typed_classes(server, br
         what="every result image to load")
     assert "12 images for" in browser.find_element(By.ID, "search-status").text
     browser.save_screenshot(str(tmp_path / "search.png"))
-    if os.environ.get("LITPIPE_UPDATE_SCREENSHOT"):  # the README's picture, refreshed on request only
-        shutil.copyfile(tmp_path / "search.png", README_SCREENSHOT)
 
     browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=zeroshot]").click()
     browser.find_element(By.ID, "classes").send_keys("smileys and emotion\nanimals and nature\nflags")
