@@ -166,8 +166,10 @@ class StreamingReader:
             chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
                       for c in table.column("embedding").chunks]
             vectors = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-            # Python objects once per window: cheaper than an Arrow take plus conversion per batch.
-            text = {c: table.column(c).to_pylist() for c in ("key", "captions") if c in self.columns}
+            # Python objects once per window (cheaper than an Arrow take plus conversion per batch),
+            # held in object arrays so that each batch picks its rows in one C-level gather.
+            text = {c: np.fromiter(table.column(c).to_pylist(), dtype=object, count=table.num_rows)
+                    for c in ("key", "captions") if c in self.columns}
             labels = _labels(table) if "label" in self.columns else None
             order = None
             if self.shuffle:
@@ -175,11 +177,11 @@ class StreamingReader:
             for k in range(max(first, self.start_step), last):
                 lo, hi = (k - first) * B, (k - first + 1) * B
                 rows = order[lo:hi] if order is not None else torch.arange(lo, hi)
-                picked = rows.tolist()
+                picked = rows.numpy()
                 yield Batch(
                     embeddings=(vectors.index_select(0, rows) if order is not None else vectors[lo:hi]).to(torch.float32),
-                    captions=[text["captions"][i] for i in picked] if "captions" in text else [],
-                    keys=[text["key"][i] for i in picked] if "key" in text else [],
+                    captions=text["captions"][picked].tolist() if "captions" in text else [],
+                    keys=text["key"][picked].tolist() if "key" in text else [],
                     labels=labels.index_select(0, rows) if labels is not None else None,
                 )
 

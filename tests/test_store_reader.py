@@ -94,6 +94,8 @@ def test_batches_carry_captions_and_labels_of_their_keys(written):
     cache, _ = written
     batch = next(iter(cache.reader(batch_size=9, seed=1)))
     assert batch.captions == [[f"a photo of {k}"] for k in batch.keys]
+    assert type(batch.keys) is list and all(type(k) is str for k in batch.keys)  # plain Python, not numpy
+    assert type(batch.captions) is list and all(type(c) is list for c in batch.captions)
     assert batch.labels.tolist() == [int(k.split("/")[0]) for k in batch.keys]
 
 
