@@ -336,7 +336,7 @@ class EmbeddingCache:
                                  f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")
         errors = [e for r in records for e in r["errors"]]
         errors_blob = "".join(json.dumps(e) + "\n" for e in errors).encode()
-        self._write_atomic(_join(self.path, ERRORS_FILE), errors_blob)
+        write_atomic(self.fs, _join(self.path, ERRORS_FILE), errors_blob)
         manifest = dict(self.manifest)
         manifest.update(
             complete=True,
@@ -348,26 +348,14 @@ class EmbeddingCache:
             error_counts=dict(Counter(e["reason"] for e in errors)),
             shards=[{**{k: v for k, v in r.items() if k != "errors"}, "num_errors": len(r["errors"])} for r in records],
         )
-        self._write_atomic(_join(self.path, MANIFEST), _dumps(manifest))
+        write_atomic(self.fs, _join(self.path, MANIFEST), _dumps(manifest))
         self.manifest = manifest
         return manifest
-
-    def _write_atomic(self, path: str, data: bytes) -> None:
-        """Replace a file in one step: temp + rename on local disk, one PUT on object stores."""
-        if is_local(self.fs):
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
 
     def _write_exclusive(self, path: str, data: bytes) -> bool:
         """Create a file only if absent, atomically; False when it already exists."""
         if is_local(self.fs):
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            tmp = _write_temp(path, data)
             try:
                 os.link(tmp, path)  # fails if `path` exists, never half-written
                 return True
@@ -541,6 +529,22 @@ def _row_group_rows(blob: bytes) -> list[int]:
 
 
 # --- the store root ----------------------------------------------------------------------
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace a file in one step, so a reader sees the old or the new bytes, never a half-written
+    file: temp + rename on local disk, one PUT on object stores (where a PUT is atomic)."""
+    if is_local(fs):
+        os.replace(_write_temp(path, data), path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _write_temp(path: str, data: bytes) -> str:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
 
 
 def list_caches(root: str) -> list[EmbeddingCache]:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
 from litpipe.store import Batch, EmbeddingCache, resolve_cache
+from litpipe.store.cache import write_atomic
 from litpipe.store.prefetch import prefetched
 from litpipe.store.text_model import TextTower, build_text_tower, save_text_tower
 from litpipe.store.tokenizer import Tokenizer, load_tokenizer
@@ -191,9 +192,7 @@ def save_checkpoint(ckpt_dir: str, run: Run, step: int, keep: int = 2) -> str:
     name = f"step-{step:08d}.pt"
     with fs.open(f"{root}/{name}", "wb") as f:
         f.write(buffer.getvalue())
-    with fs.open(f"{root}/{LATEST}.tmp", "w") as f:  # renamed over: a kill never leaves an empty latest.json
-        f.write(json.dumps({"step": step, "file": name}))
-    fs.mv(f"{root}/{LATEST}.tmp", f"{root}/{LATEST}")
+    write_atomic(fs, f"{root}/{LATEST}", json.dumps({"step": step, "file": name}).encode())  # never left empty
     for old in sorted(fs.glob(f"{root}/step-*.pt"))[:-keep]:
         fs.rm_file(old)
     return f"{ckpt_dir}/{name}"
