@@ -16,13 +16,14 @@ $(VENV)/.installed-%: pyproject.toml
 	$(BIN)/pip install -q -e ".[$*]"
 	@touch $@
 
-venv: $(VENV)/.installed-serve
+# The stamp's suffix is the extras installed: `demo` (the demo data builder), `serve`, `test`.
+venv: $(VENV)/.installed-demo,serve
 
-run: $(VENV)/.installed-serve
+run: $(VENV)/.installed-demo,serve
 	$(BIN)/litpipe demo-data --out $(DEMO_DATA)
 	$(BIN)/litpipe run pipeline.yaml
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-demo,test
 	$(BIN)/python -m pytest -q
 
 clean:

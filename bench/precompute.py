@@ -24,7 +24,7 @@ from PIL import Image
 
 from litpipe.config import EncoderConfig, validate_config
 from litpipe.precompute.decode import decode_and_preprocess
-from litpipe.store.encoder import load_encoder
+from litpipe.models.image_encoder import load_encoder
 
 DEMO_ARCHITECTURE = {  # pipeline.yaml's demo encoder
     "embed_dim": 128,

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from litpipe.store import EmbeddingCache
+from litpipe.store import EmbeddingCache, StreamingReader, load_all
 
 
 def write_cache(root: str, rows: int, dim: int, shards: int) -> EmbeddingCache:
@@ -48,7 +48,7 @@ def raw_read(paths: list[str], total: int) -> None:
 
 
 def stream(cache: EmbeddingCache, batch_size: int, text: bool) -> None:
-    for _ in cache.reader(batch_size, seed=0, epoch=0, text=text):
+    for _ in StreamingReader(cache, batch_size, seed=0, epoch=0, text=text):
         pass
 
 
@@ -68,8 +68,10 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", default=None, help="where to write the cache (default: a temp dir)")
+    parser.add_argument("--dir", default=None, help="where to write the cache, created if missing (default: a temp dir)")
     args = parser.parse_args()
+    if args.dir:
+        os.makedirs(args.dir, exist_ok=True)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         start = time.perf_counter()
@@ -80,8 +82,8 @@ def main() -> None:
         raw_read(paths, total)  # warm the page cache for everyone alike
         results = {
             "raw read": best_of(args.repeats, lambda: raw_read(paths, total)),
-            "load_all(text=False)": best_of(args.repeats, lambda: cache.load_all(text=False)),
-            "load_all()": best_of(args.repeats, lambda: cache.load_all()),
+            "load_all(text=False)": best_of(args.repeats, lambda: load_all(cache, text=False)),
+            "load_all()": best_of(args.repeats, lambda: load_all(cache)),
             "reader(text=False)": best_of(args.repeats, lambda: stream(cache, args.batch_size, text=False)),
             "reader()": best_of(args.repeats, lambda: stream(cache, args.batch_size, text=True)),
         }

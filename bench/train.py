@@ -25,7 +25,7 @@ import torch
 
 from litpipe.config import validate_config
 from litpipe.store import EmbeddingCache
-from litpipe.store.encoder import load_encoder
+from litpipe.models.image_encoder import load_encoder
 from litpipe.store.fingerprint import dataset_fingerprint
 
 TOWER = {"width": 128, "layers": 2, "heads": 4, "context_length": 32}
@@ -52,7 +52,7 @@ def pipeline(tmp: Path, encoder: dict, batch: int, steps: int) -> dict:
 
 def throughput(name: str, encoder_spec: dict, batch: int, steps: int) -> tuple[float, float]:
     """samples/s of (a) cached and (b) on-the-fly training on the same synthetic images."""
-    from litpipe.train_text.trainer import train
+    from litpipe.train_text.trainer import build_run, fit, train
 
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
@@ -73,7 +73,9 @@ def throughput(name: str, encoder_spec: dict, batch: int, steps: int) -> tuple[f
             "embedding": pa.FixedSizeListArray.from_arrays(embeddings.reshape(-1), embeddings.shape[1])}))
         cache.finalize()
         cached = train(cfg)["samples_per_s"]
-        on_the_fly = train(cfg, image_features=lambda b: encoder.encode(torch.stack([by_key[k] for k in b.keys])))["samples_per_s"]
+        run = build_run(cfg)
+        run.image_features = lambda b: encoder.encode(torch.stack([by_key[k] for k in b.keys]))
+        on_the_fly = fit(cfg, run)["samples_per_s"]
     print(f"{name}: (a) cached {cached:,.0f} samples/s, (b) on the fly {on_the_fly:,.0f} samples/s, "
           f"speedup (a)/(b) = {cached / on_the_fly:.1f}x", flush=True)
     return cached, on_the_fly
@@ -81,7 +83,7 @@ def throughput(name: str, encoder_spec: dict, batch: int, steps: int) -> tuple[f
 
 def _step_memory(batch: int, grad_cache: bool, chunk: int, queue) -> None:
     """One optimiser step at global batch `batch` in this (fresh) process; report peak memory above the start."""
-    from litpipe.store.text_model import TextTower
+    from litpipe.models.text_tower import TextTower
     from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
     from litpipe.train_text.loss import global_contrastive_loss
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from litpipe.cli import add_config_args, config_from_args
+from litpipe.config import add_config_args, config_from_args
 from litpipe.errors import UserError
 from litpipe.eval.defaults import chosen_checkpoint, chosen_dataset
 

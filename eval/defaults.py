@@ -11,7 +11,7 @@ from litpipe.errors import UserError
 
 def chosen_checkpoint(cfg: PipelineConfig, requested: str | None = None) -> str:
     """`requested`, else eval.checkpoint, else where the train stage leaves its final text tower."""
-    return requested or cfg.eval.checkpoint or f"{cfg.workdir.rstrip('/')}/train/final"
+    return requested or cfg.eval.checkpoint or cfg.final_text_tower
 
 
 def chosen_dataset(cfg: PipelineConfig, requested: str | None = None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
 from litpipe.store import EmbeddingCache
-from litpipe.store.sources import read_shard
+from litpipe.sources import read_shard
 
 
 class ImageSourceError(UserError):

@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from litpipe.plots import pyplot
+
 RETRIEVAL_LABELS = {"image_retrieval_recall": "text→image R", "text_retrieval_recall": "image→text R"}
 ZEROSHOT_LABELS = {"mean_per_class_recall": "mean per-class recall"}
 
@@ -51,11 +53,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
 
 def plot(results: dict, path: Path) -> None:
     """Recall@k and zero-shot bars beside chance, and the most frequent zero-shot confusions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("retrieval", d, r) for d, r in results.get("retrieval", {}).items()]
     panels += [("zeroshot", d, r) for d, r in results.get("zeroshot", {}).items()]
     confusion_panels = [(d, r) for d, r in results.get("zeroshot", {}).items() if r.get("top_confusions")]

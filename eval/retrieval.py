@@ -18,12 +18,13 @@ def flatten_captions(captions: list[list[str]]) -> tuple[list[str], torch.Tensor
 
 def evaluate_retrieval(images: torch.Tensor, texts: torch.Tensor, text_image: torch.Tensor, ks: list[int],
                        index: str = "auto", **index_options) -> dict:
-    """recall@k text -> image and image -> text of L2-normalised embeddings, beside chance.
+    """recall@k text -> image and image -> text by cosine, beside chance: the cached image vectors are
+    normalised here, `texts` are the text tower's (unit) features.
 
     An image without captions counts as a miss for image -> text, as in CLIP_benchmark.
     """
     images = F.normalize(images.float(), dim=-1)
-    texts = F.normalize(texts.float(), dim=-1)
+    texts = texts.float()
     k = max(ks)
     image_index = build_index(images, index, **index_options)
     _, ranked_images = image_index.search(texts, k)

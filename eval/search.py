@@ -15,8 +15,8 @@ from litpipe.config import PipelineConfig
 from litpipe.eval.image_source import ImageFetcher
 from litpipe.eval.search_index import build_index
 from litpipe.eval.text_features import encode_texts
-from litpipe.store import resolve_cache
-from litpipe.store.text_model import load_text_tower
+from litpipe.store import load_all, resolve_cache
+from litpipe.models.text_tower import load_text_tower
 
 
 class CacheSearch:
@@ -24,7 +24,7 @@ class CacheSearch:
 
     def __init__(self, cfg: PipelineConfig, dataset: str, checkpoint: str, cache: str | None = None):
         self.cache = resolve_cache(cfg, dataset, cache)  # `cache`: an id or URL instead of `dataset`'s own
-        self.contents = self.cache.load_all()
+        self.contents = load_all(self.cache)
         self.index = build_index(F.normalize(self.contents.embeddings, dim=-1), cfg.eval.index,
                                  nlist=cfg.eval.ivf_nlist, nprobe=cfg.eval.ivf_nprobe)
         self.tower, self.tokenizer, _ = load_text_tower(checkpoint)

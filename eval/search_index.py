@@ -1,15 +1,12 @@
 """Maximum inner-product search over a gallery of embeddings, for retrieval eval and `litpipe search`.
 
-faiss does it when installed (exact `IndexFlatIP`, on a GPU when faiss's GPU build sees one, or
-`IndexIVFFlat` for galleries too large for exact search); otherwise a chunked torch matmul + top-k
-that holds one [query_chunk, gallery_chunk] block at a time, never a full similarity matrix.
-Every index answers `search(queries, k) -> (scores [Q, k] float32, ids [Q, k] int64)`, best
+faiss does it: exact `IndexFlatIP` (on a GPU when faiss's GPU build sees one), or `IndexIVFFlat`
+for galleries too large for exact search. Every index answers `search(queries, k) -> (scores [Q, k] float32, ids [Q, k] int64)`, best
 first, padding with id -1 (score -inf) where fewer than k items exist.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -17,22 +14,13 @@ import torch
 
 from litpipe.errors import UserError
 
-INDEX_KINDS = ("auto", "flat", "ivf", "torch")
+INDEX_KINDS = ("auto", "flat", "ivf")
 
 
-def faiss_available() -> bool:
-    return importlib.util.find_spec("faiss") is not None
-
-
-def build_index(gallery: torch.Tensor, kind: str = "auto", nlist: int | None = None, nprobe: int = 16,
-                query_chunk: int = 1024, gallery_chunk: int = 16384):
-    """An index over `gallery` [N, D]; `auto` is exact faiss when faiss is installed, else torch."""
+def build_index(gallery: torch.Tensor, kind: str = "auto", nlist: int | None = None, nprobe: int = 16) -> FaissIndex:
+    """An index over `gallery` [N, D]; `auto` is the exact `flat` index."""
     if kind not in INDEX_KINDS:
         raise ValueError(f"index kind {kind!r}: expected one of {', '.join(INDEX_KINDS)}")
-    if kind == "auto":
-        kind = "flat" if faiss_available() else "torch"
-    if kind == "torch":
-        return TorchIndex(gallery, query_chunk=query_chunk, gallery_chunk=gallery_chunk)
     return FaissIndex(gallery, ivf=kind == "ivf", nlist=nlist, nprobe=nprobe)
 
 
@@ -79,61 +67,3 @@ def default_nlist(num: int) -> int:
 
 def _as_faiss(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(x.detach().cpu().float().numpy())
-
-
-class TorchIndex:
-    """Exact search by blocks of matmul + top-k; ties go to the lower gallery id."""
-
-    kind = "torch"
-
-    def __init__(self, gallery: torch.Tensor, query_chunk: int = 1024, gallery_chunk: int = 16384):
-        self.gallery = gallery.detach().float()
-        self.size = len(self.gallery)
-        self.query_chunk = query_chunk
-        self.gallery_chunk = gallery_chunk
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        queries = queries.detach().float().to(self.gallery.device)
-        found = min(k, self.size)
-        scores, ids = [], []
-        for start in range(0, len(queries), self.query_chunk):
-            s, i = self._search_chunk(queries[start:start + self.query_chunk], found)
-            scores.append(s)
-            ids.append(i)
-        scores = torch.cat(scores) if scores else torch.empty(0, found)
-        ids = torch.cat(ids) if ids else torch.empty(0, found, dtype=torch.long)
-        pad = k - found
-        if pad:
-            scores = torch.cat([scores, torch.full((len(scores), pad), -math.inf)], dim=1)
-            ids = torch.cat([ids, torch.full((len(ids), pad), -1, dtype=torch.long)], dim=1)
-        return scores.cpu(), ids.cpu()
-
-    def _search_chunk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        best_scores = queries.new_empty(len(queries), 0)
-        best_ids = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)
-        for start in range(0, self.size, self.gallery_chunk):
-            block = queries @ self.gallery[start:start + self.gallery_chunk].T
-            scores, ids = _block_topk(block, min(k, block.shape[1]))
-            best_scores, best_ids = _merge(best_scores, best_ids, scores, ids + start, k)
-        return best_scores, best_ids
-
-
-def _block_topk(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best columns of each row, equal scores at the cut going to the lower column."""
-    kth = torch.topk(block, k, dim=1).values[:, -1:]
-    above = block > kth
-    room = k - above.sum(dim=1, keepdim=True)
-    at_cut = block == kth
-    chosen = above | (at_cut & (at_cut.cumsum(dim=1, dtype=torch.int32) <= room))
-    ids = chosen.nonzero()[:, 1].view(len(block), k)  # row-major: each row's columns ascending
-    return block.gather(1, ids), ids
-
-
-def _merge(scores_a, ids_a, scores_b, ids_b, k):
-    """The k best of two candidate lists, by score then lower id."""
-    scores = torch.cat([scores_a, scores_b], dim=1)
-    ids = torch.cat([ids_a, ids_b], dim=1)
-    by_id = torch.argsort(ids, dim=1, stable=True)
-    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
-    by_score = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
-    return scores.gather(1, by_score), ids.gather(1, by_score)

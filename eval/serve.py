@@ -7,7 +7,7 @@ import ipaddress
 import socket
 import sys
 
-from litpipe.cli import add_config_args, config_from_args
+from litpipe.config import add_config_args, config_from_args
 from litpipe.errors import UserError
 from litpipe.eval.defaults import chosen_checkpoint, chosen_dataset
 

@@ -9,39 +9,29 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from litpipe.config import PipelineConfig
+from litpipe.devices import resolve_device
 from litpipe.errors import UserError
 from litpipe.eval.defaults import chosen_checkpoint
 from litpipe.eval.report import markdown_table, write_report
 from litpipe.eval.retrieval import evaluate_retrieval, flatten_captions
 from litpipe.eval.text_features import encode_texts
 from litpipe.eval.zeroshot import build_classifier, evaluate_zeroshot, load_classnames, load_templates
-from litpipe.store import resolve_cache
-from litpipe.store.text_model import load_text_tower
-
-STAGE_NAME = "eval"
-
-
-def eval_device(cfg: PipelineConfig) -> torch.device:
-    if cfg.eval.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("eval.device: cuda requested but no CUDA GPU is visible; set eval.device: auto or cpu")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(auto if cfg.eval.device == "auto" else cfg.eval.device)
+from litpipe.store import load_all, resolve_cache
+from litpipe.models.text_tower import load_text_tower
 
 
 def evaluate(cfg: PipelineConfig, checkpoint: str | None = None) -> dict:
     """Every metric of every eval set, with the cache ids and checkpoint they came from."""
     url = chosen_checkpoint(cfg, checkpoint)
-    device = eval_device(cfg)
+    device = resolve_device(cfg.eval.device, "eval.device")
     tower, tokenizer, meta = load_text_tower(url, device=str(device))
     encode = partial(encode_texts, tower, tokenizer, batch_size=cfg.eval.text_batch_size, device=device)
     results = {"checkpoint": url, "checkpoint_meta": meta, "encoder": cfg.encoder.model_dump(exclude={"device"}),
                "retrieval": {}, "zeroshot": {}}
     for name in cfg.eval.retrieval:
         cache = resolve_cache(cfg, name)
-        contents = cache.load_all()
+        contents = load_all(cache)
         texts, text_image = flatten_captions(contents.captions)
         result = evaluate_retrieval(contents.embeddings, encode(texts, desc=f"{name} captions"), text_image, cfg.eval.ks,
                                     cfg.eval.index, nlist=cfg.eval.ivf_nlist, nprobe=cfg.eval.ivf_nprobe)
@@ -49,7 +39,7 @@ def evaluate(cfg: PipelineConfig, checkpoint: str | None = None) -> dict:
     for zeroshot in cfg.eval.zeroshot:
         name = zeroshot.dataset
         cache = resolve_cache(cfg, name)
-        contents = cache.load_all(text=False)
+        contents = load_all(cache, text=False)
         if contents.labels is None:
             raise UserError(f"eval.zeroshot: cache {cache.id} of `{name}` has no labels; give data.{name}.label_column "
                             "(or .cls files in the shards) and re-run `litpipe precompute`")

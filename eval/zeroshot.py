@@ -60,9 +60,10 @@ def _read_lines(url: str, key: str) -> list[str]:
 
 def build_classifier(encode_texts: Callable[[list[str]], torch.Tensor], classnames: list[str],
                      templates: list[Template]) -> torch.Tensor:
-    """[C, D] class vectors: per class, the renormalised mean of its normalised template embeddings."""
+    """[C, D] class vectors: per class, the renormalised mean of its template embeddings (`encode_texts`
+    gives unit vectors, as the text tower does)."""
     texts = [template(name) for name in classnames for template in templates]
-    embeddings = F.normalize(encode_texts(texts).float(), dim=-1)
+    embeddings = encode_texts(texts).float()
     per_class = embeddings.view(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(per_class, dim=-1)
 

@@ -1,42 +1,20 @@
 """`litpipe`: one CLI over every stage, driven by pipeline.yaml.
 
-Each stage package that has a `cli` module adds its own commands through `register(subparsers)`,
-so a stage's commands appear exactly when the stage exists.
+Each stage's `cli` module adds its own commands through `register(commands)`; they are listed
+here in pipeline order.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 
-from litpipe.config import DEFAULT_CONFIG, PipelineConfig, load_config
+from litpipe.config import add_config_args, config_from_args, defaults_yaml
 from litpipe.errors import UserError
-
-STAGE_PACKAGES = ("litpipe.store", "litpipe.precompute", "litpipe.train_text", "litpipe.eval")
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """The arguments every pipeline command shares: a config path and `--set` overrides."""
-    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="pipeline.yaml to use (default: %(default)s)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.batch_size=4096 (repeatable)",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.config, args.overrides)
-
-
-def stage_modules(name: str) -> list:
-    """The `<stage>.<name>` modules of the stages that are installed, in pipeline order."""
-    found = []
-    for package in STAGE_PACKAGES:  # the package first: find_spec of `absent.cli` raises rather than answer None
-        if importlib.util.find_spec(package) is not None and importlib.util.find_spec(f"{package}.{name}") is not None:
-            found.append(importlib.import_module(f"{package}.{name}"))
-    return found
+from litpipe.eval import cli as eval_cli
+from litpipe.precompute import cli as precompute_cli
+from litpipe.store import cli as store_cli
+from litpipe.train_text import cli as train_cli
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -47,9 +25,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from litpipe.demo_data import build_demo_data
+    try:
+        from litpipe.demo_data import build_demo_data
+    except ModuleNotFoundError as err:
+        raise UserError(f"demo-data needs the `demo` extra ({err.name} is not installed): "
+                        "pip install 'litpipe[demo]'") from None
 
     build_demo_data(args.out, force=args.force)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    print(defaults_yaml() if args.defaults else config_from_args(args).model_dump_json(indent=2))
     return 0
 
 
@@ -71,8 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     demo.set_defaults(func=_demo_data)
 
-    for module in stage_modules("cli"):
-        module.register(commands)
+    config = commands.add_parser("config", help="print the validated config, or every key with its default",
+                                 description="Print pipeline.yaml as litpipe reads it (defaults filled in and overrides "
+                                 "applied), or with --defaults every key of the schema with its default and meaning.")
+    add_config_args(config)
+    config.add_argument("--defaults", action="store_true", help="print the full schema as commented YAML instead")
+    config.set_defaults(func=_config)
+
+    for stage_cli in (precompute_cli, train_cli, eval_cli, store_cli):
+        stage_cli.register(commands)
     return parser
 
 

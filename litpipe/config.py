@@ -6,6 +6,7 @@ the fix (`train.batch_sise: unknown key; did you mean train.batch_size?`).
 
 from __future__ import annotations
 
+import argparse
 import difflib
 from pathlib import Path
 from types import UnionType
@@ -59,37 +60,40 @@ class EncoderConfig(Section):
         None, description="an open_clip model config (embed_dim, vision_cfg, text_cfg) registered under "
         "`model`, for architectures open_clip does not ship"
     )
-    output: Literal["projected", "pooled"] = "projected"
-    normalize: bool = False
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: Literal["projected", "pooled"] = Field(
+        "projected", description="projected = the CLIP embedding; pooled = the tower's features before its projection")
+    normalize: bool = Field(False, description="store L2-normalised vectors; training and eval normalise either way")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = a GPU when the encoder actor has one")
     seed: int = Field(0, description="seeds random init when no pretrained weights are given")
-    image_size: int | None = Field(None, ge=8)
-    image_mean: list[float] | None = None
-    image_std: list[float] | None = None
-    image_interpolation: Literal["bicubic", "bilinear", "random"] | None = None
-    image_resize_mode: Literal["shortest", "longest", "squash"] | None = None
+    image_size: int | None = Field(None, ge=8, description="override the model's input size; none = the model's own")
+    image_mean: list[float] | None = Field(None, description="override the normalisation mean; none = the model's own")
+    image_std: list[float] | None = Field(None, description="override the normalisation std; none = the model's own")
+    image_interpolation: Literal["bicubic", "bilinear", "random"] | None = Field(
+        None, description="override the resize interpolation; none = the model's own")
+    image_resize_mode: Literal["shortest", "longest", "squash"] | None = Field(
+        None, description="override how images are fitted to the input size; none = the model's own")
 
 
 class StoreConfig(Section):
     root: str = Field("litpipe-store", description="fsspec URL of the folder that holds every cache")
-    embedding_dtype: Literal["float16", "float32"] = "float16"
-    row_group_rows: int = Field(65536, ge=1)
+    embedding_dtype: Literal["float16", "float32"] = Field("float16", description="how vectors are stored")
+    row_group_rows: int = Field(65536, ge=1, description="Parquet row-group size of new caches (the reader's unit)")
 
 
 class PrecomputeConfig(Section):
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, description="images per encoder forward")
     decode_workers: int | None = Field(None, ge=1, description="CPU decode tasks; none = one per free CPU")
     encoder_actors: int = Field(1, ge=1, description="encoder actors (one GPU each when GPUs exist)")
     max_image_pixels: int = Field(89_478_485, ge=1, description="larger images are skipped as bombs")
 
 
 class TextTowerConfig(Section):
-    width: int = Field(512, ge=8)
-    layers: int = Field(12, ge=1)
-    heads: int = Field(8, ge=1)
-    context_length: int = Field(77, ge=2)
-    vocab_size: int = Field(49408, ge=2)
+    width: int = Field(512, ge=8, description="transformer width")
+    layers: int = Field(12, ge=1, description="transformer layers")
+    heads: int = Field(8, ge=1, description="attention heads; must divide width")
+    context_length: int = Field(77, ge=2, description="tokens per caption, start and end included")
+    vocab_size: int = Field(49408, ge=2, description="token embedding rows; at least the tokenizer's vocabulary")
     init: str = Field(
         "random", description="`random` (LiT's u) or an open_clip model/checkpoint whose text tower starts it (U)"
     )
@@ -109,28 +113,30 @@ class TrainConfig(Section):
     loss: Literal["softmax", "sigmoid"] = "softmax"
     batch_size: int = Field(1024, ge=2, description="the global batch, over all workers")
     chunk_size: int = Field(256, ge=1, description="rows per loss/gradient-cache chunk")
-    grad_cache: bool = True
+    grad_cache: bool = Field(True, description="GradCache: activation memory set by chunk_size, not batch_size")
     shuffle_captions: bool = Field(
         False, description="control run: each image trains with another image's captions (a fixed permutation); "
         "its eval must stay at chance"
     )
     steps: int | None = Field(None, ge=1, description="optimiser steps; none = `epochs` worth")
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    epochs: float = Field(1.0, gt=0, description="passes over the cache when `steps` is none")
+    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate (linear warmup, then cosine to 0)")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay on matrices only")
     warmup_steps: int = Field(0, ge=0)
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="global gradient-norm clip; none = no clipping")
     init_temperature: float = Field(10.0, gt=0, description="LiT starts the logit scale at 10")
     init_bias: float = Field(-10.0, description="sigmoid loss only")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the tower's init, the shuffle and the caption picks")
+    shuffle_buffer_rows: int = Field(65536, ge=1, description="rows shuffled together by the cache reader (memory ~ rows x dim x 2 bytes)")
+    prefetch_batches: int = Field(8, ge=1, description="batches the cache reader reads ahead in a background thread")
     workers: int = Field(1, ge=1, description="1 = single process; more = Ray Train workers")
-    use_gpu: bool = False
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
+    use_gpu: bool = Field(False, description="train on the GPU (each Ray Train worker gets one)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = Field(False, description="torch.compile the text tower")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     checkpoint_dir: str | None = Field(None, description="fsspec URL for resumable checkpoints; none = {workdir}/train/checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest step checkpoints kept; older ones are deleted")
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, description="steps between metrics.jsonl / TensorBoard records")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
@@ -153,21 +159,21 @@ class ZeroShotConfig(Section):
 class EvalConfig(Section):
     retrieval: list[str] = Field(default_factory=list, description="`data` entries for image-text retrieval")
     zeroshot: list[ZeroShotConfig] = Field(default_factory=list)
-    ks: list[int] = Field([1, 5, 10], min_length=1)
-    index: Literal["auto", "flat", "ivf", "torch"] = Field(
-        "auto", description="auto = exact faiss (GPU when present), torch when faiss is absent; ivf for huge galleries"
+    ks: list[int] = Field([1, 5, 10], min_length=1, description="recall@k values to report")
+    index: Literal["auto", "flat", "ivf"] = Field(
+        "auto", description="auto = flat: exact faiss search (on GPU when faiss sees one); ivf for huge galleries"
     )
     ivf_nlist: int | None = Field(None, ge=1, description="ivf lists; none = about 4 sqrt(N)")
     ivf_nprobe: int = Field(16, ge=1, description="ivf lists searched per query")
     text_batch_size: int = Field(512, ge=1, description="texts per text-tower forward")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where text features are computed")
     checkpoint: str | None = Field(None, description="a checkpoint or export; none = the train stage's last")
 
 
 class RayConfig(Section):
     address: str = Field("", description="empty = a local Ray here; `auto` or ray://host:port = a cluster")
-    num_cpus: int | None = Field(None, ge=1)
-    num_gpus: int | None = Field(None, ge=0)
+    num_cpus: int | None = Field(None, ge=1, description="local Ray only: CPUs to use; none = all")
+    num_gpus: int | None = Field(None, ge=0, description="local Ray only: GPUs to use; none = all")
 
 
 class PipelineConfig(Section):
@@ -180,6 +186,16 @@ class PipelineConfig(Section):
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
 
+    @property
+    def train_dir(self) -> str:
+        """Where the train stage writes: checkpoints, metrics, the loss curve and the final text tower."""
+        return f"{self.workdir.rstrip('/')}/train"
+
+    @property
+    def final_text_tower(self) -> str:
+        """The text tower a finished training leaves, which eval, export and serve read by default."""
+        return f"{self.train_dir}/final"
+
     @model_validator(mode="after")
     def _datasets_exist(self) -> PipelineConfig:
         named = [("train.dataset", self.train.dataset)]
@@ -189,6 +205,64 @@ class PipelineConfig(Section):
             if name not in self.data:
                 raise ValueError(f"{key}: no dataset `{name}` under data; known: {', '.join(self.data)}")
         return self
+
+
+def defaults_yaml() -> str:
+    """Every key of the schema with its default and description, as commented YAML (`litpipe config --defaults`).
+
+    Generated from the schema itself, so the reference never drifts from what litpipe accepts.
+    """
+    lines = ["# Every pipeline.yaml key with its default (`litpipe config --defaults`).",
+             "# Generated from litpipe's schema; `data` and `eval.zeroshot` show one example entry."]
+    _describe_section(PipelineConfig, lines, indent="")
+    return "\n".join(lines) + "\n"
+
+
+def _describe_section(section: type[BaseModel], lines: list[str], indent: str) -> None:
+    for name, field in section.model_fields.items():
+        note = f"  # {field.description}" if field.description else ""
+        inner = _section_type(field.annotation)
+        if inner is not None:
+            lines.append(f"{indent}{name}:{note}")
+            if get_origin(field.annotation) is dict:
+                lines.append(f"{indent}  <name>:  # one entry per dataset")
+                _describe_section(inner, lines, indent + "    ")
+            elif get_origin(field.annotation) is list:
+                lines.append(f"{indent}  - # one entry per zero-shot eval set")
+                _describe_section(inner, lines, indent + "    ")
+            else:
+                _describe_section(inner, lines, indent + "  ")
+            continue
+        value = "<required>" if field.is_required() else _yaml_value(field.get_default(call_default_factory=True))
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+        if choices:
+            note = f"  # one of {' | '.join(map(str, choices))}" + (f"; {field.description}" if field.description else "")
+        lines.append(f"{indent}{name}: {value}{note}")
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The section class a field holds directly, or as the values of a dict or the items of a list."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The arguments every pipeline command shares: a config path and `--set` overrides."""
+    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="pipeline.yaml to use (default: %(default)s)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.batch_size=4096 (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    return load_config(args.config, args.overrides)
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> PipelineConfig:

@@ -1,7 +1,7 @@
-"""`litpipe run`: every stage that exists, in order, then one summary.
+"""`litpipe run`: the pipeline, precompute -> train -> eval, then one summary.
 
 Stages never call each other: each finds its inputs in the store (caches by encoder and data
-fingerprint) or under `workdir` (the train stage's checkpoints), so this file only sequences them.
+fingerprint) or under `workdir` (the train stage's final text tower), so this file only sequences them.
 """
 
 from __future__ import annotations
@@ -9,19 +9,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from litpipe.cli import stage_modules
 from litpipe.config import PipelineConfig
+from litpipe.eval import stage as eval_stage
+from litpipe.precompute import stage as precompute_stage
+from litpipe.train_text import stage as train_stage
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Call `run(cfg) -> dict` of each stage's `stage` module; write and print the summary."""
-    summary = {}
-    for module in stage_modules("stage"):
-        summary[module.STAGE_NAME] = module.run(cfg)
+    """Each stage's `run(cfg) -> dict` in order; write and print the summary."""
+    summary = {
+        "precompute": precompute_stage.run(cfg),
+        "train": train_stage.run(cfg),
+        "eval": eval_stage.run(cfg),
+    }
     out = Path(cfg.workdir) / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\n== litpipe run: done ({', '.join(summary) or 'no stages installed'}); summary: {out}")
+    print(f"\n== litpipe run: done; summary: {out}")
     for name, stage_summary in summary.items():
         for line in stage_summary.get("report", []):
             print(f"[{name}] {line}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from litpipe.cli import add_config_args, config_from_args
+from litpipe.config import add_config_args, config_from_args
 
 
 def register(commands) -> None:

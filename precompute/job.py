@@ -19,9 +19,9 @@ from tqdm import tqdm
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
 from litpipe.ray_cluster import init_ray
 from litpipe.store.cache import EmbeddingCache
-from litpipe.store.encoder import Encoder, load_encoder
+from litpipe.models.image_encoder import Encoder, load_encoder
 from litpipe.store.fingerprint import dataset_fingerprint
-from litpipe.store.sources import SHARD_ERROR_KEY, Sample, list_shards, read_shard
+from litpipe.sources import SHARD_ERROR_KEY, Sample, list_shards, read_shard
 
 from .decode import DecodeError, decode_and_preprocess
 

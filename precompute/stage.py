@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
-from litpipe.store.encoder import load_encoder
+from litpipe.models.image_encoder import load_encoder
 
 from .job import precompute_dataset
-
-STAGE_NAME = "precompute"
 
 
 def run(cfg: PipelineConfig, datasets: list[str] | None = None) -> dict:

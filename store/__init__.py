@@ -1,6 +1,7 @@
-"""The embedding cache and the text-tower artifact: everything one stage writes and another reads."""
+"""The embedding cache, the contract between the stages: its format, commits, fingerprints and readers."""
 
 from litpipe.store.cache import CacheError, EmbeddingCache, list_caches, resolve_cache
-from litpipe.store.reader import Batch, CacheContents, StreamingReader
+from litpipe.store.reader import Batch, CacheContents, StreamingReader, load_all
 
-__all__ = ["Batch", "CacheContents", "CacheError", "EmbeddingCache", "StreamingReader", "list_caches", "resolve_cache"]
+__all__ = ["Batch", "CacheContents", "CacheError", "EmbeddingCache", "StreamingReader", "list_caches", "load_all",
+           "resolve_cache"]

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 
 import litpipe
 from litpipe.errors import UserError
-from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint, is_local, to_url
+from litpipe.files import is_local, to_url, write_atomic, write_temp
+from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -355,7 +356,7 @@ class EmbeddingCache:
     def _write_exclusive(self, path: str, data: bytes) -> bool:
         """Create a file only if absent, atomically; False when it already exists."""
         if is_local(self.fs):
-            tmp = _write_temp(path, data)
+            tmp = write_temp(path, data)
             try:
                 os.link(tmp, path)  # fails if `path` exists, never half-written
                 return True
@@ -406,20 +407,6 @@ class EmbeddingCache:
             raise CacheError(f"{url}: {parquet.metadata.num_rows} rows, its commit record says {record['rows']}; "
                              f"the file was replaced: `litpipe cache rm {self.id}` and re-run `litpipe precompute`")
         return parquet
-
-    def load_all(self, text: bool = True):
-        """Everything in memory: embeddings as one float32 tensor [N, D], plus keys/captions/labels."""
-        from litpipe.store.reader import load_all
-
-        return load_all(self, text=text)
-
-    def reader(self, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
-               shuffle: bool = True, start_step: int = 0, **options):
-        """A StreamingReader over this cache's share for `rank`; see litpipe.store.reader."""
-        from litpipe.store.reader import StreamingReader
-
-        return StreamingReader(self, batch_size, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                               shuffle=shuffle, start_step=start_step, **options)
 
     # --- checking and removing -----------------------------------------------------------
 
@@ -529,22 +516,6 @@ def _row_group_rows(blob: bytes) -> list[int]:
 
 
 # --- the store root ----------------------------------------------------------------------
-
-
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Replace a file in one step, so a reader sees the old or the new bytes, never a half-written
-    file: temp + rename on local disk, one PUT on object stores (where a PUT is atomic)."""
-    if is_local(fs):
-        os.replace(_write_temp(path, data), path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def _write_temp(path: str, data: bytes) -> str:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    return tmp
 
 
 def list_caches(root: str) -> list[EmbeddingCache]:

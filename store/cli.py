@@ -6,7 +6,7 @@ import argparse
 import json
 from collections import Counter
 
-from litpipe.cli import add_config_args, config_from_args
+from litpipe.config import add_config_args, config_from_args
 from litpipe.store.cache import EmbeddingCache, list_caches
 
 

@@ -12,35 +12,8 @@ import os
 from datetime import datetime
 
 import fsspec
-from braceexpand import braceexpand
 
-from litpipe.errors import UserError
-
-GLOB_CHARS = "*?["
-
-
-def expand_urls(urls: str | list[str]) -> list[str]:
-    """Brace ranges and globs to a sorted list of existing file URLs, keeping each protocol prefix.
-
-    Local paths come back absolute, so the same files give the same fingerprint from any cwd.
-    """
-    found: set[str] = set()
-    for pattern in [urls] if isinstance(urls, str) else urls:
-        for url in braceexpand(pattern):
-            fs, path = fsspec.core.url_to_fs(url)
-            matches = fs.glob(path) if any(c in path for c in GLOB_CHARS) else ([path] if fs.exists(path) else [])
-            if not matches:
-                raise UserError(f"{url}: matches no files; check the path (and the {{000..009}} range or glob) in pipeline.yaml")
-            found.update(to_url(fs, m) for m in matches)
-    return sorted(found)
-
-
-def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """A filesystem path back to a URL: plain absolute paths for local files, protocol://path otherwise."""
-    if is_local(fs):
-        return os.path.abspath(path)
-    return fs.unstrip_protocol(path)
-
+from litpipe.files import expand_urls, to_url
 
 def dataset_fingerprint(dataset_cfg) -> dict:
     """{"format", "options", "inputs": [{"url", "size", "etag" or "mtime"}]} of a `data` entry.
@@ -78,12 +51,6 @@ def _entry(url: str, info: dict) -> dict:
     mtime = info.get("mtime", info.get("LastModified", info.get("created")))
     entry["mtime"] = mtime.timestamp() if isinstance(mtime, datetime) else mtime
     return entry
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """Local disk gets plain paths and os-level atomic operations; everything else goes through fsspec."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def canonical_json(obj) -> str:

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from litpipe.store.cache import CacheError, EmbeddingCache, decode_embeddings
-from litpipe.store.prefetch import prefetched
+from litpipe.prefetch import prefetched
 
 # Tensors made here over Arrow's immutable buffers are only ever read (cast or copied), never written.
 warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning, __name__)

@@ -1,6 +1,16 @@
-"""Fixtures shared across the stages' tests. Append only; each stage keeps its own in its test files."""
+"""Fixtures shared across test modules; a fixture one module alone uses stays in that module."""
 
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 import pytest
+import torch
+
+from litpipe.config import validate_config
+from litpipe.models.image_encoder import load_encoder
+from litpipe.store import EmbeddingCache
+from litpipe.store.fingerprint import dataset_fingerprint
 
 # A small randomly initialised open_clip architecture: real open_clip code, fast on 2 CPU cores.
 TINY_ARCHITECTURE = {
@@ -66,3 +76,52 @@ def s3_root(s3_server):
     import uuid
 
     return f"s3://{s3_server['bucket']}/{uuid.uuid4().hex[:10]}"
+
+
+# --- a tiny trained-on cache for the trainer's tests ------------------------------------
+
+ROWS = 96
+WORDS = ["red", "blue", "cat", "dog", "face", "smiling", "rocket", "tree", "flag", "heart", "star", "moon"]
+
+
+def raw_config(tmp: Path, **train) -> dict:
+    """The tiny encoder, store and text tower of `tiny_cache`, with `train` overrides."""
+    return {
+        "workdir": str(tmp / "run"),
+        "data": {"train": {"format": "webdataset", "urls": str(tmp / "inputs" / "part-*.tar")}},
+        "encoder": {"model": "litpipe-train-test-tiny", "architecture": TINY_ARCHITECTURE, "precision": "fp32"},
+        "store": {"root": str(tmp / "store"), "embedding_dtype": "float32"},
+        "train": {"tower": {"width": 32, "layers": 1, "heads": 2, "context_length": 16}, "batch_size": 16,
+                  "chunk_size": 6, "steps": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 1, **train},
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A real cache written through the store API from the tiny encoder's outputs on random images."""
+    tmp = tmp_path_factory.mktemp("train")
+    (tmp / "inputs").mkdir()
+    for i in range(2):
+        (tmp / "inputs" / f"part-{i}.tar").write_bytes(b"stand-in input shard %d" % i)
+    cfg = validate_config(raw_config(tmp))
+    encoder = load_encoder(cfg.encoder, device="cpu")
+    images = torch.rand(ROWS, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    captions = [[" ".join(rng.choice(WORDS, 3)) for _ in range(rng.integers(1, 4))] for _ in range(ROWS)]
+    keys = [f"k{i:04d}" for i in range(ROWS)]
+    embeddings = encoder.encode(images).numpy()
+    cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["train"]),
+                                          embedding_dtype="float32", row_group_rows=24)
+    for part, rows in enumerate((slice(0, 48), slice(48, ROWS))):
+        table = pa.table({"key": keys[rows], "captions": captions[rows],
+                          "embedding": pa.FixedSizeListArray.from_arrays(embeddings[rows].reshape(-1), embeddings.shape[1])})
+        cache.commit_shard(str(tmp / "inputs" / f"part-{part}.tar"), table)
+    cache.finalize()
+    return {"tmp": tmp, "images": dict(zip(keys, images)), "encoder": encoder}
+
+
+def tiny_train_config(tiny_cache, name, **train):
+    """A training config over `tiny_cache` whose run writes under its own workdir `name`."""
+    raw = raw_config(tiny_cache["tmp"], **train)
+    raw["workdir"] = str(tiny_cache["tmp"] / name)
+    return raw

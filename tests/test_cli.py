@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from litpipe.cli import build_parser, config_from_args, main
+from litpipe.cli import build_parser, main
+from litpipe.config import config_from_args
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "pipeline.yaml"
 CONSOLE_SCRIPT = Path(sys.executable).with_name("litpipe")
@@ -27,12 +28,19 @@ def command_paths(parser: argparse.ArgumentParser, prefix: tuple = ()) -> list[t
 COMMANDS = command_paths(build_parser())
 
 
-def test_help_lists_the_commands(capsys):
+def test_help_lists_every_command_in_pipeline_order_with_what_it_does(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    assert "run" in out and "demo-data" in out
+    listed = []  # [name, help text]: a command starts at indent 4, its help may wrap onto deeper lines
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("    ") and not line.startswith("     "):
+            listed.append([*line.split(maxsplit=1), ""][:2])
+        elif line.startswith("     ") and listed:
+            listed[-1][1] += " " + line.strip()
+    assert [name for name, _ in listed] == ["run", "demo-data", "config", "precompute", "train", "export", "tokenizer",
+                                            "eval", "search", "serve", "cache"]
+    assert all(len(text) > 20 for _, text in listed)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

@@ -1,8 +1,12 @@
 """pipeline.yaml validation: every kind of bad config fails before work starts, naming key and fix."""
 
-import pytest
+import typing
 
-from litpipe.config import ConfigError, load_config
+import pydantic
+import pytest
+import yaml
+
+from litpipe.config import ConfigError, load_config, validate_config
 
 
 def load_with(*overrides):
@@ -46,3 +50,30 @@ def test_malformed_override_says_the_form():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_config_defaults_print_every_key_with_the_value_litpipe_uses(capsys):
+    from litpipe.cli import main
+    from litpipe.config import PipelineConfig
+
+    assert main(["config", "--defaults"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    printed["data"] = {"train": {**printed["data"]["<name>"], "format": "webdataset", "urls": "x.tar"}}
+    printed["eval"]["zeroshot"] = []
+    assert validate_config(printed) == validate_config({"data": {"train": {"format": "webdataset", "urls": "x.tar"}}})
+
+    def keys(model, prefix=""):
+        for name, field in model.model_fields.items():
+            yield prefix + name
+            inner = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                          if isinstance(a, type) and issubclass(a, pydantic.BaseModel)), None)
+            if inner is not None and inner.__name__ not in ("DatasetConfig", "ZeroShotConfig"):
+                yield from keys(inner, prefix + name + ".")
+
+    def present(tree, dotted):
+        for part in dotted.split("."):
+            tree = tree[part]
+        return True
+
+    for key in keys(PipelineConfig):
+        assert present(printed, key), key

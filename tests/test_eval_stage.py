@@ -16,10 +16,11 @@ from PIL import Image
 
 from litpipe.config import validate_config
 from litpipe.store import EmbeddingCache
-from litpipe.store.encoder import load_encoder
-from litpipe.store.fingerprint import dataset_fingerprint, expand_urls
-from litpipe.store.text_model import build_text_tower, save_text_tower
-from litpipe.store.tokenizer import clip_tokenizer
+from litpipe.models.image_encoder import load_encoder
+from litpipe.files import expand_urls
+from litpipe.store.fingerprint import dataset_fingerprint
+from litpipe.models.text_tower import build_text_tower, save_text_tower
+from litpipe.models.tokenizer import clip_tokenizer
 
 MODEL = "litpipe-eval-tiny"
 CLASSNAMES = ["apple", "heart", "star", "cat", "tree", "moon"]

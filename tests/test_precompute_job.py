@@ -19,7 +19,7 @@ from litpipe.config import validate_config
 from litpipe.precompute import stage
 from litpipe.precompute.decode import decode_image
 from litpipe.store.cache import EmbeddingCache, decode_embeddings
-from litpipe.store.encoder import load_encoder
+from litpipe.models.image_encoder import load_encoder
 from precompute_samples import encode_image, image_bytes, sample_members, tiny_config, write_tar
 
 GOOD_RGB = [f"plain/{i}" for i in range(5)]
@@ -131,7 +131,7 @@ KILL_AFTER_FIRST_COMMIT = """
 import json, os, signal, sys
 from litpipe.config import validate_config
 from litpipe.precompute.job import precompute_dataset
-from litpipe.store.encoder import load_encoder
+from litpipe.models.image_encoder import load_encoder
 cfg = validate_config(json.loads(sys.argv[1]))
 precompute_dataset(cfg, "train", load_encoder(cfg.encoder, device="cpu"),
                    on_commit=lambda record: os.kill(os.getpid(), signal.SIGKILL))

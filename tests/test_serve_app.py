@@ -37,11 +37,11 @@ from litpipe.demo_data import build_demo_data
 from litpipe.eval.server import Explorer, create_app
 from litpipe.eval.zeroshot import build_classifier, classify, load_templates
 from litpipe.store import EmbeddingCache
-from litpipe.store.encoder import load_encoder
+from litpipe.models.image_encoder import load_encoder
 from litpipe.store.fingerprint import dataset_fingerprint
-from litpipe.store.sources import list_shards, read_shard
-from litpipe.store.text_model import build_text_tower, save_text_tower
-from litpipe.store.tokenizer import clip_tokenizer
+from litpipe.sources import list_shards, read_shard
+from litpipe.models.text_tower import build_text_tower, save_text_tower
+from litpipe.models.tokenizer import clip_tokenizer
 
 DEMO_EMOJI, DEMO_VIEWS = 20, 2
 def _raw_config(root: Path, data: Path) -> dict:
@@ -266,12 +266,13 @@ def test_concurrent_requests_get_the_same_answers_as_sequential_ones(server):
     assert [body["hits"] for _, body in answers] == [expected[q] for q in queries]
 
 
-def test_answers_take_well_under_a_second(server):
-    _search(server, "warm up")
-    start = time.perf_counter()
-    for query in ("a cat", "a heart", "a flag", "a face"):
-        assert _search(server, query)[0] == 200
-    assert (time.perf_counter() - start) / 4 < 0.5
+def test_a_burst_of_requests_is_answered_in_full(server):
+    queries = [f"{colour} {thing}" for colour in ("red", "blue", "green", "yellow", "black")
+               for thing in ("cat", "heart", "flag", "face", "tree", "star", "moon", "rocket")]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda q: _search(server, q, 3), queries))
+    assert [status for status, _ in answers] == [200] * len(queries)
+    assert all(len(body["hits"]) == 3 for _, body in answers)
 
 
 def test_litpipe_serve_prints_the_url_and_serves_until_interrupted(built):

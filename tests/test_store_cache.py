@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from litpipe.config import validate_config
-from litpipe.store import CacheError, EmbeddingCache, list_caches, resolve_cache
+from litpipe.store import CacheError, EmbeddingCache, list_caches, load_all, resolve_cache
 from litpipe.store.cache import FORMAT_VERSION, shard_name
 
 DIM = 8
@@ -60,7 +60,7 @@ def test_committed_shards_read_back_exactly_and_finalize_consolidates(root):
     found = EmbeddingCache.find(root, ENCODER, DATASET)
     assert found.complete and found.id == cache.id and found.dim == DIM
     assert {e["input"] for e in found.errors()} == set(INPUTS)
-    contents = found.load_all()
+    contents = load_all(found)
     expected = np.concatenate([t.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
                                for t in tables.values()]).astype(np.float16).astype(np.float64)
     np.testing.assert_array_equal(contents.embeddings.double().numpy(), expected)
@@ -80,11 +80,11 @@ def test_crash_before_commit_leaves_exactly_the_committed_shards_and_resume_writ
 
     reopened = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
     assert reopened.committed_inputs() == {INPUTS[0]} and reopened.num_rows == 6
-    assert reopened.load_all().keys == [f"s0/{i}" for i in range(6)]
+    assert load_all(reopened).keys == [f"s0/{i}" for i in range(6)]
     for i, url in enumerate(INPUTS):
         if url not in reopened.committed_inputs():
             reopened.commit_shard(url, shard_table(f"s{i}", 6))
-    keys = reopened.load_all().keys
+    keys = load_all(reopened).keys
     assert len(keys) == len(set(keys)) == 6 * len(INPUTS)
     assert [p.split(": ")[1] for p in reopened.verify()] == ["orphaned data file, in no commit record "
                                                              f"(a crashed or losing writer); `litpipe cache rm {cache.id} --orphans` deletes it"]
@@ -106,7 +106,7 @@ def test_two_writers_racing_on_the_same_inputs_commit_each_key_once(root):
         t.join()
     cache = EmbeddingCache.find(root, ENCODER, DATASET)
     assert sorted(s["input"] for s in cache.shards()) == sorted(INPUTS)
-    keys = cache.load_all().keys
+    keys = load_all(cache).keys
     assert len(keys) == len(set(keys)) == 5 * len(INPUTS)
     if not root.startswith("s3://"):  # moto's conditional PUT is not atomic under races; AWS's is
         assert all((ra is None) != (rb is None) for ra, rb in zip(results["a"], results["b"]))
@@ -189,7 +189,7 @@ def test_float32_caches_keep_float32_vectors(tmp_path):
     table = shard_table("s", 4)
     cache.commit_shard(INPUTS[0], table)
     expected = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
-    np.testing.assert_array_equal(cache.load_all().embeddings.numpy(), expected)
+    np.testing.assert_array_equal(load_all(cache).embeddings.numpy(), expected)
 
 
 @pytest.fixture
@@ -220,11 +220,11 @@ def test_truncated_shard_and_dim_mismatch_fail_reads_naming_the_shard(written, t
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 40])
     with pytest.raises(CacheError, match=f"{shard}: unreadable Parquet shard, truncated or corrupt.*litpipe cache verify"):
-        written.load_all()
+        load_all(written)
     shard.write_bytes(data)
     written.manifest["dim"] = 16
     with pytest.raises(CacheError, match=f"{shard}: embedding dim 8 differs from the cache's 16"):
-        written.load_all()
+        load_all(written)
 
 
 def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
-from litpipe.store.fingerprint import cache_id, dataset_fingerprint, expand_urls
+from litpipe.files import expand_urls
+from litpipe.store.fingerprint import cache_id, dataset_fingerprint
 
 
 def _touch(path, data=b"x"):

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from litpipe.store import CacheError, EmbeddingCache
+from litpipe.store import CacheError, EmbeddingCache, StreamingReader, load_all
 from litpipe.store import reader as reader_module
 
 DIM = 6
@@ -41,7 +41,7 @@ def written(tmp_path_factory):
 
 
 def _epoch(cache, **kwargs):
-    return [(b.keys, b.embeddings.numpy().copy()) for b in cache.reader(**kwargs)]
+    return [(b.keys, b.embeddings.numpy().copy()) for b in StreamingReader(cache, **kwargs)]
 
 
 @pytest.mark.parametrize("world_size,batch_size,buffer_rows", [(1, 8, 64), (3, 5, 16), (4, 7, 1000)])
@@ -52,7 +52,7 @@ def test_every_key_at_most_once_per_epoch_with_equal_batch_counts_on_every_rank(
                        buffer_rows=buffer_rows) for r in range(world_size)]
     expected_batches = (total // world_size) // batch_size
     assert [len(batches) for batches in per_rank] == [expected_batches] * world_size
-    assert len(cache.reader(batch_size, rank=0, world_size=world_size)) == expected_batches
+    assert len(StreamingReader(cache, batch_size, rank=0, world_size=world_size)) == expected_batches
     keys = [k for batches in per_rank for ks, _ in batches for k in ks]
     assert len(keys) == len(set(keys)) == expected_batches * batch_size * world_size
     assert total - len(keys) < world_size * (batch_size + 1)  # only the remainder is dropped
@@ -82,7 +82,7 @@ def test_resuming_from_a_step_yields_the_tail_of_the_full_epoch(written, start_s
     cache, _ = written
     kwargs = dict(batch_size=5, rank=1, world_size=2, seed=7, epoch=2, buffer_rows=20)
     full = _epoch(cache, **kwargs)
-    resumed = cache.reader(start_step=start_step, **kwargs)
+    resumed = StreamingReader(cache, start_step=start_step, **kwargs)
     assert len(resumed) == len(full) - start_step
     tail = [(b.keys, b.embeddings.numpy()) for b in resumed]
     assert [k for k, _ in tail] == [k for k, _ in full[start_step:]]
@@ -92,7 +92,7 @@ def test_resuming_from_a_step_yields_the_tail_of_the_full_epoch(written, start_s
 
 def test_batches_carry_captions_and_labels_of_their_keys(written):
     cache, _ = written
-    batch = next(iter(cache.reader(batch_size=9, seed=1)))
+    batch = next(iter(StreamingReader(cache, batch_size=9, seed=1)))
     assert batch.captions == [[f"a photo of {k}"] for k in batch.keys]
     assert type(batch.keys) is list and all(type(k) is str for k in batch.keys)  # plain Python, not numpy
     assert type(batch.captions) is list and all(type(c) is list for c in batch.captions)
@@ -102,7 +102,7 @@ def test_batches_carry_captions_and_labels_of_their_keys(written):
 def test_stopping_early_stops_the_prefetch_thread(written):
     cache, _ = written
     before = threading.active_count()
-    iterator = iter(cache.reader(batch_size=2, prefetch=1))
+    iterator = iter(StreamingReader(cache, batch_size=2, prefetch=1))
     next(iterator)
     iterator.close()
     assert threading.active_count() == before
@@ -111,17 +111,17 @@ def test_stopping_early_stops_the_prefetch_thread(written):
 def test_too_few_rows_for_one_batch_per_rank_is_an_error_naming_the_fix(written):
     cache, _ = written
     with pytest.raises(CacheError, match="cannot give each of 4 rank.*lower the batch size"):
-        cache.reader(batch_size=100, world_size=4)
+        StreamingReader(cache, batch_size=100, world_size=4)
 
 
 def test_load_all_equals_what_was_written(written):
     cache, reference = written
-    contents = cache.load_all()
+    contents = load_all(cache)
     assert contents.keys == list(reference)
     np.testing.assert_array_equal(contents.embeddings.double().numpy(), np.stack(list(reference.values())))
     assert contents.embeddings.is_contiguous() and contents.captions[0] == ["a photo of 0/0"]
     assert contents.labels.tolist() == [s for s, rows in enumerate(SHARD_ROWS) for _ in range(rows)]
-    vectors_only = cache.load_all(text=False)
+    vectors_only = load_all(cache, text=False)
     assert vectors_only.keys == [] and bool((vectors_only.embeddings == contents.embeddings).all())
 
 
@@ -131,10 +131,10 @@ def test_remote_caches_stream_and_load_like_local_ones(store, request):
     cache, reference = _write(root, embedding_dtype="float32")
     cache.finalize()
     cache = EmbeddingCache.find(root, ENCODER, DATASET)
-    keys = [k for b in cache.reader(batch_size=10, rank=0, world_size=2) for k in b.keys]
-    keys += [k for b in cache.reader(batch_size=10, rank=1, world_size=2) for k in b.keys]
+    keys = [k for b in StreamingReader(cache, batch_size=10, rank=0, world_size=2) for k in b.keys]
+    keys += [k for b in StreamingReader(cache, batch_size=10, rank=1, world_size=2) for k in b.keys]
     assert len(keys) == len(set(keys)) == 120
-    np.testing.assert_array_equal(cache.load_all().embeddings.double().numpy(), np.stack(list(reference.values())))
+    np.testing.assert_array_equal(load_all(cache).embeddings.double().numpy(), np.stack(list(reference.values())))
 
 
 def test_shards_without_labels_read_as_label_minus_one_beside_labelled_shards(tmp_path):
@@ -145,11 +145,11 @@ def test_shards_without_labels_read_as_label_minus_one_beside_labelled_shards(tm
         if labelled:
             columns["label"] = pa.array([7, None, 8, 9], pa.int64())
         cache.commit_shard(INPUTS[s], pa.table(columns))
-    loaded = cache.load_all()
+    loaded = load_all(cache)
     by_key = dict(zip(loaded.keys, loaded.labels.tolist()))
     assert [by_key[f"1/{i}"] for i in range(4)] == [7, -1, 8, 9]
     assert {by_key[f"{s}/{i}"] for s in (0, 2) for i in range(4)} == {-1}
-    streamed = {k: int(label) for b in cache.reader(4, shuffle=False) for k, label in zip(b.keys, b.labels)}
+    streamed = {k: int(label) for b in StreamingReader(cache, 4, shuffle=False) for k, label in zip(b.keys, b.labels)}
     assert streamed == by_key
 
 

@@ -3,7 +3,7 @@
 import sys
 
 import torch
-from test_train_loop import tiny_cache  # noqa: F401  (the module-scoped tiny cache fixture)
+from conftest import tiny_train_config
 
 CHUNK = 5
 KINDS = ("softmax", "sigmoid")
@@ -13,7 +13,7 @@ def tiny_setup(kind):
     """The same float64 tower, batch and loss on every process (seeded, no files)."""
     import torch.nn.functional as F
 
-    from litpipe.store.text_model import TextTower
+    from litpipe.models.text_tower import TextTower
     from litpipe.train_text.loss import global_contrastive_loss
 
     torch.manual_seed(0)
@@ -40,7 +40,7 @@ def worker_step(config):
     for kind in KINDS:
         tower, tokens, images, loss_fn = tiny_setup(kind)
         rows = slice(rank * len(tokens) // size, (rank + 1) * len(tokens) // size)
-        loss, _ = grad_cached_backward(tower, tokens[rows], CHUNK, lambda f: loss_fn(f, images[rows]))
+        loss = grad_cached_backward(tower, tokens[rows], CHUNK, lambda f: loss_fn(f, images[rows]))
         sum_gradients(tower.parameters())
         grads = {k: p.grad for k, p in tower.named_parameters() if p.grad is not None}
         torch.save({"world": size, "loss": loss, "grads": grads}, f"{config['out']}/{kind}-rank{rank}.pt")
@@ -75,13 +75,11 @@ def check_against_one_process(kind, folder):
 
 
 def test_train_stage_with_two_workers_runs_ray_train_and_writes_the_text_tower(ray_local, tiny_cache):
-    from test_train_loop import config
-
     from litpipe.config import validate_config
-    from litpipe.store.text_model import load_text_tower
+    from litpipe.models.text_tower import load_text_tower
     from litpipe.train_text.stage import run
 
-    summary = run(validate_config(config(tiny_cache, "two-workers", workers=2, steps=2)))
+    summary = run(validate_config(tiny_train_config(tiny_cache, "two-workers", workers=2, steps=2)))
     assert summary["world_size"] == 2 and summary["steps"] == 2
     tower, tokenizer, meta = load_text_tower(summary["artifact"])
     assert meta["steps"] == 2 and tower(tokenizer(["a red cat"])).shape == (1, 32)

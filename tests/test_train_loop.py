@@ -14,60 +14,13 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
-from conftest import TINY_ARCHITECTURE
+from conftest import tiny_train_config as config
 
 from litpipe.config import validate_config
-from litpipe.store import EmbeddingCache, resolve_cache
-from litpipe.store.encoder import load_encoder
-from litpipe.store.fingerprint import dataset_fingerprint
-from litpipe.store.text_model import build_text_tower, load_text_tower
+from litpipe.models.text_tower import build_text_tower, load_text_tower
+from litpipe.store import load_all, resolve_cache
 from litpipe.train_text.export import export_model
-from litpipe.train_text.trainer import train
-
-ROWS = 96
-WORDS = ["red", "blue", "cat", "dog", "face", "smiling", "rocket", "tree", "flag", "heart", "star", "moon"]
-
-
-def raw_config(tmp: Path, **train) -> dict:
-    return {
-        "workdir": str(tmp / "run"),
-        "data": {"train": {"format": "webdataset", "urls": str(tmp / "inputs" / "part-*.tar")}},
-        "encoder": {"model": "litpipe-train-test-tiny", "architecture": TINY_ARCHITECTURE, "precision": "fp32"},
-        "store": {"root": str(tmp / "store"), "embedding_dtype": "float32"},
-        "train": {"tower": {"width": 32, "layers": 1, "heads": 2, "context_length": 16}, "batch_size": 16,
-                  "chunk_size": 6, "steps": 4, "lr": 3e-3, "warmup_steps": 2, "log_every": 1, **train},
-    }
-
-
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    """A real cache written through the store API from the tiny encoder's outputs on random images."""
-    tmp = tmp_path_factory.mktemp("train")
-    (tmp / "inputs").mkdir()
-    for i in range(2):
-        (tmp / "inputs" / f"part-{i}.tar").write_bytes(b"stand-in input shard %d" % i)
-    cfg = validate_config(raw_config(tmp))
-    encoder = load_encoder(cfg.encoder, device="cpu")
-    images = torch.rand(ROWS, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    rng = np.random.default_rng(0)
-    captions = [[" ".join(rng.choice(WORDS, 3)) for _ in range(rng.integers(1, 4))] for _ in range(ROWS)]
-    keys = [f"k{i:04d}" for i in range(ROWS)]
-    embeddings = encoder.encode(images).numpy()
-    cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["train"]),
-                                          embedding_dtype="float32", row_group_rows=24)
-    for part, rows in enumerate((slice(0, 48), slice(48, ROWS))):
-        table = pa.table({"key": keys[rows], "captions": captions[rows],
-                          "embedding": pa.FixedSizeListArray.from_arrays(embeddings[rows].reshape(-1), embeddings.shape[1])})
-        cache.commit_shard(str(tmp / "inputs" / f"part-{part}.tar"), table)
-    cache.finalize()
-    return {"tmp": tmp, "images": dict(zip(keys, images)), "encoder": encoder}
-
-
-def config(tiny_cache, name, **train):
-    raw = raw_config(tiny_cache["tmp"], **train)
-    raw["workdir"] = str(tiny_cache["tmp"] / name)
-    return raw
-
+from litpipe.train_text.trainer import build_run, fit, train
 
 def losses(workdir) -> dict:
     """The last loss logged for each step (a resumed run re-logs the steps after its checkpoint)."""
@@ -79,8 +32,10 @@ def losses(workdir) -> dict:
 def test_training_from_the_cache_equals_on_the_fly_locked_image_training(tiny_cache, loss):
     cached = train(validate_config(config(tiny_cache, f"cached-{loss}", loss=loss)))
     encoder, images = tiny_cache["encoder"], tiny_cache["images"]
-    on_the_fly = train(validate_config(config(tiny_cache, f"fly-{loss}", loss=loss)),
-                       image_features=lambda batch: encoder.encode(torch.stack([images[k] for k in batch.keys])))
+    fly_cfg = validate_config(config(tiny_cache, f"fly-{loss}", loss=loss))
+    run = build_run(fly_cfg)
+    run.image_features = lambda batch: encoder.encode(torch.stack([images[k] for k in batch.keys]))
+    on_the_fly = fit(fly_cfg, run)
     expected, got = losses(cached["artifact"].rsplit("/train", 1)[0]), losses(on_the_fly["artifact"].rsplit("/train", 1)[0])
     assert list(got) == [1, 2, 3, 4]
     np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=1e-5)
@@ -122,7 +77,7 @@ def test_export_loads_in_open_clip_with_the_trained_text_and_cached_image_featur
     assert torch.equal(tokenizer(texts), our_tokenizer(texts))
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(tokenizer(texts), normalize=True), tower(our_tokenizer(texts)))
-        contents = resolve_cache(cfg, "train").load_all()
+        contents = load_all(resolve_cache(cfg, "train"))
         images = torch.stack([tiny_cache["images"][k] for k in contents.keys[:8]])
         torch.testing.assert_close(model.encode_image(images), contents.embeddings[:8], rtol=1e-5, atol=1e-5)
     assert model.logit_scale.item() == pytest.approx(tower.logit_scale.item())
@@ -137,7 +92,7 @@ def test_export_loads_in_open_clip_with_the_trained_text_and_cached_image_featur
 
 def test_cli_fits_a_tokenizer_on_the_cache_captions_and_documents_every_command(tiny_cache, tmp_path, capsys):
     from litpipe.cli import main
-    from litpipe.store.tokenizer import Tokenizer
+    from litpipe.models.tokenizer import Tokenizer
 
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(config(tiny_cache, "cli")))
@@ -145,10 +100,13 @@ def test_cli_fits_a_tokenizer_on_the_cache_captions_and_documents_every_command(
     assert main(["tokenizer", "train", str(path), "--vocab-size", "600", "--out", str(out)]) == 0
     tokenizer = Tokenizer.load(str(out), 16)
     assert tokenizer.vocab_size <= 600 and tokenizer.decode(tokenizer(["red cat"])[0].tolist()).strip() == "red cat"
-    for command in (["train"], ["export"], ["tokenizer", "train"]):
+    capsys.readouterr()
+    for command, options in ((["train"], ["--resume", "--set"]), (["export"], ["--out", "--checkpoint"]),
+                             (["tokenizer", "train"], ["--vocab-size", "--out", "--dataset"])):
         with pytest.raises(SystemExit):
             main([*command, "--help"])
-        assert "--" in capsys.readouterr().out
+        listed = [line.split()[0].rstrip(",") for line in capsys.readouterr().out.splitlines() if line.startswith("  -")]
+        assert set(options) <= set(listed), (command, listed)
 
 
 def test_checkpoints_on_s3_restore_weights_optimiser_and_schedule(tiny_cache, s3_root):

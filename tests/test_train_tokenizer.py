@@ -5,7 +5,7 @@ import random
 import open_clip
 import torch
 
-from litpipe.store.tokenizer import Tokenizer, clip_tokenizer, train_bpe
+from litpipe.models.tokenizer import Tokenizer, clip_tokenizer, train_bpe
 
 PIECES = [
     "a photo of a", "cat", "Dog", "ÉLAN", "naïve café", "straße", "İstanbul", "ΣΊΣΥΦΟΣ", "日本語", "東京タワー",

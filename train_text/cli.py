@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from litpipe.cli import add_config_args, config_from_args
+from litpipe.config import add_config_args, config_from_args
 
 
 def register(commands) -> None:
@@ -16,10 +16,10 @@ def register(commands) -> None:
                                  description="Load it with open_clip.create_model_and_transforms('local-dir:OUT').")
     add_config_args(export)
     export.add_argument("--out", required=True, help="output folder")
-    export.add_argument("--checkpoint", help="text-tower folder (default: {workdir}/train/final)")
+    export.add_argument("--checkpoint", help="text-tower folder (default: the train stage's final one, {workdir}/train/final)")
     export.set_defaults(func=_export)
 
-    tokenizer = commands.add_parser("tokenizer", help="tokenizer tools",
+    tokenizer = commands.add_parser("tokenizer", help="fit a BPE tokenizer on the captions of a cache",
                                     description="Fit a CLIP-style BPE tokenizer on a cache's captions.")
     actions = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
     fit = actions.add_parser("train", help="fit a BPE of --vocab-size ids on a cache's captions, write tokenizer.json",
@@ -48,12 +48,12 @@ def _export(args) -> int:
 
 
 def _tokenizer_train(args) -> int:
-    from litpipe.store import resolve_cache
-    from litpipe.store.tokenizer import train_bpe
+    from litpipe.models.tokenizer import train_bpe
+    from litpipe.store import load_all, resolve_cache
 
     cfg = config_from_args(args)
     cache = resolve_cache(cfg, args.dataset or cfg.train.dataset, None if args.dataset else cfg.train.cache)
-    captions = (c for caption_list in cache.load_all().captions for c in caption_list)
+    captions = (c for caption_list in load_all(cache).captions for c in caption_list)
     tokenizer = train_bpe(captions, args.vocab_size, cfg.train.tower.context_length)
     tokenizer.save(args.out)
     print(f"wrote {args.out}: {tokenizer.vocab_size} ids; set train.tokenizer: {args.out} and "

@@ -23,16 +23,17 @@ def train_distributed(cfg: PipelineConfig, resume: bool = False) -> dict:
     init_ray(cfg.ray)
     workdir = cfg.workdir if "://" in cfg.workdir else str(Path(cfg.workdir).resolve())
     # Workers may start in another directory: relative paths are made absolute here.
-    config = cfg.model_copy(update={"workdir": workdir}).model_dump(mode="json")
+    cfg = cfg.model_copy(update={"workdir": workdir})
+    config = cfg.model_dump(mode="json")
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": config, "resume": resume, "cwd": str(Path.cwd())},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=f"{workdir}/train/ray", name="train"),
+        run_config=RunConfig(storage_path=f"{cfg.train_dir}/ray", name="train"),
     )
     trainer.fit()
-    with fsspec.open(f"{workdir}/train/summary.json", "r") as f:  # written by rank 0
+    with fsspec.open(f"{cfg.train_dir}/summary.json", "r") as f:  # written by rank 0
         return json.load(f)
 
 

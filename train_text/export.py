@@ -5,7 +5,7 @@
     DIR/tokenizer.json              the training tokenizer
 
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads it; `open_clip.get_tokenizer("local-dir:DIR")`
-gives the CLIP tokenizer (a custom tokenizer.json: `litpipe.store.tokenizer.Tokenizer.load(DIR/tokenizer.json)`).
+gives the CLIP tokenizer (a custom tokenizer.json: `litpipe.models.tokenizer.Tokenizer.load(DIR/tokenizer.json)`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
-from litpipe.store.encoder import load_encoder
-from litpipe.store.text_model import load_text_tower
+from litpipe.models.image_encoder import load_encoder
+from litpipe.models.text_tower import load_text_tower
 
 
 def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -> Path:
@@ -28,7 +28,7 @@ def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -
     if cfg.encoder.output != "projected":
         raise UserError("export: encoder.output is `pooled`, which an open_clip CLIP cannot express; "
                         "export models trained on a `projected` cache")
-    tower, tokenizer, meta = load_text_tower(checkpoint or f"{cfg.workdir.rstrip('/')}/train/final")
+    tower, tokenizer, meta = load_text_tower(checkpoint or cfg.final_text_tower)
     encoder = load_encoder(cfg.encoder, device="cpu")
     model_cfg = open_clip.get_model_config(encoder.fingerprint["pretrained"] if str(encoder.fingerprint["pretrained"]).startswith("hf-hub:")
                                            else cfg.encoder.model)

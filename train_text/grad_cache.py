@@ -15,8 +15,8 @@ import torch
 
 
 def grad_cached_backward(embed: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, chunk_size: int,
-                         loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate d loss_fn(embed(inputs)) / d params into `.grad`; return (loss, embeddings)."""
+                         loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Accumulate d loss_fn(embed(inputs)) / d params into `.grad`; return the loss."""
     chunks = inputs.split(chunk_size)
     states = []
     with torch.no_grad():
@@ -32,16 +32,16 @@ def grad_cached_backward(embed: Callable[[torch.Tensor], torch.Tensor], inputs: 
         _set_rng_state(state)
         embed(chunk).backward(grad)
     _set_rng_state(after)
-    return loss.detach(), features.detach()
+    return loss.detach()
 
 
 def full_backward(embed: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
-                  loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                  loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The same step with one forward keeping every activation (train.grad_cache: false)."""
     features = embed(inputs)
     loss = loss_fn(features)
     loss.backward()
-    return loss.detach(), features.detach()
+    return loss.detach()
 
 
 def _rng_state():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from litpipe.config import PipelineConfig
 
-STAGE_NAME = "train"
-
 
 def run(cfg: PipelineConfig, resume: bool = False) -> dict:
     if cfg.train.workers > 1:

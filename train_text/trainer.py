@@ -11,7 +11,6 @@ follow from it, because the reader's order is a pure function of seed and epoch)
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -26,12 +25,14 @@ import torch
 from tqdm import tqdm
 
 from litpipe.config import PipelineConfig
+from litpipe.devices import autocast, resolve_device, resolve_precision
 from litpipe.errors import UserError
-from litpipe.store import Batch, EmbeddingCache, resolve_cache
-from litpipe.store.cache import write_atomic
-from litpipe.store.prefetch import prefetched
-from litpipe.store.text_model import TextTower, build_text_tower, save_text_tower
-from litpipe.store.tokenizer import Tokenizer, load_tokenizer
+from litpipe.store import Batch, EmbeddingCache, StreamingReader, load_all, resolve_cache
+from litpipe.files import write_atomic
+from litpipe.plots import pyplot
+from litpipe.prefetch import prefetched
+from litpipe.models.text_tower import TextTower, build_text_tower, save_text_tower
+from litpipe.models.tokenizer import Tokenizer, load_tokenizer
 from litpipe.train_text.gather import sum_gradients, world
 from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
 from litpipe.train_text.loss import global_contrastive_loss
@@ -52,12 +53,15 @@ class Run:
     total_steps: int
     device: torch.device
     swapped_captions: dict[str, list[str]] | None = None  # the shuffled-caption control's pairing
+    # A batch's image side: the cached vectors. Tests and bench/train.py put the locked image tower
+    # run on the fly here, the reference the cache is compared against.
+    image_features: Callable[[Batch], torch.Tensor] = lambda batch: batch.embeddings
 
 
 def swap_captions(cache: EmbeddingCache, seed: int) -> dict[str, list[str]]:
     """Every key paired with another image's captions by one fixed permutation: a control run whose
     eval must stay at chance, since nothing of the true image-text pairing reaches training."""
-    contents = cache.load_all()
+    contents = load_all(cache)
     order = np.random.default_rng([seed, 0x5EED]).permutation(len(contents.keys))
     return {key: contents.captions[j] for key, j in zip(contents.keys, order)}
 
@@ -65,9 +69,9 @@ def swap_captions(cache: EmbeddingCache, seed: int) -> dict[str, list[str]]:
 def build_run(cfg: PipelineConfig) -> Run:
     t = cfg.train
     rank, size = world()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if t.use_gpu and torch.cuda.is_available() else "cpu")
+    device = resolve_device("cuda" if t.use_gpu else "cpu", "train.use_gpu")
     cache = resolve_cache(cfg, t.dataset, t.cache)
-    steps_per_epoch = len(cache.reader(t.batch_size // size, rank, size, t.seed, 0, text=False))
+    steps_per_epoch = len(StreamingReader(cache, t.batch_size // size, rank, size, t.seed, 0, text=False))
     total_steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -93,24 +97,23 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[Batch], torch.Tensor] | None = None) -> dict:
-    """Train (or continue) the text tower of `cfg`; rank 0 writes metrics, checkpoints and the final artifact.
+def train(cfg: PipelineConfig, resume: bool = False) -> dict:
+    """Train (or continue) the text tower of `cfg`; rank 0 writes metrics, checkpoints and the final artifact."""
+    return fit(cfg, build_run(cfg), resume)
 
-    `image_features` replaces the cached embeddings of a batch (by its keys): the on-the-fly
-    locked-image reference that tests and bench/train.py compare the cache against.
-    """
+
+def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
+    """The training loop over a built `run`; see `train`."""
     t = cfg.train
     rank, size = world()
-    run = build_run(cfg)
-    out = f"{cfg.workdir.rstrip('/')}/train"
+    out = cfg.train_dir
     ckpt_dir = (t.checkpoint_dir or f"{out}/checkpoints").rstrip("/")
     step = load_checkpoint(ckpt_dir, run) if resume else 0
-    precision = "bf16" if t.precision == "bf16" or (t.precision == "auto" and run.device.type == "cuda") else "fp32"
-    autocast = torch.autocast(run.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    precision = resolve_precision(t.precision, run.device)
     embed_module = torch.compile(run.tower) if t.compile else run.tower
 
     def embed(tokens):
-        with autocast:
+        with autocast(precision, run.device):
             return embed_module(tokens).float()
 
     log = MetricsLog(out, enabled=rank == 0, append=resume)
@@ -119,7 +122,7 @@ def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[B
     run.tower.train()
     for tokens, batch in prefetched(tokenized_batches(run, cfg, step), 2, "litpipe-tokenize"):
         tick = time.perf_counter()
-        images = image_features(batch) if image_features else batch.embeddings
+        images = run.image_features(batch)
         tokens, images = tokens.to(run.device, non_blocking=True), images.to(run.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
 
@@ -127,9 +130,9 @@ def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[B
             return global_contrastive_loss(features, images, run.tower.logit_scale, run.tower.logit_bias, t.loss, t.chunk_size)
 
         if t.grad_cache:
-            loss, _ = grad_cached_backward(embed, tokens, t.chunk_size, loss_fn)
+            loss = grad_cached_backward(embed, tokens, t.chunk_size, loss_fn)
         else:
-            loss, _ = full_backward(embed, tokens, loss_fn)
+            loss = full_backward(embed, tokens, loss_fn)
         sum_gradients(run.tower.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(run.tower.parameters(), t.grad_clip or float("inf"))
         lr = run.scheduler.get_last_lr()[0]
@@ -151,9 +154,9 @@ def train(cfg: PipelineConfig, resume: bool = False, image_features: Callable[[B
     elapsed = time.perf_counter() - started
     summary = {"steps": run.total_steps, "resumed_at": run.total_steps - len(losses), "cache_id": run.cache.id,
                "final_loss": losses[-1] if losses else None, "samples_per_s": t.batch_size * len(losses) / max(elapsed, 1e-9),
-               "artifact": f"{out}/final", "world_size": size}
+               "artifact": cfg.final_text_tower, "world_size": size}
     if rank == 0:
-        save_text_tower(f"{out}/final", run.tower, run.tokenizer,
+        save_text_tower(cfg.final_text_tower, run.tower, run.tokenizer,
                         {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss, "dataset": t.dataset,
                          "encoder": cfg.encoder.model_dump(exclude={"device"})})
         log.close()
@@ -169,7 +172,8 @@ def tokenized_batches(run: Run, cfg: PipelineConfig, step: int):
     rank, size = world()
     while step < run.total_steps:
         epoch, within = divmod(step, run.steps_per_epoch)
-        for batch in run.cache.reader(t.batch_size // size, rank, size, t.seed, epoch, start_step=within):
+        for batch in StreamingReader(run.cache, t.batch_size // size, rank, size, t.seed, epoch, start_step=within,
+                                     buffer_rows=t.shuffle_buffer_rows, prefetch=t.prefetch_batches):
             pick = random.Random(f"{t.seed}/{step}/{rank}")
             captions = [run.swapped_captions[k] for k in batch.keys] if run.swapped_captions else batch.captions
             yield run.tokenizer([pick.choice(c) if c else "" for c in captions]), batch
@@ -258,11 +262,7 @@ class MetricsLog:
 
     def plot(self) -> str:
         """loss.png from metrics.jsonl (the last value logged for each step, so resumed runs plot once)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         with fsspec.open(f"{self.out}/metrics.jsonl", "r") as f:
             points = {r["step"]: r["loss"] for r in map(json.loads, f)}
         fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
-from litpipe.store.fingerprint import expand_urls
+from litpipe.files import expand_urls
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 PARQUET_IMAGE_COLUMNS = ("jpg", "image", "img", "png", "webp", "image_bytes")

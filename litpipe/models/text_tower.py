@@ -8,7 +8,7 @@ SigLIP's learnable bias. The artifact is a folder at any fsspec URL:
                                "meta": {...}}   text_cfg = open_clip CLIPTextCfg fields
     text_tower.safetensors    float32 state dict: text.* (open_clip TextTransformer names),
                                logit_scale (log of the temperature), logit_bias
-    tokenizer.json            the tokenizer (`litpipe.store.tokenizer.Tokenizer.load`)
+    tokenizer.json            the tokenizer (`litpipe.models.tokenizer.Tokenizer.load`)
 
 `load_text_tower(url)` gives back `(tower, tokenizer, meta)`; `tower(tokens)` returns
 L2-normalised features [N, D] comparable (by dot product) with the normalised cached embeddings.
@@ -30,7 +30,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from litpipe.errors import UserError
-from litpipe.store.tokenizer import Tokenizer
+from litpipe.models.tokenizer import Tokenizer
 
 FORMAT = "litpipe-text-tower/1"
 CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE = "config.json", "text_tower.safetensors", "tokenizer.json"

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from litpipe.config import EncoderConfig
+from litpipe.devices import autocast, resolve_device, resolve_precision
 from litpipe.errors import UserError
 
 
@@ -47,22 +48,6 @@ def register_architecture(name: str, architecture: dict[str, Any]) -> None:
                            "give an open_clip model config (embed_dim, vision_cfg, text_cfg)")
     (_REGISTRY_DIR / f"{name}.json").write_text(json.dumps(architecture))
     open_clip.add_model_config(_REGISTRY_DIR)
-
-
-def resolve_device(device: str | torch.device | None, configured: str = "auto") -> torch.device:
-    choice = str(device) if device is not None else configured
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise EncoderError("encoder.device: cuda requested but no CUDA GPU is visible; set encoder.device: auto or cpu")
-    return torch.device(choice)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 autocast on CUDA and fp32 on CPU (where bf16 is slow and changes the numbers)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -107,9 +92,7 @@ class Encoder:
         if self.device.type == "cuda":
             images = images.pin_memory().to(self.device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with autocast, self._pooled_output():
+        with autocast(self.precision, self.device), self._pooled_output():
             features = self.model.encode_image(images)
         features = features.float()
         if self.normalize:
@@ -134,7 +117,7 @@ def load_encoder(encoder_cfg: EncoderConfig, device: str | torch.device | None =
     """Build the locked image tower of `encoder_cfg` on `device` (default: encoder.device)."""
     import open_clip
 
-    device = resolve_device(device, encoder_cfg.device)
+    device = torch.device(device) if device is not None else resolve_device(encoder_cfg.device, "encoder.device")
     if encoder_cfg.architecture is not None:
         register_architecture(encoder_cfg.model, encoder_cfg.architecture)
     pretrained = encoder_cfg.pretrained

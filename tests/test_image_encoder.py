@@ -1,4 +1,4 @@
-"""store/encoder.py: the locked open_clip tower, its transform and its fingerprint."""
+"""litpipe/models/image_encoder.py: the locked open_clip tower, its transform and its fingerprint."""
 
 import io
 
@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import TINY_ARCHITECTURE
 from litpipe.config import EncoderConfig
-from litpipe.store.encoder import EncoderError, load_encoder
+from litpipe.models.image_encoder import EncoderError, load_encoder
 from precompute_samples import TINY_MODEL, image_bytes
 
 

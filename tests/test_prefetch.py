@@ -2,7 +2,7 @@
 
 import pytest
 
-from litpipe.store.prefetch import prefetched
+from litpipe.prefetch import prefetched
 
 
 def test_items_arrive_in_order():

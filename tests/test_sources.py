@@ -9,7 +9,7 @@ import pytest
 
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
-from litpipe.store.sources import SHARD_ERROR_KEY, list_shards, read_shard
+from litpipe.sources import SHARD_ERROR_KEY, list_shards, read_shard
 from precompute_samples import image_bytes, sample_members, write_tar
 
 

@@ -1,0 +1,1 @@
+"""The models every stage shares: the locked image encoder, the text tower and its tokenizer."""
