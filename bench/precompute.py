@@ -1,18 +1,23 @@
 """Precompute throughput, measured side by side in one run on one device, model and batch size:
 
-(a) the encoder's bare forward on already-preprocessed tensors, (b) the whole pipeline from tar shards
-to committed Parquet (Ray), the ratio (b)/(a) (goal on a GPU: >= 0.9), and (c) decode + preprocess
-images/s on one CPU. `--encoder-only` skips Ray and the pipeline, for a GPU machine without Ray.
+(a) the encoder's bare forward on already-preprocessed tensors, (b) the whole pipeline from tar
+shards of ~640x480 JPEGs to committed Parquet (Ray start-up excluded, actor start-up included),
+the ratio (b)/(a), (c) decode + CPU preprocessing images/s on one CPU, and the driver's cost: its
+CPU seconds per 100,000 images (it only schedules and counts: the goal is < 1 s) and its peak RSS.
+`--encoder-only` skips Ray and the pipeline, for a GPU machine without Ray.
 
-    python bench/precompute.py                                   # CPU, the demo's tiny encoder
-    python bench/precompute.py --encoder-only --model ViT-B-32 --precision bf16 --batch-size 256
+    python bench/precompute.py                                          # CPU, ViT-B-32, 2,048 JPEGs
+    python bench/precompute.py --model litpipe-tiny-vit --images 4096   # the demo's tiny encoder
+    python bench/precompute.py --encoder-only --precision bf16 --batch-size 256
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -23,8 +28,8 @@ import torch
 from PIL import Image
 
 from litpipe.config import EncoderConfig, validate_config
-from litpipe.precompute.decode import decode_and_preprocess
 from litpipe.models.image_encoder import load_encoder
+from litpipe.precompute.decode import decode_image
 
 DEMO_ARCHITECTURE = {  # pipeline.yaml's demo encoder
     "embed_dim": 128,
@@ -33,12 +38,15 @@ DEMO_ARCHITECTURE = {  # pipeline.yaml's demo encoder
 }
 
 
-def jpeg(seed: int, size=(320, 240)) -> bytes:
-    """A photo-sized JPEG with some structure (smooth gradients plus noise)."""
+def jpeg(seed: int, size=(640, 480)) -> bytes:
+    """A photo-sized JPEG with some structure (smooth gradients, a few shapes, noise)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size[1], 0:size[0]]
-    base = np.stack([x * 255 / size[0], y * 255 / size[1], (x + y) % 256], -1)
-    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    base = np.stack([x * 255 / size[0], y * 255 / size[1], (x * y / 97 + seed * 13) % 256], -1)
+    for _ in range(3):
+        cy, cx, r = rng.integers(0, size[1]), rng.integers(0, size[0]), rng.integers(20, 120)
+        base[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, "JPEG", quality=90)
     return out.getvalue()
@@ -59,51 +67,61 @@ def bare_forward(encoder, batch_size: int, batches: int) -> float:
 
 
 def decode_per_cpu(encoder, samples: list[bytes]) -> float:
-    """(c) images/s of decode + open_clip preprocess in this one process (one CPU)."""
+    """(c) images/s of decode + the CPU step of the configured preprocessing, in this one process."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     start = time.perf_counter()
     for data in samples:
-        decode_and_preprocess(data, encoder.preprocess, 89_478_485)
+        encoder.pixels.cpu(decode_image(data, 89_478_485))
     seconds = time.perf_counter() - start
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     return len(samples) / seconds
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="litpipe-tiny-vit", help="open_clip model (default: the demo's tiny ViT)")
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model, or litpipe-tiny-vit (the demo's)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--preprocess", default="tensor", choices=["tensor", "pil"])
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--images", type=int, default=4096, help="images through the pipeline")
+    parser.add_argument("--images", type=int, default=2048, help="images through the pipeline")
     parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--forward-batches", type=int, default=10)
+    parser.add_argument("--forward-batches", type=int, default=6)
     parser.add_argument("--encoder-only", action="store_true", help="only (a) and (c): no Ray, no pipeline")
     args = parser.parse_args()
 
     architecture = DEMO_ARCHITECTURE if args.model == "litpipe-tiny-vit" else None
-    encoder_cfg = EncoderConfig(model=args.model, architecture=architecture, precision=args.precision, device=args.device)
+    encoder_cfg = EncoderConfig(model=args.model, architecture=architecture, precision=args.precision, device=args.device,
+                                preprocess=args.preprocess)
     encoder = load_encoder(encoder_cfg)
     samples = [jpeg(i) for i in range(min(args.images, 256))]
-    print(f"device {encoder.device} ({torch.cuda.get_device_name() if encoder.device.type == 'cuda' else 'CPU'}), "
-          f"{os.cpu_count()} CPUs, model {args.model}, precision {encoder.precision}, batch {args.batch_size}, "
-          f"input {encoder.image_size[0]}px from 320x240 JPEGs")
-    forward = bare_forward(encoder, args.batch_size, args.forward_batches)
-    print(f"(a) bare encoder forward:         {forward:10.1f} images/s")
-    decode = decode_per_cpu(encoder, samples)
-    print(f"(c) decode + preprocess per CPU:  {decode:10.1f} images/s")
-    if args.encoder_only:
-        return 0
-    whole, steady, cpus = run_pipeline(args, encoder_cfg, samples)
-    print(f"(b) whole pipeline tar -> Parquet: {whole:10.1f} images/s ({cpus} CPUs in Ray, actor start included)")
-    print(f"    after the first commit:      {steady:10.1f} images/s (steady state)")
-    print(f"ratio (b)/(a): {whole / forward:.2f} whole run, {steady / forward:.2f} steady state")
+    figures = {"device": str(encoder.device), "cpus": os.cpu_count(), "model": args.model, "precision": encoder.precision,
+               "preprocess": args.preprocess, "batch_size": args.batch_size, "images": args.images,
+               "gpu": torch.cuda.get_device_name() if encoder.device.type == "cuda" else None}
+    print(f"device {encoder.device} ({figures['gpu'] or 'CPU'}), {os.cpu_count()} CPUs, torch threads "
+          f"{torch.get_num_threads()}, model {args.model}, precision {encoder.precision}, batch {args.batch_size}, "
+          f"preprocess {args.preprocess}, input {encoder.image_size[0]}px from 640x480 JPEGs", flush=True)
+    figures["bare_forward"] = bare_forward(encoder, args.batch_size, args.forward_batches)
+    print(f"(a) bare encoder forward:          {figures['bare_forward']:10.1f} images/s", flush=True)
+    figures["decode_per_cpu"] = decode_per_cpu(encoder, samples)
+    print(f"(c) decode + CPU preprocess / CPU: {figures['decode_per_cpu']:10.1f} images/s", flush=True)
+    if not args.encoder_only:
+        del encoder  # the pipeline's actor holds its own copy
+        figures.update(run_pipeline(args, encoder_cfg, samples))
+        ratio = figures["pipeline"] / figures["bare_forward"]
+        print(f"(b) whole pipeline tar -> Parquet:  {figures['pipeline']:10.1f} images/s "
+              f"({figures['ray_cpus']} CPUs in Ray, actor start included); ratio (b)/(a) = {ratio:.2f}")
+        print(f"    driver: {figures['driver_cpu_s_per_100k']:.2f} CPU s per 100,000 images, "
+              f"peak RSS {figures['driver_peak_rss_mb']:.0f} MB")
+        figures["ratio"] = ratio
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}))
     return 0
 
 
-def run_pipeline(args, encoder_cfg: EncoderConfig, samples: list[bytes]) -> tuple[float, float, int]:
-    """(b): real tar shards in a temp folder -> a fresh cache; Ray startup is not counted. Also the
-    steady state: images/s between the first and the last commit, past the encoder actor's start."""
+def run_pipeline(args, encoder_cfg: EncoderConfig, samples: list[bytes]) -> dict:
+    """(b): real tar shards in a temp folder -> a fresh cache, timed from the job's start (Ray is
+    started before); the driver's CPU time over the same span."""
     from litpipe.precompute.job import precompute_dataset
     from litpipe.ray_cluster import init_ray
 
@@ -122,10 +140,13 @@ def run_pipeline(args, encoder_cfg: EncoderConfig, samples: list[bytes]) -> tupl
         ray = init_ray(cfg.ray)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         encoder = load_encoder(cfg.encoder, device="cpu")
-        commits = []
-        result = precompute_dataset(cfg, "train", encoder, on_commit=lambda r: commits.append((time.perf_counter(), r["rows"])))
-        steady = sum(rows for _, rows in commits[1:]) / (commits[-1][0] - commits[0][0])
-        return result["images_per_s"], steady, cpus
+        cpu_before = time.process_time()
+        result = precompute_dataset(cfg, "train", encoder)
+        driver_cpu = time.process_time() - cpu_before
+        images = result["embedded"] + result["skipped"]
+        return {"pipeline": result["images_per_s"], "ray_cpus": cpus,
+                "driver_cpu_s_per_100k": driver_cpu / images * 100_000,
+                "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ class EncoderConfig(Section):
         None, description="an open_clip model config (embed_dim, vision_cfg, text_cfg) registered under "
         "`model`, for architectures open_clip does not ship"
     )
+    preprocess: Literal["tensor", "pil"] = Field(
+        "tensor", description="tensor = decode workers send uint8 images, the encoder resizes, crops and normalises "
+        "them on its device; pil = open_clip's own PIL resize and crop on the CPU (exact parity), normalised on the device")
     output: Literal["projected", "pooled"] = Field(
         "projected", description="projected = the CLIP embedding; pooled = the tower's features before its projection")
     normalize: bool = Field(False, description="store L2-normalised vectors; training and eval normalise either way")
@@ -86,6 +89,11 @@ class PrecomputeConfig(Section):
     decode_workers: int | None = Field(None, ge=1, description="CPU decode tasks; none = one per free CPU")
     encoder_actors: int = Field(1, ge=1, description="encoder actors (one GPU each when GPUs exist)")
     max_image_pixels: int = Field(89_478_485, ge=1, description="larger images are skipped as bombs")
+    rows_per_commit: int = Field(4096, ge=1, description="samples per committed part of an input shard: the unit of "
+                                 "resume, and what a decode worker holds in memory (fixed when a cache is created)")
+    read_retries: int = Field(3, ge=0, description="times a read task is retried after a read failure (on top of the "
+                              "store client's own retries); a shard that still fails is reported, never skipped")
+    encoder_threads: int | None = Field(None, ge=1, description="torch threads in a CPU encoder actor; none = the node's CPUs")
 
 
 class TextTowerConfig(Section):

@@ -26,11 +26,41 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     for pattern in [urls] if isinstance(urls, str) else urls:
         for url in braceexpand(pattern):
             fs, path = fsspec.core.url_to_fs(url)
-            matches = fs.glob(path) if any(c in path for c in GLOB_CHARS) else ([path] if fs.exists(path) else [])
+            try:
+                matches = fs.glob(path) if any(c in path for c in GLOB_CHARS) else ([path] if fs.exists(path) else [])
+            except Exception as err:
+                raise access_error(url, "data.*.urls", err) or err
             if not matches:
                 raise UserError(f"{url}: matches no files; check the path (and the {{000..009}} range or glob) in pipeline.yaml")
             found.update(to_url(fs, m) for m in matches)
     return sorted(found)
+
+
+def access_error(url: str, key: str, err: Exception) -> UserError | None:
+    """The fix for a store that refuses us or cannot be reached, as a UserError naming the config
+    `key`; None for other errors. Matched by class name, so no store client need be installed."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    text = f"{type(err).__name__}: {err}"
+    if names & {"NoCredentialsError", "PartialCredentialsError"} or "credentials" in str(err).lower():
+        return UserError(f"{key}: {url}: no usable credentials were found ({text}); set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role) where litpipe and its Ray "
+                         "workers run, or pass them in fsspec's config")
+    if names & {"PermissionError", "AccessDenied", "ClientAuthenticationError"}:
+        return UserError(f"{key}: {url}: access denied ({text}); check the credentials' rights on this bucket/prefix")
+    if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionError",
+                "ServerTimeoutError"}:
+        return UserError(f"{key}: {url}: cannot connect to the store ({text}); check the endpoint "
+                         "(AWS_ENDPOINT_URL or fsspec's endpoint_url), the network, or the URL's scheme")
+    return None
+
+
+def check_reachable(url: str, key: str) -> None:
+    """Fail early, with the fix, when `url`'s store cannot be listed: before any work starts."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs.exists(path)
+    except Exception as err:
+        raise access_error(url, key, err) or err
 
 
 def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:

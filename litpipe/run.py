@@ -17,11 +17,10 @@ from litpipe.train_text import stage as train_stage
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Each stage's `run(cfg) -> dict` in order; write and print the summary."""
-    summary = {
-        "precompute": precompute_stage.run(cfg),
-        "train": train_stage.run(cfg),
-        "eval": eval_stage.run(cfg),
-    }
+    summary = {"precompute": precompute_stage.run(cfg)}
+    precompute_stage.raise_if_incomplete(summary["precompute"])  # never train on a cache with holes
+    summary["train"] = train_stage.run(cfg)
+    summary["eval"] = eval_stage.run(cfg)
     out = Path(cfg.workdir) / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2, default=str))

@@ -1,19 +1,24 @@
 """Input shards and the samples in each: WebDataset tars, Parquet files, a folder plus captions file.
 
 One definition of what a dataset's shards, samples and keys are: precompute reads samples to embed
-them, eval and serve read them back to show the image behind a cached key. An input shard is the
-unit of commit, so reading one never raises for bad data: a bad sample comes back with an `error`, a truncated tar keeps every sample before the cut plus one error for the cut,
-and an unreadable shard is one error sample. The caller can then account for every sample.
+them, eval and serve read them back to show the image behind a cached key. Reading a shard never
+raises for bad data: a bad sample comes back with an `error`, a truncated tar keeps every sample
+before the cut plus one error for the cut, and bytes that are no shard at all are one error
+sample, so the caller can account for every sample. A failure to *read* bytes (network, store,
+disk) is another matter: it raises `TransientReadError`, to be retried, and is never recorded as
+bad data.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass, field
 
 import fsspec
@@ -29,6 +34,49 @@ PARQUET_IMAGE_COLUMNS = ("jpg", "image", "img", "png", "webp", "image_bytes")
 PARQUET_CAPTION_COLUMNS = ("caption", "captions", "txt", "text", "sentences")
 FOLDER_ROWS_MARK = "#rows="
 SHARD_ERROR_KEY = ""  # an error that is about the whole input shard, not one sample
+# What a parser raises for bytes that are all there but are no (or a cut) tar stream.
+BAD_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+class TransientReadError(Exception):
+    """Bytes of an input could not be read (network, object store, disk): worth retrying, and never
+    recorded as bad data. Not an OSError on purpose, so no parser above mistakes it for bad bytes."""
+
+
+class _ReadFaults:
+    """A file object whose own failures surface as TransientReadError; a parser reading through it
+    then fails on its own only for the bytes it was given."""
+
+    def __init__(self, file, url: str):
+        self._file, self._url = file, url
+
+    def read(self, *args):
+        return _transient(self._url, self._file.read, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+def _transient(url: str, call, *args):
+    try:
+        return call(*args)
+    except (TransientReadError, UserError):
+        raise
+    except Exception as err:
+        raise TransientReadError(f"{url}: {type(err).__name__}: {err}") from err
+
+
+def open_input(url: str, compression: str | None = None):
+    """`url` opened for reading, read failures tagged transient; `compression="infer"` unwraps .gz etc."""
+    raw = _ReadFaults(_transient(url, lambda: fsspec.open(url, "rb").open()), url)
+    codec = fsspec.utils.infer_compression(url) if compression == "infer" else compression
+    return fsspec.compression.compr[codec](raw, mode="rb") if codec else raw
 
 
 @dataclass
@@ -55,11 +103,17 @@ def list_shards(dataset: DatasetConfig) -> list[str]:
 
 
 def read_shard(dataset: DatasetConfig, url: str) -> list[Sample]:
-    """Every sample of one input shard, in input order; never raises for bad data."""
+    """Every sample of one input shard, in input order; never raises for bad data.
+
+    Raises TransientReadError when bytes could not be read, UserError for a configuration that
+    does not fit the data (a column that is not there).
+    """
     reader = {"webdataset": read_tar, "parquet": read_parquet, "folder": read_folder_rows}[dataset.format]
     try:
         return reader(dataset, url)
-    except Exception as err:  # any failure to read the shard at all: one record, the job goes on
+    except (TransientReadError, UserError):
+        raise
+    except Exception as err:  # the bytes were read and are no shard: one record, the job goes on
         return [Sample(SHARD_ERROR_KEY, error=f"unreadable shard: {type(err).__name__}: {err}")]
 
 
@@ -74,7 +128,7 @@ def split_member_name(name: str) -> tuple[str, str]:
 def read_tar(dataset: DatasetConfig, url: str) -> list[Sample]:
     groups: list[tuple[str, dict[str, bytes]]] = []
     cut = None
-    with fsspec.open(url, "rb", compression="infer") as f:
+    with open_input(url, compression="infer") as f:
         try:
             with tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
@@ -87,7 +141,7 @@ def read_tar(dataset: DatasetConfig, url: str) -> list[Sample]:
                     if len(data) != member.size:
                         raise tarfile.ReadError("unexpected end of data")
                     groups[-1][1][ext] = data
-        except (tarfile.ReadError, EOFError, OSError) as err:
+        except BAD_ARCHIVE_ERRORS as err:
             if not groups:
                 raise
             cut = err
@@ -130,23 +184,36 @@ def caption_lines(text: str) -> list[str]:
 
 # --- Parquet -----------------------------------------------------------------------------
 
+def check_columns(dataset: DatasetConfig, url: str) -> None:
+    """A Parquet dataset's configured columns against one input file's schema (its footer alone),
+    so a misnamed column stops the job before any work, not as a skip record per shard."""
+    if dataset.format == "parquet":
+        with open_input(url) as f:
+            parquet_columns(dataset, pq.ParquetFile(f).schema_arrow.names, url)
+
+
+def parquet_columns(dataset: DatasetConfig, names: list[str], url: str) -> tuple[str, str, str | None, str | None]:
+    """(image, caption, key, label) column names of a Parquet input; UserError naming the key to fix."""
+    image_col = pick_column(dataset.image_column, PARQUET_IMAGE_COLUMNS, names, "image_column", url)
+    caption_col = pick_column(dataset.caption_column, PARQUET_CAPTION_COLUMNS, names, "caption_column", url)
+    key_col = dataset.key_column or ("key" if "key" in names else None)
+    label_col = dataset.label_column or ("label" if "label" in names else None)
+    for option, column in (("key_column", key_col), ("label_column", label_col)):
+        if column is not None and column not in names:
+            raise UserError(f"{url}: no column `{column}` (data.*.{option}); columns are {', '.join(names)}")
+    return image_col, caption_col, key_col, label_col
+
+
 def read_parquet(dataset: DatasetConfig, url: str) -> list[Sample]:
-    with fsspec.open(url, "rb") as f:
+    with open_input(url) as f:
         parquet = pq.ParquetFile(f)
-        names = parquet.schema_arrow.names
-        image_col = pick_column(dataset.image_column, PARQUET_IMAGE_COLUMNS, names, "image_column", url)
-        caption_col = pick_column(dataset.caption_column, PARQUET_CAPTION_COLUMNS, names, "caption_column", url)
-        key_col = dataset.key_column or ("key" if "key" in names else None)
-        label_col = dataset.label_column or ("label" if "label" in names else None)
-        for column in (key_col, label_col):
-            if column is not None and column not in names:
-                raise UserError(f"{url}: no column `{column}`; columns are {', '.join(names)}")
+        image_col, caption_col, key_col, label_col = parquet_columns(dataset, parquet.schema_arrow.names, url)
         stem = os.path.basename(url).split(".")[0]
         samples, row = [], 0
         for group in range(parquet.num_row_groups):
             try:
                 table = parquet.read_row_group(group)
-            except (OSError, pa.ArrowException) as err:
+            except (OSError, pa.ArrowException) as err:  # TransientReadError is neither: it propagates
                 if not samples:
                     raise
                 samples.append(Sample(f"{stem}/{row}", error=f"truncated shard: row group {group} unreadable ({err})"))
@@ -207,9 +274,8 @@ def read_folder_rows(dataset: DatasetConfig, url: str) -> list[Sample]:
         except ValueError:
             samples.append(Sample(key, error=f"label {label!r} is not an integer"))
             continue
-        try:
-            image = fs.cat_file(f"{root.rstrip('/')}/{path}")
-        except FileNotFoundError:
+        image = _transient(f"{root.rstrip('/')}/{path}", _cat_or_none, fs, f"{root.rstrip('/')}/{path}")
+        if image is None:
             samples.append(Sample(key, error=f"image file missing: {path}"))
             continue
         if not captions:
@@ -217,6 +283,14 @@ def read_folder_rows(dataset: DatasetConfig, url: str) -> list[Sample]:
             continue
         samples.append(Sample(key, image, captions, label))
     return mark_duplicates(samples)
+
+
+def _cat_or_none(fs, path: str) -> bytes | None:
+    """A file's bytes; None when it does not exist (a dataset's mistake, not a read failure)."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
 
 
 def _one_path(urls: str | list[str], option: str) -> str:
@@ -229,8 +303,8 @@ def _one_path(urls: str | list[str], option: str) -> str:
 
 def _read_caption_rows(url: str) -> list[dict]:
     """JSONL: {path, caption | captions, label?}; CSV: path, caption (repeatable column), label."""
-    with fsspec.open(url, "rt", encoding="utf-8") as f:
-        text = f.read()
+    with open_input(url) as f:
+        text = f.read().decode("utf-8")
     if url.lower().endswith((".jsonl", ".json")):
         rows = []
         for number, line in enumerate(text.splitlines(), 1):

@@ -22,11 +22,12 @@ def register(commands) -> None:
 
 
 def _precompute(args: argparse.Namespace) -> int:
-    from .stage import run
+    from .stage import raise_if_incomplete, run
 
     summary = run(config_from_args(args), datasets=args.dataset)
     if args.json:
         print(json.dumps(summary["datasets"], indent=2))
     for line in summary["report"]:
         print(line)
+    raise_if_incomplete(summary)
     return 0

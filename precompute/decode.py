@@ -9,6 +9,8 @@ recorded and skipped without failing its batch.
 from __future__ import annotations
 
 import io
+import json
+import re
 import warnings
 
 import numpy as np
@@ -85,6 +87,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_and_preprocess(data: bytes | None, preprocess, max_pixels: int) -> np.ndarray:
-    """Bytes -> the encoder's input tensor as float32 [3, H, W], through open_clip's own transform."""
-    return preprocess(decode_image(data, max_pixels)).numpy().astype(np.float32, copy=False)
+def decode_part(samples: list, to_pixels, max_pixels: int) -> dict:
+    """One part of an input shard, ready for the encoder: the good samples' uint8 pixels (whatever
+    `to_pixels(rgb_image)` makes of them on this CPU) with their text, and a reason per bad one.
+
+    Pixels travel as uint8, a quarter of float32's bytes; the encoder finishes them on its device.
+    """
+    part = {"keys": [], "captions": [], "labels": [], "metadata": [], "pixels": [], "errors": []}
+    for sample in samples:
+        error = sample.error
+        if error is None:
+            try:
+                part["pixels"].append(to_pixels(decode_image(sample.image, max_pixels)))
+            except DecodeError as err:
+                error = stable_reason(str(err))
+        if error is not None:
+            part["errors"].append({"key": sample.key, "reason": error})
+            continue
+        part["keys"].append(sample.key)
+        part["captions"].append(sample.captions)
+        part["labels"].append(sample.label)
+        part["metadata"].append(None if sample.metadata is None else json.dumps(sample.metadata, sort_keys=True, default=str))
+    return part
+
+
+def stable_reason(reason: str) -> str:
+    """Drop object addresses from library messages, so reruns record identical reasons."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", reason)

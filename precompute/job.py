@@ -1,170 +1,171 @@
-"""The precompute job: input shards -> decode + preprocess (CPU tasks) -> encoder actors -> committed shards.
+"""The precompute job: input shards -> read + decode (CPU tasks) -> encode + write + commit (encoder actors).
 
-Only input shards the cache has not committed are read, and each is committed once all of its
-samples are accounted for (embedded or skipped), so a run killed at any point is finished by the
-next one with the same result, and a run over a complete cache encodes nothing.
+It reads like Ray Data's batch-inference examples to the end: the write happens where the vectors
+are made. A read task cuts its input shard into parts of `rows_per_commit` samples and decodes
+each to uint8 pixels; an encoder actor finishes the pixels on its device, embeds them, writes the
+part's Parquet file and commits it (the store's exclusive commit). The driver schedules and counts
+what comes back: one small summary per committed part, never a vector.
+
+Only parts the cache has not committed are decoded, and parts are cut the same way on every run
+(the cache fixes `rows_per_commit`), so a run killed at any point is finished by the next one with
+the same result, and a run over a complete cache encodes nothing. A shard that cannot be read
+after the retries (network, store) fails without a commit and is reported: never a skip.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import os
+import pickle
 import time
-from collections import Counter, defaultdict
+import warnings
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import torch
+from ray.util.annotations import RayDeprecationWarning
 from tqdm import tqdm
 
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
-from litpipe.ray_cluster import init_ray
-from litpipe.store.cache import EmbeddingCache
 from litpipe.models.image_encoder import Encoder, load_encoder
+from litpipe.ray_cluster import init_ray
+from litpipe.sources import SHARD_ERROR_KEY, Sample, TransientReadError, check_columns, list_shards, read_shard
+from litpipe.store.cache import EmbeddingCache
 from litpipe.store.fingerprint import dataset_fingerprint
-from litpipe.sources import SHARD_ERROR_KEY, Sample, list_shards, read_shard
 
-from .decode import DecodeError, decode_and_preprocess
+from .decode import decode_part
 
 
 def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_commit=None) -> dict:
-    """Fill (or reuse) the cache of dataset `name`; `on_commit(record)` is called after each shard."""
+    """Fill (or reuse) the cache of dataset `name`; `on_commit(summary)` is called after each part."""
     dataset = cfg.data[name]
-    cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(dataset),
-                                          cfg.store.embedding_dtype, cfg.store.row_group_rows)
     inputs = list_shards(dataset)
-    committed = cache.committed_inputs()  # one listing of commits/, not one per input
-    todo = [url for url in inputs if url not in committed] if not cache.complete else []
+    check_columns(dataset, inputs[0])  # a misnamed column stops here, not as a skip record per shard
+    cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(dataset),
+                                          cfg.store.embedding_dtype, cfg.store.row_group_rows, cfg.precompute.rows_per_commit)
+    done = set(inputs) if cache.complete else cache.committed_inputs()  # one listing of commits/
+    todo = [url for url in inputs if url not in done]
     start = time.perf_counter()
-    writer = ShardWriter(cache, on_commit)
+    tally = {"embedded": 0, "skipped": Counter(), "parts": 0}
     if todo:
+        parts = cache.committed_parts()
         with tqdm(desc=f"precompute {name} -> {cache.id}", unit="img", dynamic_ncols=True, mininterval=1.0) as progress:
-            for batch in embedding_stream(cfg, dataset, encoder, todo):
-                writer.add(batch)
-                progress.update(len(batch["input"]))
-                progress.set_postfix(shards=f"{writer.shards}/{len(todo)}", skipped=sum(writer.skipped.values()))
-    cache.finalize(expected_inputs=inputs)
+            for summary in part_summaries(cfg, dataset, encoder, cache, {url: parts.get(url, set()) for url in todo}):
+                tally["embedded"] += summary["rows"]
+                tally["skipped"].update(json.loads(summary["skipped"]))
+                tally["parts"] += 1
+                progress.update(summary["rows"] + summary["num_skipped"])
+                progress.set_postfix(parts=tally["parts"], skipped=sum(tally["skipped"].values()))
+                if on_commit is not None and summary["committed"]:
+                    on_commit(summary)
+    failed = sorted(set(todo) - cache.committed_inputs()) if todo else []
+    if not failed:
+        cache.finalize(expected_inputs=inputs)
     seconds = time.perf_counter() - start
+    processed = tally["embedded"] + sum(tally["skipped"].values())
     return {
-        "dataset": name, "cache_id": cache.id, "cache_url": cache.url, "reused": not todo,
-        "inputs": len(inputs), "inputs_processed": len(todo), "embedded": writer.embedded,
-        "skipped": sum(writer.skipped.values()), "skipped_by_reason": dict(writer.skipped),
+        "dataset": name, "cache_id": cache.id, "cache_url": cache.url, "reused": not todo, "complete": cache.complete,
+        "inputs": len(inputs), "inputs_processed": len(todo), "failed_inputs": failed, "embedded": tally["embedded"],
+        "skipped": sum(tally["skipped"].values()), "skipped_by_reason": dict(tally["skipped"]),
         "rows_in_cache": cache.num_rows, "seconds": round(seconds, 2),
-        "images_per_s": round((writer.embedded + sum(writer.skipped.values())) / seconds, 1) if todo else None,
+        "images_per_s": round(processed / seconds, 1) if todo else None,
     }
 
 
-def embedding_stream(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder, inputs: list[str]):
-    """Ray Data, one line per stage; yields numpy batches of embedded (or skipped) samples.
+def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder, cache: EmbeddingCache,
+                   todo: dict[str, set[int]]):
+    """Ray Data, one line per stage; yields one summary per committed part (dicts of plain values).
 
-    Reading and decoding share one CPU task per input shard: as separate stages Ray either fuses
-    the decode tasks into the encoder actor (serialising them) or, as an actor pool, starves the
-    read tasks of CPUs on small machines.
+    A read task that still fails after `precompute.read_retries` retries errors its block; the
+    job goes on with the other shards (`max_errored_blocks`) and the caller finds that shard
+    uncommitted.
     """
     ray = init_ray(cfg.ray)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images, with images/s
-    use_gpu = cfg.encoder.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours counts images, with images/s
+    context.max_errored_blocks = -1
     pre = cfg.precompute
-    decode_args = {"dataset": dataset, "preprocess": encoder.preprocess, "image_size": encoder.image_size,
-                   "max_pixels": pre.max_image_pixels}
+    use_gpu = encoder_uses_gpu(cfg.encoder, ray)
+    # Task retries have no named parameter yet: max_retries and retry_exceptions are still remote args.
+    warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
     stream = (
-        ray.data.from_items([{"input": url} for url in inputs], override_num_blocks=len(inputs))
-        .flat_map(decoded_records, fn_kwargs=decode_args, compute=ray.data.TaskPoolStrategy(size=pre.decode_workers))
-        .map_batches(EncoderActor, fn_constructor_kwargs={"encoder_cfg": cfg.encoder,
-                                                          "weights_sha256": encoder.fingerprint["weights_sha256"]},
-                     batch_size=pre.batch_size, batch_format="numpy",
+        ray.data.from_items([{"input": url, "skip": sorted(skip)} for url, skip in todo.items()],
+                            override_num_blocks=len(todo))
+        .flat_map(read_parts, fn_kwargs={"dataset": dataset, "to_pixels": encoder.pixels.cpu,
+                                         "max_pixels": pre.max_image_pixels, "rows_per_commit": cache.rows_per_commit},
+                  compute=ray.data.TaskPoolStrategy(size=pre.decode_workers),
+                  max_retries=pre.read_retries, retry_exceptions=[TransientReadError])
+        .map_batches(PartEncoder, batch_size=1, batch_format="numpy",
+                     fn_constructor_kwargs={"encoder_cfg": cfg.encoder, "weights_sha256": encoder.fingerprint["weights_sha256"],
+                                            "cache_url": cache.url, "batch_size": pre.batch_size,
+                                            "threads": pre.encoder_threads or (None if use_gpu else os.cpu_count())},
                      compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), num_gpus=1 if use_gpu else 0)
     )
-    yield from stream.iter_batches(batch_size=None, batch_format="numpy")
+    yield from stream.iter_rows()
 
 
-def decoded_records(row: dict, dataset: DatasetConfig, preprocess, image_size, max_pixels: int):
-    """One input shard -> one record per sample with its preprocessed pixels or its error reason.
+def encoder_uses_gpu(encoder_cfg: EncoderConfig, ray) -> bool:
+    return encoder_cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
 
-    Each record carries the shard's record count, so the writer knows when the shard is complete.
+
+def read_parts(row: dict, dataset: DatasetConfig, to_pixels, max_pixels: int, rows_per_commit: int | None):
+    """One input shard -> one record per part not yet committed: its decoded samples, pickled.
+
+    Part k is samples [k * rows_per_commit, (k + 1) * rows_per_commit) in input order, so every
+    run cuts the same parts; an empty shard is one part holding one error.
     """
-    samples = read_shard(dataset, row["input"])
-    if not samples:
-        samples = [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")]
-    blank = np.zeros((3, *image_size), dtype=np.float32)
-    for pos, sample in enumerate(samples):
-        pixels, error = blank, sample.error
-        if error is None:
-            try:
-                pixels = decode_and_preprocess(sample.image, preprocess, max_pixels)
-            except DecodeError as err:
-                error = stable_reason(str(err))
-        yield {"input": row["input"], "pos": pos, "count": len(samples), "key": sample.key,
-               "captions": json.dumps(sample.captions), "has_label": sample.label is not None,
-               "label": -1 if sample.label is None else int(sample.label),
-               "metadata": "" if sample.metadata is None else json.dumps(sample.metadata, sort_keys=True, default=str),
-               "error": error or "", "pixels": pixels}
+    samples = read_shard(dataset, row["input"]) or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")]
+    step = rows_per_commit or len(samples)
+    count = -(-len(samples) // step)
+    skip = set(row["skip"])
+    for part in range(count):
+        if part not in skip:
+            decoded = decode_part(samples[part * step:(part + 1) * step], to_pixels, max_pixels)
+            yield {"input": row["input"], "part": part, "last": part == count - 1,
+                   "payload": pickle.dumps(decoded, protocol=5)}
 
 
-def stable_reason(reason: str) -> str:
-    """Drop object addresses from library messages, so reruns record identical reasons."""
-    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<bytes>", reason)
+class PartEncoder:
+    """Holds the locked encoder on its device (a GPU when the actor has one); embeds, writes and
+    commits one part per call, and returns only its summary."""
 
-
-class EncoderActor:
-    """Holds the locked encoder on its device (a GPU when the actor has one) and embeds batches."""
-
-    def __init__(self, encoder_cfg: EncoderConfig, weights_sha256: str):
+    def __init__(self, encoder_cfg: EncoderConfig, weights_sha256: str, cache_url: str, batch_size: int,
+                 threads: int | None):
+        if threads:  # Ray sets OMP_NUM_THREADS to the actor's CPUs (1): a CPU encoder wants the node's cores
+            torch.set_num_threads(threads)
         self.encoder = load_encoder(encoder_cfg)
         if self.encoder.fingerprint["weights_sha256"] != weights_sha256:
             raise RuntimeError("encoder actor loaded different weights than the driver fingerprinted "
                                f"({self.encoder.fingerprint['weights_sha256'][:12]} vs {weights_sha256[:12]}); "
                                "make encoder.pretrained resolve to the same file on every node")
+        self.cache = EmbeddingCache.open(cache_url)
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        pixels = batch.pop("pixels")
-        good = np.flatnonzero(batch["error"] == "")
-        embedding = np.zeros((len(pixels), self.encoder.dim), dtype=np.float32)
-        if len(good):
-            embedding[good] = self.encoder.encode(pixels[good]).numpy()
-        batch["embedding"] = embedding
-        return batch
+        summaries = [self.commit(str(url), int(part), bool(last), pickle.loads(payload))
+                     for url, part, last, payload in zip(batch["input"], batch["part"], batch["last"], batch["payload"])]
+        return {key: [s[key] for s in summaries] for key in summaries[0]}
+
+    def commit(self, input_url: str, part: int, last: bool, decoded: dict) -> dict:
+        pixels = decoded["pixels"]
+        vectors = [self.encoder.embed_pixels(pixels[i:i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)]
+        embeddings = torch.cat(vectors).numpy() if vectors else np.zeros((0, self.encoder.dim), np.float32)
+        errors = [{**e, "input": input_url} for e in decoded["errors"]]
+        record = self.cache.commit_shard(input_url, part_table(decoded, embeddings), errors, part=part, last=last)
+        reasons = Counter(e["reason"].split(":")[0] for e in errors)
+        return {"input": input_url, "part": part, "last": last, "committed": record is not None,
+                "rows": len(embeddings), "num_skipped": len(errors), "skipped": json.dumps(reasons)}
 
 
-class ShardWriter:
-    """Collects the samples of each input shard and commits the shard once every one has arrived."""
-
-    def __init__(self, cache: EmbeddingCache, on_commit=None):
-        self.cache, self.on_commit = cache, on_commit
-        self.pending: dict[str, list[dict]] = defaultdict(list)
-        self.embedded = self.shards = 0
-        self.skipped: Counter = Counter()
-
-    def add(self, batch: dict) -> None:
-        columns = {k: v for k, v in batch.items() if k != "embedding"}
-        for i in range(len(batch["input"])):
-            row = {k: v[i] for k, v in columns.items()}
-            row["embedding"] = batch["embedding"][i]
-            rows = self.pending[row["input"]]
-            rows.append(row)
-            if len(rows) == int(row["count"]):
-                self.commit(row["input"], self.pending.pop(row["input"]))
-
-    def commit(self, input_url: str, rows: list[dict]) -> None:
-        rows.sort(key=lambda r: int(r["pos"]))  # input order: identical output on every run
-        good = [r for r in rows if not r["error"]]
-        errors = [{"key": str(r["key"]), "input": input_url, "reason": str(r["error"])} for r in rows if r["error"]]
-        record = self.cache.commit_shard(input_url, shard_table(good, self.cache.dim), errors)
-        self.embedded += len(good)
-        self.skipped.update(e["reason"].split(":")[0] for e in errors)
-        self.shards += 1
-        if self.on_commit is not None and record is not None:
-            self.on_commit(record)
-
-
-def shard_table(rows: list[dict], dim: int) -> pa.Table:
-    """The store's shard schema; `label` only when the shard's samples have labels."""
-    vectors = np.stack([r["embedding"] for r in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
+def part_table(decoded: dict, embeddings: np.ndarray) -> pa.Table:
+    """The store's shard schema; `label` only when the part's samples have labels."""
     columns = {
-        "key": pa.array([str(r["key"]) for r in rows], pa.string()),
-        "captions": pa.array([json.loads(r["captions"]) for r in rows], pa.list_(pa.string())),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim),
+        "key": pa.array(decoded["keys"], pa.string()),
+        "captions": pa.array(decoded["captions"], pa.list_(pa.string())),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.astype(np.float32).reshape(-1)), embeddings.shape[1]),
     }
-    if any(r["has_label"] for r in rows):
-        columns["label"] = pa.array([int(r["label"]) if r["has_label"] else None for r in rows], pa.int64())
-    columns["metadata"] = pa.array([str(r["metadata"]) or None for r in rows], pa.string())
+    if any(label is not None for label in decoded["labels"]):
+        columns["label"] = pa.array(decoded["labels"], pa.int64())
+    columns["metadata"] = pa.array(decoded["metadata"], pa.string())
     return pa.table(columns)

@@ -4,20 +4,42 @@ from __future__ import annotations
 
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
+from litpipe.files import check_reachable
 from litpipe.models.image_encoder import load_encoder
 
 from .job import precompute_dataset
 
 
+class PrecomputeIncomplete(UserError):
+    """Input shards that could not be read after the retries: nothing of them was committed."""
+
+
 def run(cfg: PipelineConfig, datasets: list[str] | None = None) -> dict:
-    """Precompute `datasets` (default: all of cfg.data); the summary names each cache."""
+    """Precompute `datasets` (default: all of cfg.data); the summary names each cache.
+
+    Everything that can be checked before work starts is: the store and each dataset's inputs can
+    be reached, Parquet columns exist, the encoder builds. Shards that still fail after the
+    retries are listed in the summary's `failed_inputs`; `raise_if_incomplete` turns them into an error.
+    """
     names = datasets or list(cfg.data)
     unknown = [n for n in names if n not in cfg.data]
     if unknown:
         raise UserError(f"--dataset {unknown[0]}: no such dataset under data; known: {', '.join(cfg.data)}")
+    if cfg.store.root.startswith("memory://"):
+        raise UserError(f"store.root {cfg.store.root}: a memory:// store lives in one process, but precompute writes "
+                        "from its Ray workers; use a local folder or an object store")
+    check_reachable(cfg.store.root, "store.root")
     encoder = load_encoder(cfg.encoder, device="cpu")  # the driver only fingerprints; actors encode
     results = {name: precompute_dataset(cfg, name, encoder) for name in names}
     return {"datasets": results, "report": [report_line(r) for r in results.values()]}
+
+
+def raise_if_incomplete(summary: dict) -> None:
+    failed = [url for result in summary["datasets"].values() for url in result["failed_inputs"]]
+    if failed:
+        raise PrecomputeIncomplete(f"{len(failed)} input shard(s) failed after retries and were not committed (first: "
+                                   f"{failed[0]}; each error is in the log above); nothing of them was recorded as bad "
+                                   "data: rerun `litpipe precompute` to retry them")
 
 
 def report_line(result: dict) -> str:
@@ -25,6 +47,7 @@ def report_line(result: dict) -> str:
         return (f"{result['dataset']}: reused cache {result['cache_id']} ({result['rows_in_cache']} rows) at "
                 f"{result['cache_url']}, nothing encoded")
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(result["skipped_by_reason"].items())) or "none"
+    failed = f", {len(result['failed_inputs'])} FAILED after retries (not committed)" if result["failed_inputs"] else ""
     return (f"{result['dataset']}: cache {result['cache_id']}: embedded {result['embedded']}, skipped {result['skipped']} "
-            f"({skipped}) from {result['inputs_processed']}/{result['inputs']} input shards in {result['seconds']} s "
-            f"({result['images_per_s']} images/s) -> {result['cache_url']}")
+            f"({skipped}) from {result['inputs_processed']}/{result['inputs']} input shards{failed} in "
+            f"{result['seconds']} s ({result['images_per_s']} images/s) -> {result['cache_url']}")

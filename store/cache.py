@@ -61,6 +61,12 @@ def shard_name(input_url: str) -> str:
     return f"{stem}-{hashlib.sha256(input_url.encode()).hexdigest()[:10]}"
 
 
+def part_name(input_url: str, part: int) -> str:
+    """The commit name of one part of an input shard; part 0 keeps the shard's own name, so
+    caches written before parts existed read the same."""
+    return shard_name(input_url) if part == 0 else f"{shard_name(input_url)}-p{part:05d}"
+
+
 def encode_embeddings(vectors: pa.Array, dtype: str) -> pa.Array:
     """fixed_size_list<float, D> -> the stored form: one fixed_size_binary(D * itemsize) per row.
 
@@ -96,12 +102,13 @@ class EmbeddingCache:
     # --- finding and opening -------------------------------------------------------------
 
     @classmethod
-    def open_or_create(cls, root: str, encoder_fp: dict, dataset_fp: dict,
-                       embedding_dtype: str = "float16", row_group_rows: int = 65536) -> EmbeddingCache:
+    def open_or_create(cls, root: str, encoder_fp: dict, dataset_fp: dict, embedding_dtype: str = "float16",
+                       row_group_rows: int = 65536, rows_per_commit: int | None = None) -> EmbeddingCache:
         """The cache of this encoder and dataset under `root`, created empty if there is none.
 
-        `embedding_dtype` and `row_group_rows` are fixed when a cache is created; an existing cache
-        keeps its own (the manifest records them).
+        `embedding_dtype`, `row_group_rows` and `rows_per_commit` (samples per committed part of an
+        input shard; none = a whole input shard) are fixed when a cache is created; an existing
+        cache keeps its own (the manifest records them), so a resumed run cuts the same parts.
         """
         if embedding_dtype not in ("float16", "float32"):
             raise CacheError(f"embedding_dtype {embedding_dtype!r}: use float16 or float32 (store.embedding_dtype)")
@@ -118,6 +125,7 @@ class EmbeddingCache:
             "complete": False,
             "embedding_dtype": embedding_dtype,
             "row_group_rows": row_group_rows,
+            "rows_per_commit": rows_per_commit,
             "dim": encoder_fp.get("dim"),
             "encoder": encoder_fp,
             "dataset": dataset_fp,
@@ -209,15 +217,33 @@ class EmbeddingCache:
     def num_rows(self) -> int:
         return sum(s["rows"] for s in self.shards())
 
+    @property
+    def rows_per_commit(self) -> int | None:
+        """Samples per committed part of an input shard; None: one part per input shard."""
+        return self.manifest.get("rows_per_commit")
+
     def shards(self) -> list[dict]:
-        """Committed shard records, in input order: the manifest's when complete, else commits/."""
+        """Committed part records, in input order: the manifest's when complete, else commits/."""
         if self.complete:
             return self.manifest["shards"]
-        return sorted(self._commit_records(), key=lambda r: (r["input"], r["name"]))
+        return sorted(self._commit_records(), key=lambda r: (r["input"], r.get("part", 0)))
+
+    def committed_parts(self) -> dict[str, set[int]]:
+        """{input shard URL: its committed part numbers}: what a resumed writer skips."""
+        parts: dict[str, set[int]] = {}
+        for record in self.shards():
+            parts.setdefault(record["input"], set()).add(record.get("part", 0))
+        return parts
 
     def committed_inputs(self) -> set[str]:
-        """Input shard URLs whose output is committed: what a resumed writer skips."""
-        return {s["input"] for s in self.shards()}
+        """Input shard URLs whose every part is committed: the last part and all before it."""
+        done = set()
+        parts = self.committed_parts()
+        for record in self.shards():
+            last = record.get("part", 0)
+            if record.get("last", True) and parts[record["input"]] >= set(range(last + 1)):
+                done.add(record["input"])
+        return done
 
     def errors(self) -> list[dict]:
         """Skipped samples, each {"key", "input", "reason"}."""
@@ -253,13 +279,14 @@ class EmbeddingCache:
 
     # --- writing -------------------------------------------------------------------------
 
-    def commit_shard(self, input_url: str, table: pa.Table, errors=()) -> dict | None:
-        """Publish the output of one input shard; None if that input is already committed.
+    def commit_shard(self, input_url: str, table: pa.Table, errors=(), part: int = 0, last: bool = True) -> dict | None:
+        """Publish the output of one input shard, or of its `part`-th run of `rows_per_commit`
+        samples (`last`: no samples follow); None if that part is already committed.
 
         `table` has key (string), captions (list<string>), embedding (fixed_size_list, any float
         type: cast to the cache's embedding_dtype), optional label (int64) and metadata columns.
         """
-        name = shard_name(input_url)
+        name = part_name(input_url, part)
         commit_path = _join(self.path, "commits", f"{name}.json")
         self.fs.invalidate_cache(_join(self.path, "commits"))
         if self.fs.exists(commit_path):
@@ -276,6 +303,8 @@ class EmbeddingCache:
             "name": name,
             "path": data_path,
             "input": input_url,
+            "part": part,
+            "last": last,
             "rows": table.num_rows,
             "bytes": len(blob),
             "sha256": hashlib.sha256(blob).hexdigest(),
@@ -331,7 +360,7 @@ class EmbeddingCache:
             return self.manifest
         records = self.shards()
         if expected_inputs is not None:
-            missing = sorted(set(expected_inputs) - {r["input"] for r in records})
+            missing = sorted(set(expected_inputs) - self.committed_inputs())
             if missing:
                 raise CacheError(f"{self.url}: cannot finalize, {len(missing)} input shard(s) not committed "
                                  f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")

@@ -21,8 +21,9 @@ TINY_ARCHITECTURE = {
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray cluster for the whole test session (starting one costs seconds)."""
+def ray_local(s3_server):
+    """One real local Ray cluster for the whole test session (starting one costs seconds); started
+    after the S3 server, so its workers inherit the server's endpoint and credentials."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)

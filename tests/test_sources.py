@@ -3,13 +3,14 @@
 import json
 
 import fsspec
+import fsspec.implementations.local
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
-from litpipe.sources import SHARD_ERROR_KEY, list_shards, read_shard
+from litpipe.sources import SHARD_ERROR_KEY, TransientReadError, list_shards, read_shard
 from precompute_samples import image_bytes, sample_members, write_tar
 
 
@@ -121,3 +122,75 @@ def test_folder_dataset_with_two_folders_or_a_broken_captions_line_is_a_user_err
         list_shards(two)
     with pytest.raises(UserError, match="caps.jsonl: line 2 is not valid JSON"):
         list_shards(two.model_copy(update={"urls": str(tmp_path / "a")}))
+
+
+class FailingReads(fsspec.implementations.local.LocalFileSystem):
+    """Local files whose reads fail after `ok_reads` successful ones (a connection that drops
+    mid-shard); `fail_cat` makes whole-file reads fail too."""
+
+    protocol = "failing"
+    ok_reads, fail_cat = 0, False
+
+    def _open(self, path, mode="rb", **kwargs):
+        file = super()._open(path, mode, **kwargs)
+        budget = [self.ok_reads]
+
+        def read(*args, _read=file.read):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise ConnectionResetError("connection reset by peer")
+            return _read(*args)
+
+        file.read = read
+        return file
+
+    def cat_file(self, path, *args, **kwargs):
+        if self.fail_cat:
+            raise TimeoutError("read timed out")
+        return super().cat_file(path, *args, **kwargs)
+
+
+@pytest.fixture
+def failing_fs(monkeypatch):
+    fsspec.register_implementation("failing", FailingReads, clobber=True)
+    monkeypatch.setattr(FailingReads, "ok_reads", 0)
+    monkeypatch.setattr(FailingReads, "fail_cat", False)
+    return FailingReads
+
+
+@pytest.mark.parametrize("ok_reads", [0, 3])
+def test_a_read_that_fails_is_transient_not_bad_data_whether_at_the_start_or_mid_tar(tmp_path, failing_fs, ok_reads):
+    members = [m for i in range(20) for m in sample_members(f"k{i}", image_bytes(i, size=(64, 64)), f"c{i}")]
+    write_tar(tmp_path / "s.tar", members)
+    ds = webdataset(f"failing://{tmp_path}/s.tar")
+    failing_fs.ok_reads = 10**6
+    assert len(read_shard(ds, f"failing://{tmp_path}/s.tar")) == 20
+    failing_fs.ok_reads = ok_reads
+    with pytest.raises(TransientReadError, match="ConnectionResetError: connection reset by peer"):
+        read_shard(ds, f"failing://{tmp_path}/s.tar")
+
+
+def test_the_same_bytes_cut_short_on_disk_are_bad_data(tmp_path):
+    members = [m for i in range(20) for m in sample_members(f"k{i}", image_bytes(i, size=(64, 64)), f"c{i}")]
+    write_tar(tmp_path / "s.tar", members)
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "s.tar").write_bytes(data[: len(data) // 2])
+    samples = read_shard(webdataset(str(tmp_path / "s.tar")), str(tmp_path / "s.tar"))
+    assert samples[-1].error.startswith("truncated shard") and all(s.error is None for s in samples[:-1])
+
+
+def test_parquet_and_folder_read_failures_are_transient(tmp_path, failing_fs):
+    pq.write_table(pa.table({"jpg": [image_bytes(0)], "txt": ["a"]}), tmp_path / "p.parquet")
+    failing_fs.ok_reads = 1
+    with pytest.raises(TransientReadError):
+        read_shard(DatasetConfig(format="parquet", urls="x"), f"failing://{tmp_path}/p.parquet")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(image_bytes(0))
+    (tmp_path / "caps.jsonl").write_text('{"path": "a.png", "caption": "c"}\n{"path": "gone.png", "caption": "d"}\n')
+    folder = DatasetConfig(format="folder", urls=f"failing://{tmp_path}/img", captions_file=f"{tmp_path}/caps.jsonl")
+    failing_fs.ok_reads = 100
+    shard = list_shards(folder)[0]
+    assert [s.error for s in read_shard(folder, shard)] == [None, "image file missing: gone.png"]  # missing = bad data
+    failing_fs.fail_cat = True
+    with pytest.raises(TransientReadError, match="TimeoutError"):
+        read_shard(folder, shard)

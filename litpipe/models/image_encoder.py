@@ -24,6 +24,7 @@ import torch
 from litpipe.config import EncoderConfig
 from litpipe.devices import autocast, resolve_device, resolve_precision
 from litpipe.errors import UserError
+from litpipe.models.pixels import PixelSteps
 
 
 class EncoderError(UserError):
@@ -31,6 +32,11 @@ class EncoderError(UserError):
 
 
 _REGISTRY_DIR: Path | None = None
+
+
+def is_registered_here(name: str) -> bool:
+    """Whether `name` is a custom architecture this process registered (not one open_clip ships)."""
+    return _REGISTRY_DIR is not None and (_REGISTRY_DIR / f"{name}.json").exists()
 
 
 def register_architecture(name: str, architecture: dict[str, Any]) -> None:
@@ -74,6 +80,7 @@ class Encoder:
     precision: str
     output: str
     normalize: bool
+    pixels: PixelSteps  # the configured preprocessing path: CPU step in decode workers, device step here
     fingerprint: dict = field(default_factory=dict)
 
     @property
@@ -86,11 +93,17 @@ class Encoder:
         return (size, size) if isinstance(size, int) else tuple(size)
 
     @torch.inference_mode()
+    def embed_pixels(self, images: list[np.ndarray]) -> torch.Tensor:
+        """uint8 [H, W, 3] images from `pixels.cpu` -> float32 embeddings [B, dim] on the CPU."""
+        return self.encode(self.pixels.to_device(images, self.device))
+
+    @torch.inference_mode()
     def encode(self, images: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Preprocessed images [B, 3, H, W] -> float32 embeddings [B, dim] on the CPU."""
+        """Preprocessed images [B, 3, H, W] (on any device) -> float32 embeddings [B, dim] on the CPU."""
         images = torch.as_tensor(images, dtype=torch.float32)
+        if images.device != self.device:
+            images = (images.pin_memory() if self.device.type == "cuda" else images).to(self.device, non_blocking=True)
         if self.device.type == "cuda":
-            images = images.pin_memory().to(self.device, non_blocking=True)
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, self.device), self._pooled_output():
             features = self.model.encode_image(images)
@@ -119,6 +132,11 @@ def load_encoder(encoder_cfg: EncoderConfig, device: str | torch.device | None =
 
     device = torch.device(device) if device is not None else resolve_device(encoder_cfg.device, "encoder.device")
     if encoder_cfg.architecture is not None:
+        if encoder_cfg.model in open_clip.list_models() and not is_registered_here(encoder_cfg.model):
+            raise EncoderError(f"encoder.model `{encoder_cfg.model}` is a model open_clip ships, but encoder.architecture "
+                               "is set too and would replace it under that name; remove encoder.architecture (set it "
+                               f"to null) to use open_clip's {encoder_cfg.model}, or give the custom architecture a name "
+                               "of its own in encoder.model")
         register_architecture(encoder_cfg.model, encoder_cfg.architecture)
     pretrained = encoder_cfg.pretrained
     hub = pretrained.startswith("hf-hub:") if pretrained else False
@@ -153,7 +171,8 @@ def load_encoder(encoder_cfg: EncoderConfig, device: str | torch.device | None =
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     encoder = Encoder(model, preprocess, device, resolve_precision(encoder_cfg.precision, device),
-                      encoder_cfg.output, encoder_cfg.normalize)
+                      encoder_cfg.output, encoder_cfg.normalize,
+                      PixelSteps(preprocess, model.visual.preprocess_cfg, encoder_cfg.preprocess))
     pp = model.visual.preprocess_cfg
     size = encoder.image_size
     dim = encoder.encode(torch.zeros(1, 3, *size)).shape[1]
@@ -173,6 +192,7 @@ def load_encoder(encoder_cfg: EncoderConfig, device: str | torch.device | None =
             "std": [float(s) for s in pp["std"]],
             "interpolation": pp["interpolation"],
             "resize_mode": pp["resize_mode"],
+            "pixels": encoder.pixels.describe(),
             "transform": repr(preprocess),
         },
         "spec": encoder_cfg.model_dump(exclude={"device"}),

@@ -1,0 +1,95 @@
+"""Image preprocessing split where it is cheapest: the CPU that decodes, the device that encodes.
+
+Pixels cross between them as uint8 (a quarter of float32's bytes). Two paths, chosen by
+`encoder.preprocess` and part of the encoder fingerprint, so their caches never mix:
+
+- `pil`: open_clip's own eval transform up to `ToTensor` (its Resize, CenterCrop, ...) runs on
+  the CPU; the device does ToTensor's /255 and Normalize with the same float32 operations, so
+  the result equals open_clip's transform exactly.
+- `tensor`: the CPU only decodes (and shrinks huge images by an integer box reduction that keeps
+  the shorter side at least twice the input size, to bound the bytes); the device resizes
+  (shortest side, antialiased, the model's interpolation), centre-crops and normalises. It is
+  not open_clip's PIL arithmetic: the difference is measured in tests/test_pixels.py and
+  docs/benchmarks.md. open_clip's `longest` resize mode (pad to square) exists only on `pil`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from litpipe.errors import UserError
+
+VERSION = 1  # bump when the arithmetic of either path changes: it is in the encoder fingerprint
+REDUCE_MARGIN = 2  # the tensor path's CPU shrink keeps the shorter side >= 2x the input size
+
+
+class PixelSteps:
+    """The CPU step (`cpu`, in decode workers) and device step (`to_device`, in the encoder) of one path."""
+
+    def __init__(self, transform, preprocess_cfg: dict, mode: str):
+        steps = list(transform.transforms)
+        cut = next(i for i, step in enumerate(steps) if "ToTensor" in type(step).__name__)
+        self.pil_steps, normalize = steps[:cut], steps[-1]
+        self.mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(normalize.std, dtype=torch.float32).view(1, 3, 1, 1)
+        size = preprocess_cfg["size"]
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.interpolation = (InterpolationMode.BILINEAR if preprocess_cfg["interpolation"] == "bilinear"
+                              else InterpolationMode.BICUBIC)
+        self.resize_mode = preprocess_cfg["resize_mode"]
+        if mode == "tensor" and self.resize_mode == "longest":
+            raise UserError("encoder.preprocess: tensor cannot do open_clip's `longest` resize mode (resize, then pad "
+                            "to square); set encoder.preprocess: pil")
+        self.mode = mode
+
+    def describe(self) -> dict:
+        """What decides the pixels this path makes, for the encoder fingerprint."""
+        return {"path": self.mode, "version": VERSION, **({"reduce_margin": REDUCE_MARGIN} if self.mode == "tensor" else {})}
+
+    def cpu(self, image: Image.Image) -> np.ndarray:
+        """An RGB image -> uint8 [H, W, 3]: final size on `pil`, bounded size on `tensor`."""
+        if self.mode == "pil":
+            for step in self.pil_steps:
+                image = step(image)
+            return np.asarray(image.convert("RGB"))
+        factor = min(image.size) // (REDUCE_MARGIN * min(self.size))
+        return np.asarray(image.reduce(factor) if factor > 1 else image)
+
+    def to_device(self, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
+        """uint8 [H, W, 3] images (sizes may differ on `tensor`) -> the encoder's float32 input
+        [B, 3, *size] on `device`, in input order."""
+        out = torch.empty((len(images), 3, *self.size), dtype=torch.float32, device=device)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(i)
+        for rows in by_shape.values():  # one batched op per distinct input size
+            batch = torch.from_numpy(np.stack([images[i] for i in rows])).permute(0, 3, 1, 2)
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            batch = batch.to(device, non_blocking=True)
+            if self.mode == "tensor":
+                batch = self.resize_and_crop(batch)
+            out[torch.tensor(rows, device=device)] = self.normalize(batch)
+        return out
+
+    def resize_and_crop(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, 3, h, w] -> uint8 [n, 3, *size]: open_clip's `shortest` or `squash` eval geometry."""
+        if self.resize_mode == "squash":
+            return TF.resize(batch, list(self.size), interpolation=self.interpolation, antialias=True)
+        if self.size[0] == self.size[1]:  # torchvision's shorter-edge rule, as open_clip's Resize(int) uses
+            target = [self.size[0]]
+        else:
+            height, width = batch.shape[-2:]
+            scale = max(self.size[0] / height, self.size[1] / width)
+            target = [max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale))]
+        resized = TF.resize(batch, target, interpolation=self.interpolation, antialias=True)
+        return TF.center_crop(resized, list(self.size))
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 -> ToTensor's /255, then Normalize: the same float32 operations as torchvision's."""
+        mean, std = self.mean.to(batch.device), self.std.to(batch.device)
+        return batch.float().div(255).sub(mean).div(std)
