@@ -10,7 +10,7 @@ from __future__ import annotations
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
 from litpipe.store import EmbeddingCache
-from litpipe.sources import read_shard
+from litpipe.sources import TransientReadError, read_shard
 
 
 class ImageSourceError(UserError):
@@ -38,11 +38,16 @@ class ImageFetcher:
         return self._input_of[key]
 
     def fetch(self, keys: list[str]) -> dict[str, bytes]:
-        """{key: image bytes}, reading each input shard once; a key whose image is gone is left out."""
+        """{key: image bytes}, reading each input shard once; a key whose image is gone, or whose
+        shard cannot be read now, is left out."""
         by_input: dict[str, set[str]] = {}
         for key in keys:
             by_input.setdefault(self.input_of(key), set()).add(key)
         found = {}
         for url, wanted in by_input.items():
-            found.update({s.key: s.image for s in read_shard(self.dataset, url) if s.key in wanted and s.image})
+            try:
+                samples = read_shard(self.dataset, url)
+            except TransientReadError:
+                continue
+            found.update({s.key: s.image for s in samples if s.key in wanted and s.image})
         return found
