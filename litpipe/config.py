@@ -63,6 +63,9 @@ class EncoderConfig(Section):
     preprocess: Literal["tensor", "pil"] = Field(
         "tensor", description="tensor = decode workers send uint8 images, the encoder resizes, crops and normalises "
         "them on its device; pil = open_clip's own PIL resize and crop on the CPU (exact parity), normalised on the device")
+    jpeg_decode: Literal["auto", "cpu", "device"] = Field(
+        "auto", description="device = JPEGs travel encoded and the encoder decodes them in batches (nvjpeg on a GPU; "
+        "what it cannot decode falls back to the CPU); auto = device when the encoder runs on a GPU with preprocess: tensor")
     output: Literal["projected", "pooled"] = Field(
         "projected", description="projected = the CLIP embedding; pooled = the tower's features before its projection")
     normalize: bool = Field(False, description="store L2-normalised vectors; training and eval normalise either way")
@@ -76,6 +79,13 @@ class EncoderConfig(Section):
         None, description="override the resize interpolation; none = the model's own")
     image_resize_mode: Literal["shortest", "longest", "squash"] | None = Field(
         None, description="override how images are fitted to the input size; none = the model's own")
+
+    @model_validator(mode="after")
+    def _device_jpeg_needs_tensor_preprocessing(self) -> EncoderConfig:
+        if self.jpeg_decode == "device" and self.preprocess == "pil":
+            raise ValueError("jpeg_decode: device decodes on the encoder's device, where the `pil` path's PIL steps "
+                             "cannot run; set encoder.preprocess: tensor or encoder.jpeg_decode: cpu")
+        return self
 
 
 class StoreConfig(Section):

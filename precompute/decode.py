@@ -14,7 +14,9 @@ import re
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageCms, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer would
 
@@ -87,18 +89,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_part(samples: list, to_pixels, max_pixels: int) -> dict:
-    """One part of an input shard, ready for the encoder: the good samples' uint8 pixels (whatever
-    `to_pixels(rgb_image)` makes of them on this CPU) with their text, and a reason per bad one.
+def decode_part(samples: list, pixels, max_pixels: int, jpeg_on_device: bool = False) -> dict:
+    """One part of an input shard, ready for the encoder: the good samples' uint8 pixels (what
+    `pixels.cpu` makes of them on this CPU) with their text, and a reason per bad one.
 
     Pixels travel as uint8, a quarter of float32's bytes; the encoder finishes them on its device.
+    With `jpeg_on_device`, JPEGs the device can decode travel still encoded (smaller yet) and are
+    decoded by `finish_decoding` in the encoder.
     """
     part = {"keys": [], "captions": [], "labels": [], "metadata": [], "pixels": [], "errors": []}
     for sample in samples:
         error = sample.error
         if error is None:
             try:
-                part["pixels"].append(to_pixels(decode_image(sample.image, max_pixels)))
+                encoded = device_jpeg(sample.image, max_pixels) if jpeg_on_device else None
+                part["pixels"].append(encoded if encoded is not None else pixels.cpu(decode_image(sample.image, max_pixels)))
             except DecodeError as err:
                 error = stable_reason(str(err))
         if error is not None:
@@ -109,6 +114,58 @@ def decode_part(samples: list, to_pixels, max_pixels: int) -> dict:
         part["labels"].append(sample.label)
         part["metadata"].append(None if sample.metadata is None else json.dumps(sample.metadata, sort_keys=True, default=str))
     return part
+
+
+def device_jpeg(data: bytes | None, max_pixels: int) -> np.ndarray | None:
+    """A JPEG's bytes as uint8 [n], when a device decoder can take it (colour or grey, within
+    `max_pixels`: only the header is read here); None for anything else (PNG, CMYK, ...), which the
+    CPU decodes. A bomb is refused here, with the CPU path's reason."""
+    if not data or data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        mode = _open_bounded(data, max_pixels).mode
+    except DecodeError:
+        raise
+    except Exception:  # a broken header: the CPU path names the reason
+        return None
+    return np.frombuffer(data, np.uint8).copy() if mode in ("RGB", "L") else None
+
+
+def finish_decoding(part: dict, pixels, device: torch.device, max_pixels: int) -> dict:
+    """Decode the part's JPEGs that travelled encoded, in one batch on `device` (nvjpeg on a GPU).
+
+    An image the device decoder refuses goes through the CPU path, and is recorded with that
+    path's reason if it fails there too: the same records as a CPU-decoded run.
+    """
+    encoded = [i for i, p in enumerate(part["pixels"]) if isinstance(p, np.ndarray) and p.ndim == 1]
+    if not encoded:
+        return part
+    tensors = [torch.from_numpy(part["pixels"][i]) for i in encoded]
+    try:
+        images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError:  # one bad image fails the batch: find it one by one
+        images = [_decode_one(t, device) for t in tensors]
+    failed = set()
+    for i, image in zip(encoded, images):
+        if image is not None:
+            part["pixels"][i] = image
+            continue
+        try:
+            part["pixels"][i] = pixels.cpu(decode_image(part["pixels"][i].tobytes(), max_pixels))
+        except DecodeError as err:
+            failed.add(i)
+            part["errors"].append({"key": part["keys"][i], "reason": stable_reason(str(err))})
+    if failed:
+        for column in ("keys", "captions", "labels", "metadata", "pixels"):
+            part[column] = [v for i, v in enumerate(part[column]) if i not in failed]
+    return part
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError:
+        return None
 
 
 def stable_reason(reason: str) -> str:

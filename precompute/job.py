@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
 from litpipe.models.image_encoder import Encoder, load_encoder
+from litpipe.models.pixels import PixelSteps
 from litpipe.ray_cluster import init_ray
 from litpipe.sources import SHARD_ERROR_KEY, Sample, TransientReadError, check_columns, list_shards, read_shard
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.fingerprint import dataset_fingerprint
 
-from .decode import decode_part
+from .decode import decode_part, finish_decoding
 
 
 def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_commit=None) -> dict:
@@ -92,13 +93,15 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
     stream = (
         ray.data.from_items([{"input": url, "skip": sorted(skip)} for url, skip in todo.items()],
                             override_num_blocks=len(todo))
-        .flat_map(read_parts, fn_kwargs={"dataset": dataset, "to_pixels": encoder.pixels.cpu,
-                                         "max_pixels": pre.max_image_pixels, "rows_per_commit": cache.rows_per_commit},
+        .flat_map(read_parts, fn_kwargs={"dataset": dataset, "pixels": encoder.pixels, "max_pixels": pre.max_image_pixels,
+                                         "rows_per_commit": cache.rows_per_commit,
+                                         "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu)},
                   compute=ray.data.TaskPoolStrategy(size=pre.decode_workers),
                   max_retries=pre.read_retries, retry_exceptions=[TransientReadError])
         .map_batches(PartEncoder, batch_size=1, batch_format="numpy",
                      fn_constructor_kwargs={"encoder_cfg": cfg.encoder, "weights_sha256": encoder.fingerprint["weights_sha256"],
                                             "cache_url": cache.url, "batch_size": pre.batch_size,
+                                            "max_pixels": pre.max_image_pixels,
                                             "threads": pre.encoder_threads or (None if use_gpu else os.cpu_count())},
                      compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), num_gpus=1 if use_gpu else 0)
     )
@@ -109,7 +112,15 @@ def encoder_uses_gpu(encoder_cfg: EncoderConfig, ray) -> bool:
     return encoder_cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def read_parts(row: dict, dataset: DatasetConfig, to_pixels, max_pixels: int, rows_per_commit: int | None):
+def jpeg_on_device(encoder_cfg: EncoderConfig, use_gpu: bool) -> bool:
+    """`encoder.jpeg_decode`: `auto` decodes JPEGs on the encoder's GPU when the tensor path resizes there."""
+    if encoder_cfg.jpeg_decode == "auto":
+        return use_gpu and encoder_cfg.preprocess == "tensor"
+    return encoder_cfg.jpeg_decode == "device"
+
+
+def read_parts(row: dict, dataset: DatasetConfig, pixels: PixelSteps, max_pixels: int, rows_per_commit: int | None,
+               jpeg_on_device: bool):
     """One input shard -> one record per part not yet committed: its decoded samples, pickled.
 
     Part k is samples [k * rows_per_commit, (k + 1) * rows_per_commit) in input order, so every
@@ -121,9 +132,12 @@ def read_parts(row: dict, dataset: DatasetConfig, to_pixels, max_pixels: int, ro
     skip = set(row["skip"])
     for part in range(count):
         if part not in skip:
-            decoded = decode_part(samples[part * step:(part + 1) * step], to_pixels, max_pixels)
+            decoded = decode_part(samples[part * step:(part + 1) * step], pixels, max_pixels, jpeg_on_device)
             yield {"input": row["input"], "part": part, "last": part == count - 1,
                    "payload": pickle.dumps(decoded, protocol=5)}
+
+
+TEXT_COLUMNS = ("keys", "captions", "labels", "metadata")  # a decoded part's per-sample columns beside its pixels
 
 
 class PartEncoder:
@@ -131,7 +145,7 @@ class PartEncoder:
     commits one part per call, and returns only its summary."""
 
     def __init__(self, encoder_cfg: EncoderConfig, weights_sha256: str, cache_url: str, batch_size: int,
-                 threads: int | None):
+                 max_pixels: int, threads: int | None):
         if threads:  # Ray sets OMP_NUM_THREADS to the actor's CPUs (1): a CPU encoder wants the node's cores
             torch.set_num_threads(threads)
         self.encoder = load_encoder(encoder_cfg)
@@ -140,7 +154,7 @@ class PartEncoder:
                                f"({self.encoder.fingerprint['weights_sha256'][:12]} vs {weights_sha256[:12]}); "
                                "make encoder.pretrained resolve to the same file on every node")
         self.cache = EmbeddingCache.open(cache_url)
-        self.batch_size = batch_size
+        self.batch_size, self.max_pixels = batch_size, max_pixels
 
     def __call__(self, batch: dict) -> dict:
         summaries = [self.commit(str(url), int(part), bool(last), pickle.loads(payload))
@@ -148,11 +162,22 @@ class PartEncoder:
         return {key: [s[key] for s in summaries] for key in summaries[0]}
 
     def commit(self, input_url: str, part: int, last: bool, decoded: dict) -> dict:
-        pixels = decoded["pixels"]
-        vectors = [self.encoder.embed_pixels(pixels[i:i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)]
+        """Embed a part batch by batch (JPEGs still encoded are decoded per batch, bounding device
+        memory), then write and commit it; its summary."""
+        done = {column: [] for column in (*TEXT_COLUMNS, "errors")}
+        done["errors"] = decoded["errors"]
+        vectors = []
+        for start in range(0, len(decoded["pixels"]), self.batch_size):
+            batch = {column: decoded[column][start:start + self.batch_size] for column in (*TEXT_COLUMNS, "pixels")}
+            batch = finish_decoding({**batch, "errors": done["errors"]}, self.encoder.pixels, self.encoder.device,
+                                    self.max_pixels)
+            if batch["pixels"]:
+                vectors.append(self.encoder.embed_pixels(batch["pixels"]))
+            for column in TEXT_COLUMNS:
+                done[column] += batch[column]
         embeddings = torch.cat(vectors).numpy() if vectors else np.zeros((0, self.encoder.dim), np.float32)
-        errors = [{**e, "input": input_url} for e in decoded["errors"]]
-        record = self.cache.commit_shard(input_url, part_table(decoded, embeddings), errors, part=part, last=last)
+        errors = [{**e, "input": input_url} for e in done["errors"]]
+        record = self.cache.commit_shard(input_url, part_table(done, embeddings), errors, part=part, last=last)
         reasons = Counter(e["reason"].split(":")[0] for e in errors)
         return {"input": input_url, "part": part, "last": last, "committed": record is not None,
                 "rows": len(embeddings), "num_skipped": len(errors), "skipped": json.dumps(reasons)}

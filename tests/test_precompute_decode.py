@@ -77,3 +77,49 @@ def test_bomb_is_refused_from_its_header_before_decoding():
     with pytest.raises(DecodeError, match="decompression bomb: 3000x2000"):
         decode_image(bomb, max_pixels=5_000_000)
     assert decode_image(bomb, max_pixels=6_000_000).size == (3000, 2000)
+
+
+def _photo_jpeg(seed: int, size=(96, 64), mode="RGB", exif_rotate=False) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size[1], 0:size[0]]
+    pixels = np.clip(np.stack([x * 2.5, y * 3.5, (x + y) * 1.5], -1) + rng.normal(0, 5, (size[1], size[0], 3)), 0, 255)
+    image = Image.fromarray(pixels.astype(np.uint8)).convert(mode)
+    out = io.BytesIO()
+    if exif_rotate:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+        image.save(out, "JPEG", quality=92, exif=exif)
+    else:
+        image.save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+def test_jpegs_decoded_on_the_device_match_the_cpu_path_and_what_it_cannot_take_falls_back():
+    """On this CPU-only machine the device decoder is torchvision's on the CPU: the same code path a
+    GPU takes with nvjpeg, fallbacks included."""
+    import torch
+
+    from litpipe.config import EncoderConfig
+    from litpipe.models.image_encoder import load_encoder
+    from litpipe.precompute.decode import decode_part, finish_decoding
+    from litpipe.sources import Sample
+    from conftest import TINY_ARCHITECTURE
+
+    enc = load_encoder(EncoderConfig(model="litpipe-test-jpeg", architecture=TINY_ARCHITECTURE, preprocess="tensor"),
+                       device="cpu")
+    good = _photo_jpeg(1)
+    cut = good[: len(good) // 2]  # a valid header, the rest missing: the device refuses it, so does the CPU
+    samples = [Sample("rgb", good, ["a"]), Sample("grey", _photo_jpeg(2, mode="L"), ["b"]),
+               Sample("cmyk", _photo_jpeg(3, mode="CMYK"), ["c"]), Sample("rotated", _photo_jpeg(4, exif_rotate=True), ["d"]),
+               Sample("png", encode_image(Image.new("RGB", (50, 40), (9, 99, 199)), "PNG"), ["e"]), Sample("cut", cut, ["f"])]
+    on_cpu = decode_part(samples, enc.pixels, MAX)
+    travelled = decode_part(samples, enc.pixels, MAX, jpeg_on_device=True)
+    assert [p.ndim for p in travelled["pixels"]] == [1, 1, 3, 1, 3, 1]  # JPEG bytes, except CMYK and PNG
+    device = finish_decoding(travelled, enc.pixels, torch.device("cpu"), MAX)
+    assert device["keys"] == on_cpu["keys"] == ["rgb", "grey", "cmyk", "rotated", "png"]
+    assert device["errors"] == on_cpu["errors"] and on_cpu["errors"][0]["key"] == "cut"
+    assert on_cpu["errors"][0]["reason"].startswith("truncated image")
+    assert tuple(device["pixels"][3].shape) == (3, 96, 64)  # EXIF orientation applied, as on the CPU path
+    ours = enc.pixels.to_device(device["pixels"], torch.device("cpu"))
+    reference = enc.pixels.to_device(on_cpu["pixels"], torch.device("cpu"))
+    assert (ours - reference).abs().max() < 0.05  # libjpeg builds may differ by a level here and there

@@ -269,3 +269,25 @@ def test_a_three_node_ray_cluster_writes_the_same_cache_as_one_node(planted, tmp
     assert list(got) == list(want)
     assert all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
     assert sorted(map(json.dumps, cache.errors())) == sorted(map(json.dumps, reference.errors()))
+
+
+def test_jpegs_decoded_by_the_encoder_give_the_cache_the_cpu_decoder_gives(ray_local, tmp_path):
+    from test_precompute_decode import _photo_jpeg
+
+    images = {f"j/{i}": _photo_jpeg(i, size=(80 + 8 * i, 60)) for i in range(5)}
+    images["j/cmyk"] = _photo_jpeg(9, mode="CMYK")
+    images["j/cut"] = images["j/0"][:300]
+    (tmp_path / "data").mkdir()
+    write_tar(tmp_path / "data" / "jpg-000000.tar",
+              [m for key, data in images.items() for m in sample_members(key, data, f"photo {key}", ext="jpg")])
+    caches = {}
+    for decode in ("cpu", "device"):
+        raw = tiny_config({"train": {"format": "webdataset", "urls": str(tmp_path / "data" / "*.tar")}},
+                          str(tmp_path / f"store-{decode}"))
+        raw["encoder"].update(jpeg_decode=decode, preprocess="tensor")
+        caches[decode] = EmbeddingCache.open(stage.run(validate_config(raw))["datasets"]["train"]["cache_url"])
+    cpu, device = cache_rows(caches["cpu"]), cache_rows(caches["device"])
+    assert list(device) == list(cpu) == [k for k in images if k != "j/cut"]
+    assert caches["device"].errors() == caches["cpu"].errors() and caches["cpu"].errors()[0]["key"] == "j/cut"
+    np.testing.assert_allclose(np.stack([device[k]["embedding"] for k in cpu]),
+                               np.stack([cpu[k]["embedding"] for k in cpu]), atol=2e-2)

@@ -59,18 +59,20 @@ class PixelSteps:
         factor = min(image.size) // (REDUCE_MARGIN * min(self.size))
         return np.asarray(image.reduce(factor) if factor > 1 else image)
 
-    def to_device(self, images: list[np.ndarray], device: torch.device) -> torch.Tensor:
-        """uint8 [H, W, 3] images (sizes may differ on `tensor`) -> the encoder's float32 input
-        [B, 3, *size] on `device`, in input order."""
+    def to_device(self, images: list, device: torch.device) -> torch.Tensor:
+        """The encoder's float32 input [B, 3, *size] on `device`, in input order, from uint8 images:
+        [H, W, 3] numpy arrays from `cpu`, or [3, H, W] tensors already decoded on the device
+        (sizes may differ on `tensor`)."""
         out = torch.empty((len(images), 3, *self.size), dtype=torch.float32, device=device)
         by_shape: dict[tuple, list[int]] = {}
         for i, image in enumerate(images):
-            by_shape.setdefault(image.shape, []).append(i)
-        for rows in by_shape.values():  # one batched op per distinct input size
-            batch = torch.from_numpy(np.stack([images[i] for i in rows])).permute(0, 3, 1, 2)
-            if device.type == "cuda":
-                batch = batch.pin_memory()
-            batch = batch.to(device, non_blocking=True)
+            by_shape.setdefault((type(image), tuple(image.shape)), []).append(i)
+        for (kind, _), rows in by_shape.items():  # one batched op per distinct input size
+            if kind is torch.Tensor:
+                batch = torch.stack([images[i] for i in rows]).to(device)
+            else:
+                batch = torch.from_numpy(np.stack([images[i] for i in rows])).permute(0, 3, 1, 2)
+                batch = (batch.pin_memory() if device.type == "cuda" else batch).to(device, non_blocking=True)
             if self.mode == "tensor":
                 batch = self.resize_and_crop(batch)
             out[torch.tensor(rows, device=device)] = self.normalize(batch)
