@@ -1,9 +1,13 @@
 """How close the cache's readers come to the physical limit: a raw read of the same shard bytes.
 
-Writes N x D float16 embeddings into a cache, then times, side by side in one run (each best of
---repeats, page cache warm for all): a raw read of the shard files into memory, `load_all()`
-(with and without keys/captions) and a full epoch of the streaming reader. GB/s are shard-file
-bytes over seconds, so every ratio is a ratio of times. Goals: load_all >= 0.8x raw, reader >= 0.5x.
+Writes N x D float16 embeddings into a cache the way precompute does (parts of --part-rows rows),
+builds its token cache (CLIP tokenizer, 77 tokens), then times, side by side in one run (each best
+of --repeats, page cache warm for all): a raw read of the shard files into memory, `load_all()`
+(with and without keys/captions), a full epoch of the streaming reader (vectors only, with keys
+and captions), and the trainer's two input paths: the reader serving token ids from the token
+cache against a raw read of shard + token files, and tokenising every step (`pretokenize: false`,
+on a tenth of the epoch). GB/s are file bytes over seconds, so every ratio is a ratio of times.
+Goals: load_all >= 0.8x raw, reader >= 0.5x, reader with token ids >= 0.8x.
 
     .venv/bin/python bench/store_read.py --rows 1000000 --dim 512
 """
@@ -19,20 +23,27 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from litpipe.models.tokenizer import clip_tokenizer
 from litpipe.store import EmbeddingCache, StreamingReader, load_all
+from litpipe.store.tokens import pick_captions
+from litpipe.train_text.token_cache import ensure_token_cache
 
 
-def write_cache(root: str, rows: int, dim: int, shards: int) -> EmbeddingCache:
+def write_cache(root: str, rows: int, dim: int, shards: int, part_rows: int) -> EmbeddingCache:
     dataset = {"format": "bench", "options": {}, "inputs": [{"url": f"bench-{i}", "size": 0, "mtime": 0} for i in range(shards)]}
-    cache = EmbeddingCache.open_or_create(root, {"model": "bench", "dim": dim, "spec": {}}, dataset, embedding_dtype="float16")
+    cache = EmbeddingCache.open_or_create(root, {"model": "bench", "dim": dim, "spec": {}}, dataset, embedding_dtype="float16",
+                                          rows_per_commit=part_rows)
     rng = np.random.default_rng(0)
-    for s, part in enumerate(np.array_split(np.arange(rows), shards)):
-        vectors = rng.standard_normal((len(part), dim), dtype=np.float32).astype(np.float16)
-        cache.commit_shard(f"bench-{s}", pa.table({
-            "key": [f"{i:09d}" for i in part],
-            "captions": [[f"caption {i}"] for i in part],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
-        }))
+    for s, shard in enumerate(np.array_split(np.arange(rows), shards)):
+        parts = range(0, len(shard), part_rows)
+        for k, start in enumerate(parts):
+            part = shard[start:start + part_rows]
+            vectors = rng.standard_normal((len(part), dim), dtype=np.float32).astype(np.float16)
+            cache.commit_shard(f"bench-{s}", pa.table({
+                "key": [f"{i:09d}" for i in part],
+                "captions": [[f"a photo of thing number {i}", f"caption {i % 1000}"] for i in part],
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+            }), part=k, last=k == len(parts) - 1)
     cache.finalize()
     return cache
 
@@ -47,9 +58,18 @@ def raw_read(paths: list[str], total: int) -> None:
                 offset += n
 
 
-def stream(cache: EmbeddingCache, batch_size: int, text: bool) -> None:
-    for _ in StreamingReader(cache, batch_size, seed=0, epoch=0, text=text):
+def stream(cache: EmbeddingCache, batch_size: int, text: bool, tokens=None) -> None:
+    for _ in StreamingReader(cache, batch_size, seed=0, epoch=0, text=text, tokens=tokens):
         pass
+
+
+def tokenise_each_step(cache: EmbeddingCache, batch_size: int, tokenizer, batches: int) -> None:
+    """The trainer's input path with `pretokenize: false`: captions per step, tokenised there."""
+    for k, batch in enumerate(StreamingReader(cache, batch_size, seed=0, epoch=0)):
+        picks = pick_captions([len(c) for c in batch.captions], 0, k, 0)
+        tokenizer([c[j] for c, j in zip(batch.captions, picks)])
+        if k + 1 == batches:
+            return
 
 
 def best_of(repeats: int, fn) -> float:
@@ -67,6 +87,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--shards", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--part-rows", type=int, default=4096, help="rows per committed part (precompute.rows_per_commit)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write the cache, created if missing (default: a temp dir)")
     args = parser.parse_args()
@@ -75,11 +96,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         start = time.perf_counter()
-        cache = write_cache(root, args.rows, args.dim, args.shards)
+        cache = write_cache(root, args.rows, args.dim, args.shards, args.part_rows)
         write_s = time.perf_counter() - start
+        start = time.perf_counter()
+        tokenizer = clip_tokenizer(77)
+        tokens = ensure_token_cache(cache, tokenizer)
+        tokenise_s = time.perf_counter() - start
         paths = [os.path.join(cache.path, s["path"]) for s in cache.shards()]
         total = sum(s["bytes"] for s in cache.shards())
-        raw_read(paths, total)  # warm the page cache for everyone alike
+        token_paths = [f"{tokens.path}/{s['name']}.parquet" for s in cache.shards()]
+        with_tokens = total + sum(os.path.getsize(p) for p in token_paths)
+        raw_read(paths + token_paths, with_tokens)  # warm the page cache for everyone alike
+        tenth = StreamingReader(cache, args.batch_size).num_batches // 10
         results = {
             "raw read": best_of(args.repeats, lambda: raw_read(paths, total)),
             "load_all(text=False)": best_of(args.repeats, lambda: load_all(cache, text=False)),
@@ -87,11 +115,20 @@ def main() -> None:
             "reader(text=False)": best_of(args.repeats, lambda: stream(cache, args.batch_size, text=False)),
             "reader()": best_of(args.repeats, lambda: stream(cache, args.batch_size, text=True)),
         }
-    gb = total / 1e9
-    print(f"{args.rows:,} x {args.dim} float16 in {args.shards} shards, {gb:.2f} GB; "
-          f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; written in {write_s:.1f} s")
+        token_results = {
+            "raw read + tokens": best_of(args.repeats, lambda: raw_read(paths + token_paths, with_tokens)),
+            "reader(token ids)": best_of(args.repeats, lambda: stream(cache, args.batch_size, text=False, tokens=tokens)),
+            "tokenise each step": 10 * best_of(1, lambda: tokenise_each_step(cache, args.batch_size, tokenizer, tenth)),
+        }
+    gb, gb_tokens = total / 1e9, with_tokens / 1e9
+    print(f"{args.rows:,} x {args.dim} float16 in {len(paths)} files ({args.shards} shards), {gb:.2f} GB, token files "
+          f"{gb_tokens - gb:.2f} GB; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; written in "
+          f"{write_s:.1f} s, tokenised in {tokenise_s:.1f} s")
     for name, seconds in results.items():
         print(f"{name:22} {gb / seconds:6.2f} GB/s  {seconds:7.3f} s  {results['raw read'] / seconds:5.2f}x raw")
+    for name, seconds in token_results.items():
+        print(f"{name:22} {gb_tokens / seconds:6.2f} GB/s  {seconds:7.3f} s  "
+              f"{token_results['raw read + tokens'] / seconds:5.2f}x raw (shard + token files)")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,8 @@ class TrainConfig(Section):
     dataset: str = Field("train", description="the `data` entry to train on")
     cache: str | None = Field(None, description="a cache id or URL; none = the cache of `dataset`")
     tokenizer: str = Field("clip", description="`clip` or a path to a tokenizer.json")
+    pretokenize: bool = Field(True, description="read caption token ids from a token cache beside the embedding cache, "
+                              "built once per tokenizer; false = tokenise every step (while changing the tokenizer)")
     tower: TextTowerConfig = TextTowerConfig()
     loss: Literal["softmax", "sigmoid"] = "softmax"
     batch_size: int = Field(1024, ge=2, description="the global batch, over all workers")
@@ -145,7 +147,9 @@ class TrainConfig(Section):
     init_temperature: float = Field(10.0, gt=0, description="LiT starts the logit scale at 10")
     init_bias: float = Field(-10.0, description="sigmoid loss only")
     seed: int = Field(0, description="seeds the tower's init, the shuffle and the caption picks")
-    shuffle_buffer_rows: int = Field(65536, ge=1, description="rows shuffled together by the cache reader (memory ~ rows x dim x 2 bytes)")
+    shuffle_row_groups: int = Field(16, ge=1, description="cache row groups (each from one input shard) whose rows are "
+                                    "shuffled together: a batch mixes this many shards; reader memory ~ 2 x this x "
+                                    "row-group rows (<= precompute.rows_per_commit) x (dim x 2 bytes + text)")
     prefetch_batches: int = Field(8, ge=1, description="batches the cache reader reads ahead in a background thread")
     workers: int = Field(1, ge=1, description="1 = single process; more = Ray Train workers")
     use_gpu: bool = Field(False, description="train on the GPU (each Ray Train worker gets one)")

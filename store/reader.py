@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from litpipe.store.cache import CacheError, EmbeddingCache, decode_embeddings
+from litpipe.store.tokens import TokenCache, pick_captions, token_rows
 from litpipe.prefetch import prefetched
 
 # Tensors made here over Arrow's immutable buffers are only ever read (cast or copied), never written.
@@ -45,6 +46,7 @@ class Batch:
     captions: list[list[str]]
     keys: list[str]
     labels: torch.Tensor | None
+    tokens: torch.Tensor | None = None  # int64 [B, context]: each row's caption of this step, from a token cache
 
 
 def _has_labels(records: list[dict]) -> bool:
@@ -103,41 +105,44 @@ def load_all(cache: EmbeddingCache, text: bool = True) -> CacheContents:
 class StreamingReader:
     """This rank's batches of one epoch, shuffled deterministically and prefetched in a thread.
 
-    The epoch's order: the cache's (shard, row group) units shuffled by (seed, epoch) and laid
-    end to end; rank r takes an equal contiguous run of whole batches (the remainder is dropped,
-    a different one each epoch); within the run, rows are permuted inside windows of
-    `buffer_rows` (rounded up to whole batches) seeded by (seed, epoch, rank, window).
+    The epoch's order: the cache's units (a row group of one shard file: rows of one input shard)
+    are shuffled by (seed, epoch) and taken `mix_units` at a time; the rows of such a group are
+    shuffled together, seeded by (seed, epoch, group), and the groups are laid end to end. Rank r
+    takes an equal contiguous run of whole batches (the remainder is dropped, a different one each
+    epoch). So every batch draws from `mix_units` input shards at once (web datasets are sharded by
+    crawl order or source: in-batch negatives need the mix), batch k is found without reading the
+    ones before it, and memory holds about two groups: 2 x mix_units x row-group rows.
     `batch_size` is the number of rows per batch on this rank.
     """
 
     def __init__(self, cache: EmbeddingCache, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, epoch: int = 0, shuffle: bool = True, start_step: int = 0,
-                 buffer_rows: int = 65536, prefetch: int = 8, text: bool = True):
+                 mix_units: int = 16, prefetch: int = 8, text: bool = True, tokens: TokenCache | None = None):
         if not 0 <= rank < world_size:
             raise CacheError(f"rank {rank} is outside world_size {world_size}")
-        if batch_size < 1:
-            raise CacheError(f"batch_size must be at least 1; got {batch_size}")
+        if batch_size < 1 or mix_units < 1:
+            raise CacheError(f"batch_size and mix_units must be at least 1; got {batch_size} and {mix_units}")
         self.cache, self.batch_size, self.rank = cache, batch_size, rank
         self.seed, self.epoch, self.shuffle, self.start_step = seed, epoch, shuffle, start_step
-        self.prefetch, self.dim = prefetch, cache.dim
+        self.prefetch, self.dim, self.tokens = prefetch, cache.dim, tokens
         self.records = cache.shards()
         units = [(s, g, rows) for s, r in enumerate(self.records) for g, rows in enumerate(r["row_groups"])]
         if shuffle:
             units = [units[i] for i in np.random.default_rng([seed, epoch]).permutation(len(units))]
-        self.units = units
-        self.unit_starts = np.cumsum([0] + [u[2] for u in units]).tolist()
-        per_rank = self.unit_starts[-1] // world_size
+        size = mix_units if shuffle else 1
+        self.groups = [units[i:i + size] for i in range(0, len(units), size)]
+        self.group_starts = np.cumsum([0] + [sum(u[2] for u in g) for g in self.groups]).tolist()
+        per_rank = self.group_starts[-1] // world_size
         self.num_batches = per_rank // batch_size
         if self.num_batches == 0:
-            raise CacheError(f"{cache.url}: {self.unit_starts[-1]} rows cannot give each of {world_size} rank(s) "
+            raise CacheError(f"{cache.url}: {self.group_starts[-1]} rows cannot give each of {world_size} rank(s) "
                              f"one batch of {batch_size}; lower the batch size")
         self.first_row = rank * per_rank
-        self.window_batches = max(1, -(-buffer_rows // batch_size))
         self.columns = ["embedding", "key", "captions"] if text else ["embedding"]
         if _has_labels(self.records):
             self.columns.append("label")
-        self._files: OrderedDict[int, pq.ParquetFile] = OrderedDict()  # least recently used first
-        self._last_unit: tuple[int, pa.Table] | None = None
+        self._files: OrderedDict[tuple, pq.ParquetFile] = OrderedDict()  # least recently used first
+        self._loaded: dict[int, _Group] = {}
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start_step)
@@ -146,67 +151,97 @@ class StreamingReader:
         return prefetched(self._batches(), self.prefetch, "litpipe-cache-prefetch")
 
     def _batches(self):
-        """Batches start_step..num_batches-1, reading only the windows they fall in."""
+        """Batches start_step..num_batches-1, reading only the groups they fall in."""
         try:
-            yield from self._window_batches()
+            for k in range(self.start_step, self.num_batches):
+                yield self._batch(self.first_row + k * self.batch_size, self.epoch * self.num_batches + k)
         finally:  # an epoch's end or an early stop releases the shard files
             for parquet in self._files.values():
                 parquet.close(force=True)
             self._files.clear()
-            self._last_unit = None
+            self._loaded.clear()
 
-    def _window_batches(self):
-        B, per_window = self.batch_size, self.window_batches
-        for window in range(self.start_step // per_window, -(-self.num_batches // per_window)):
-            first = window * per_window
-            last = min(first + per_window, self.num_batches)
-            table = self._read_rows(self.first_row + first * B, self.first_row + last * B)
-            # The window stays in the stored dtype (a view of Arrow's buffer when it is one chunk): each
+    def _batch(self, start: int, step: int) -> Batch:
+        """Rows [start, start + batch_size) of the epoch's order; `step` (the global step, counting
+        epochs of this reader's length) picks each row's caption from the token cache."""
+        stop, pieces = start + self.batch_size, []
+        i = bisect.bisect_right(self.group_starts, start) - 1
+        while start < stop:
+            take = min(stop, self.group_starts[i + 1]) - start
+            offset = start - self.group_starts[i]
+            group = self._group(i)
+            pieces.append((group, group.order[offset:offset + take]))
+            start += take
+            i += 1
+        vectors = torch.cat([g.vectors.index_select(0, rows) for g, rows in pieces]).to(torch.float32)
+        text = {c: [v for g, rows in pieces for v in g.text[c][rows.numpy()].tolist()] for c in pieces[0][0].text}
+        labels = torch.cat([g.labels.index_select(0, rows) for g, rows in pieces]) if "label" in self.columns else None
+        tokens = None
+        if self.tokens is not None:
+            starts = np.concatenate([g.token_offsets[rows.numpy()] for g, rows in pieces])
+            counts = np.concatenate([g.token_offsets[rows.numpy() + 1] for g, rows in pieces]) - starts
+            chosen = starts + pick_captions(counts, self.seed, step, self.rank)
+            sizes = np.cumsum([0] + [len(rows) for _, rows in pieces])
+            tokens = torch.cat([torch.from_numpy(g.token_ids[chosen[a:b]]) for (g, _), a, b in zip(pieces, sizes, sizes[1:])])
+        return Batch(embeddings=vectors, captions=text.get("captions", []), keys=text.get("key", []), labels=labels,
+                     tokens=None if tokens is None else tokens.long())
+
+    def _group(self, i: int) -> _Group:
+        """Group i's rows in memory (read once; groups before it are let go), with its row order."""
+        if i not in self._loaded:
+            for old in [j for j in self._loaded if j < i]:
+                del self._loaded[old]
+            table = pa.concat_tables([self._unit(shard, group) for shard, group, _ in self.groups[i]])
+            token_ids = token_offsets = None
+            if self.tokens is not None:
+                token_ids, token_offsets = self._token_units(self.groups[i])
+            # The group stays in the stored dtype (a view of Arrow's buffer when it is one chunk): each
             # batch is then one gather at half the bytes, cast to float32 as it goes.
             chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
                       for c in table.column("embedding").chunks]
-            vectors = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-            # Python objects once per window (cheaper than an Arrow take plus conversion per batch),
-            # held in object arrays so that each batch picks its rows in one C-level gather.
-            text = {c: np.fromiter(table.column(c).to_pylist(), dtype=object, count=table.num_rows)
-                    for c in ("key", "captions") if c in self.columns}
-            labels = _labels(table) if "label" in self.columns else None
-            order = None
-            if self.shuffle:
-                order = torch.from_numpy(np.random.default_rng([self.seed, self.epoch, self.rank, window]).permutation(table.num_rows))
-            for k in range(max(first, self.start_step), last):
-                lo, hi = (k - first) * B, (k - first + 1) * B
-                rows = order[lo:hi] if order is not None else torch.arange(lo, hi)
-                picked = rows.numpy()
-                yield Batch(
-                    embeddings=(vectors.index_select(0, rows) if order is not None else vectors[lo:hi]).to(torch.float32),
-                    captions=text["captions"][picked].tolist() if "captions" in text else [],
-                    keys=text["key"][picked].tolist() if "key" in text else [],
-                    labels=labels.index_select(0, rows) if labels is not None else None,
-                )
+            order = (np.random.default_rng([self.seed, self.epoch, i]).permutation(table.num_rows) if self.shuffle
+                     else np.arange(table.num_rows))
+            self._loaded[i] = _Group(
+                vectors=chunks[0] if len(chunks) == 1 else torch.cat(chunks),
+                # Python objects once per group, in object arrays: each batch picks its rows in one C-level gather.
+                text={c: np.fromiter(table.column(c).to_pylist(), dtype=object, count=table.num_rows)
+                      for c in ("key", "captions") if c in self.columns},
+                labels=_labels(table) if "label" in self.columns else None,
+                order=torch.from_numpy(order), token_ids=token_ids, token_offsets=token_offsets)
+        return self._loaded[i]
 
-    def _read_rows(self, start: int, stop: int) -> pa.Table:
-        """Rows [start, stop) of the epoch's unit stream, reading each row group once."""
-        parts = []
-        i = bisect.bisect_right(self.unit_starts, start) - 1
-        while start < stop:
-            unit_start, unit_stop = self.unit_starts[i], self.unit_starts[i + 1]
-            take = min(stop, unit_stop) - start
-            parts.append(self._unit(i).slice(start - unit_start, take))
-            start += take
-            i += 1
-        return pa.concat_tables(parts)
+    def _unit(self, shard: int, group: int) -> pa.Table:
+        return _read(self._file(shard, self.cache.open_shard), self.records[shard], self.columns, group)
 
-    def _unit(self, i: int) -> pa.Table:
-        if self._last_unit is not None and self._last_unit[0] == i:
-            return self._last_unit[1]
-        shard, group, _ = self.units[i]
-        if shard in self._files:
-            self._files.move_to_end(shard)
+    def _token_units(self, units: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+        """The token ids [captions, context] and row offsets [rows + 1] of a group's units."""
+        ids, offsets, base = [], [np.zeros(1, np.int64)], 0
+        for shard, group, _ in units:
+            unit_ids, unit_offsets = token_rows(self._file(shard, self.tokens.open_file, "tokens"), group)
+            ids.append(unit_ids)
+            offsets.append(unit_offsets[1:].astype(np.int64) + base)
+            base += len(unit_ids)
+        return np.concatenate(ids), np.concatenate(offsets)
+
+    def _file(self, shard: int, open_file, kind: str = "shard") -> pq.ParquetFile:
+        """A shard's (or its token file's) open ParquetFile, the least recently used closed past MAX_OPEN_SHARDS."""
+        key = (kind, shard)
+        if key in self._files:
+            self._files.move_to_end(key)
         else:
-            self._files[shard] = self.cache.open_shard(self.records[shard])
+            self._files[key] = open_file(self.records[shard])
             if len(self._files) > MAX_OPEN_SHARDS:
                 self._files.popitem(last=False)[1].close(force=True)
-        table = _read(self._files[shard], self.records[shard], self.columns, group)
-        self._last_unit = (i, table)
-        return table
+        return self._files[key]
+
+
+@dataclass
+class _Group:
+    """One group of units in memory: vectors in the stored dtype, text as object arrays, row order."""
+
+    vectors: torch.Tensor
+    text: dict[str, np.ndarray]
+    labels: torch.Tensor | None
+    order: torch.Tensor
+    token_ids: np.ndarray | None = None  # int32 [captions, context], with token_offsets [rows + 1]
+    token_offsets: np.ndarray | None = None

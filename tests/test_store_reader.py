@@ -44,12 +44,12 @@ def _epoch(cache, **kwargs):
     return [(b.keys, b.embeddings.numpy().copy()) for b in StreamingReader(cache, **kwargs)]
 
 
-@pytest.mark.parametrize("world_size,batch_size,buffer_rows", [(1, 8, 64), (3, 5, 16), (4, 7, 1000)])
-def test_every_key_at_most_once_per_epoch_with_equal_batch_counts_on_every_rank(written, world_size, batch_size, buffer_rows):
+@pytest.mark.parametrize("world_size,batch_size,mix_units", [(1, 8, 4), (3, 5, 1), (4, 7, 100)])
+def test_every_key_at_most_once_per_epoch_with_equal_batch_counts_on_every_rank(written, world_size, batch_size, mix_units):
     cache, reference = written
     total = sum(SHARD_ROWS)
     per_rank = [_epoch(cache, batch_size=batch_size, rank=r, world_size=world_size, seed=3, epoch=1,
-                       buffer_rows=buffer_rows) for r in range(world_size)]
+                       mix_units=mix_units) for r in range(world_size)]
     expected_batches = (total // world_size) // batch_size
     assert [len(batches) for batches in per_rank] == [expected_batches] * world_size
     assert len(StreamingReader(cache, batch_size, rank=0, world_size=world_size)) == expected_batches
@@ -80,7 +80,7 @@ def test_shuffle_is_a_function_of_seed_and_epoch(written):
 @pytest.mark.parametrize("start_step", [1, 5, 9])
 def test_resuming_from_a_step_yields_the_tail_of_the_full_epoch(written, start_step):
     cache, _ = written
-    kwargs = dict(batch_size=5, rank=1, world_size=2, seed=7, epoch=2, buffer_rows=20)
+    kwargs = dict(batch_size=5, rank=1, world_size=2, seed=7, epoch=2, mix_units=2)
     full = _epoch(cache, **kwargs)
     resumed = StreamingReader(cache, start_step=start_step, **kwargs)
     assert len(resumed) == len(full) - start_step
@@ -158,7 +158,22 @@ def test_an_epoch_keeps_few_shard_files_open_and_closes_them_all_at_its_end(writ
     monkeypatch.setattr(reader_module, "MAX_OPEN_SHARDS", 1)
     opened, open_shard = [], cache.open_shard
     monkeypatch.setattr(cache, "open_shard", lambda record: opened.append(open_shard(record)) or opened[-1])
-    batches = _epoch(cache, batch_size=5, seed=2, buffer_rows=16)
+    batches = _epoch(cache, batch_size=5, seed=2, mix_units=3)
     for keys, vectors in batches:  # evicted shards are reopened, rows unchanged
         np.testing.assert_array_equal(vectors.astype(np.float64), np.stack([reference[k] for k in keys]))
     assert len(opened) > len(SHARD_ROWS) and all(parquet.closed for parquet in opened)
+
+
+def test_a_batch_mixes_rows_of_many_input_shards(tmp_path):
+    """Web datasets are sharded by crawl order: on 64 shards of 20,000 rows, every batch of 256
+    draws from at least 16 shards (the reader that windowed 65,536 consecutive rows drew from 4)."""
+    encoder = {"model": "tiny", "dim": 2, "spec": {}}
+    inputs = [f"/data/crawl-{i:03d}.tar" for i in range(64)]
+    dataset = {"format": "webdataset", "options": {}, "inputs": [{"url": u, "size": 1, "mtime": 1.0} for u in inputs]}
+    cache = EmbeddingCache.open_or_create(str(tmp_path / "store"), encoder, dataset, row_group_rows=65536)
+    for s, url in enumerate(inputs):
+        cache.commit_shard(url, pa.table({
+            "key": [f"{s}/{i}" for i in range(20_000)], "captions": pa.nulls(20_000, pa.list_(pa.string())).fill_null([]),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(40_000, np.float32)), 2)}))
+    shards_per_batch = [len({k.split("/")[0] for k in b.keys}) for b in StreamingReader(cache, 256, seed=0, mix_units=16)]
+    assert len(shards_per_batch) == 64 * 20_000 // 256 and min(shards_per_batch) >= 16

@@ -13,10 +13,12 @@ import open_clip
 import pyarrow as pa
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from conftest import tiny_train_config as config
 
 from litpipe.config import validate_config
+from litpipe.eval.search_index import build_index
 from litpipe.models.text_tower import build_text_tower, load_text_tower
 from litpipe.store import load_all, resolve_cache
 from litpipe.train_text.export import export_model
@@ -81,6 +83,11 @@ def test_export_loads_in_open_clip_with_the_trained_text_and_cached_image_featur
         images = torch.stack([tiny_cache["images"][k] for k in contents.keys[:8]])
         torch.testing.assert_close(model.encode_image(images), contents.embeddings[:8], rtol=1e-5, atol=1e-5)
     assert model.logit_scale.item() == pytest.approx(tower.logit_scale.item())
+    with torch.no_grad():  # the export ranks images for a query as litpipe's eval search does
+        all_images = torch.stack([tiny_cache["images"][k] for k in contents.keys])
+        open_clip_scores = model.encode_text(tokenizer(texts), normalize=True) @ model.encode_image(all_images, normalize=True).T
+    _, eval_ranking = build_index(F.normalize(contents.embeddings, dim=-1)).search(tower(our_tokenizer(texts)), 10)
+    assert torch.equal(eval_ranking, open_clip_scores.topk(10, dim=1).indices)
     from_export, _, _ = load_text_tower(str(folder))  # eval and serve read an export folder too
     with torch.no_grad():
         torch.testing.assert_close(from_export(our_tokenizer(texts)), tower(our_tokenizer(texts)))
@@ -120,3 +127,32 @@ def test_checkpoints_on_s3_restore_weights_optimiser_and_schedule(tiny_cache, s3
     for name, value in final.state_dict().items():
         torch.testing.assert_close(run.tower.state_dict()[name], value, msg=name)
     assert run.scheduler.last_epoch == 2 and run.optimizer.state_dict()["state"]
+
+
+def test_training_on_the_token_cache_equals_tokenising_every_step(tiny_cache):
+    cached = train(validate_config(config(tiny_cache, "tokens-cached", steps=6)))
+    on_the_fly = train(validate_config(config(tiny_cache, "tokens-fly", steps=6, pretokenize=False)))
+    assert cached["final_loss"] == on_the_fly["final_loss"]
+    assert losses(cached["artifact"].rsplit("/train", 1)[0]) == losses(on_the_fly["artifact"].rsplit("/train", 1)[0])
+
+
+def test_the_token_cache_holds_every_caption_tokenised_once_per_tokenizer(tiny_cache):
+    from litpipe.models.tokenizer import clip_tokenizer
+    from litpipe.store.tokens import TokenCache, token_rows
+    from litpipe.train_text.token_cache import ensure_token_cache
+
+    cache = resolve_cache(validate_config(config(tiny_cache, "tokens")), "train")
+    tokenizer = clip_tokenizer(16)
+    tokens = ensure_token_cache(cache, tokenizer)
+    assert tokens.complete and tokens.missing() == []
+    for record in cache.shards():
+        captions = cache.open_shard(record).read(columns=["captions"]).column("captions").to_pylist()
+        parquet, row = tokens.open_file(record), 0
+        for group, rows in enumerate(record["row_groups"]):
+            ids, offsets = token_rows(parquet, group)
+            for r in range(rows):
+                want = tokenizer(captions[row + r]).numpy()
+                np.testing.assert_array_equal(ids[offsets[r]:offsets[r + 1]], want)
+            row += rows
+    assert TokenCache(cache, clip_tokenizer(12).fingerprint()).id != tokens.id  # another context: another cache
+    assert ensure_token_cache(cache, tokenizer).id == tokens.id  # found again, nothing rebuilt

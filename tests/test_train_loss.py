@@ -53,6 +53,26 @@ def test_chunked_loss_and_feature_gradients_equal_naive(kind):
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_loss_and_gradients_ignore_the_norms_of_the_cached_image_vectors(kind):
+    """The cache holds raw vectors; the loss sees them on the unit sphere, as eval does, so scaling
+    any image row by a positive factor changes nothing (and the naive loss on unit rows agrees)."""
+    g = torch.Generator().manual_seed(5)
+    text = F.normalize(torch.randn(29, 16, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    raw = torch.randn(29, 16, generator=g, dtype=torch.float64) * 7
+    scaled = raw * torch.rand(29, 1, generator=g, dtype=torch.float64).mul(50).add(0.01)
+    scale = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-4.0, dtype=torch.float64, requires_grad=True)
+    results = []
+    for images in (raw, scaled):
+        loss = global_contrastive_loss(text, images, scale, bias, kind, chunk_size=6)
+        results.append((loss, *torch.autograd.grad(loss, (text, scale, bias))))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(results[0][0], naive_loss(text, F.normalize(raw, dim=-1), scale, bias, kind),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_grad_cached_step_equals_naive_full_batch_gradients_of_the_tower(kind):
     tokens, images = batch()
     reference = tiny_tower()

@@ -37,6 +37,12 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op alone): what rank 0 prepared is there for all after it."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
 def sum_gradients(parameters) -> None:
     """Turn each rank's partial gradients into the global gradient (flattened, one all-reduce)."""
     if world()[1] == 1:

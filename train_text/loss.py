@@ -2,7 +2,9 @@
 
 Both losses are computed with their gradients in closed form, chunk by chunk (peak extra memory
 O(chunk x N)), inside one autograd Function. Each rank passes its own L2-normalised text
-features; every rank's text features and image embeddings are gathered without gradient. The
+features and its raw cached image embeddings, which are L2-normalised here, always, as in LiT,
+CLIP and eval (a raw vector's norm would act as a per-image temperature); every rank's text
+features and image embeddings are gathered without gradient. The
 returned loss is the global loss (identical on every rank); its backward yields, for this rank,
 the gradient of the global loss with respect to its own text rows and this rank's share of the
 logit-scale/bias gradient, so summing parameter gradients over ranks gives the exact global
@@ -23,7 +25,7 @@ from litpipe.train_text.gather import gather_rows, sum_over_ranks, world
 
 def global_contrastive_loss(text: torch.Tensor, images: torch.Tensor, logit_scale: torch.Tensor,
                             logit_bias: torch.Tensor, kind: str = "softmax", chunk_size: int = 4096) -> torch.Tensor:
-    """The global batch's loss; `text` and `images` are this rank's rows (images need no grad)."""
+    """The global batch's loss; `text` (unit rows) and `images` (any norm) are this rank's rows."""
     return _GlobalLoss.apply(text, images, logit_scale, logit_bias, kind, chunk_size)
 
 
@@ -31,7 +33,7 @@ class _GlobalLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, text, images, logit_scale, logit_bias, kind, chunk_size):
         rank, _ = world()
-        texts_all, images_all = gather_rows(text), gather_rows(images.to(text.dtype))
+        texts_all, images_all = gather_rows(text), gather_rows(F.normalize(images.detach().to(text.dtype), dim=-1))
         local = slice(rank * text.shape[0], (rank + 1) * text.shape[0])
         step = _softmax_terms if kind == "softmax" else _sigmoid_terms
         loss, d_text, d_scale, d_bias = step(texts_all, images_all, local, logit_scale.detach(), logit_bias.detach(), chunk_size)

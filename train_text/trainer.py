@@ -27,17 +27,23 @@ from tqdm import tqdm
 from litpipe.config import PipelineConfig
 from litpipe.devices import autocast, resolve_device, resolve_precision
 from litpipe.errors import UserError
-from litpipe.store import Batch, EmbeddingCache, StreamingReader, load_all, resolve_cache
 from litpipe.files import write_atomic
-from litpipe.plots import pyplot
-from litpipe.prefetch import prefetched
 from litpipe.models.text_tower import TextTower, build_text_tower, save_text_tower
 from litpipe.models.tokenizer import Tokenizer, load_tokenizer
-from litpipe.train_text.gather import sum_gradients, world
+from litpipe.plots import pyplot
+from litpipe.prefetch import prefetched
+from litpipe.store import Batch, EmbeddingCache, StreamingReader, load_all, resolve_cache
+from litpipe.store.tokens import TokenCache, pick_captions
+from litpipe.train_text.gather import barrier, sum_gradients, world
 from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
 from litpipe.train_text.loss import global_contrastive_loss
+from litpipe.train_text.token_cache import ensure_token_cache
 
 LATEST = "latest.json"
+
+
+def cached_vectors(batch: Batch) -> torch.Tensor:
+    return batch.embeddings
 
 
 @dataclass
@@ -53,9 +59,10 @@ class Run:
     total_steps: int
     device: torch.device
     swapped_captions: dict[str, list[str]] | None = None  # the shuffled-caption control's pairing
+    tokens: TokenCache | None = None  # caption token ids read with the vectors (train.pretokenize)
     # A batch's image side: the cached vectors. Tests and bench/train.py put the locked image tower
     # run on the fly here, the reference the cache is compared against.
-    image_features: Callable[[Batch], torch.Tensor] = lambda batch: batch.embeddings
+    image_features: Callable[[Batch], torch.Tensor] = cached_vectors
 
 
 def swap_captions(cache: EmbeddingCache, seed: int) -> dict[str, list[str]]:
@@ -87,7 +94,13 @@ def build_run(cfg: PipelineConfig) -> Run:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.warmup_steps, total_steps))
     swapped = swap_captions(cache, t.seed) if t.shuffle_captions else None
-    return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped)
+    tokens = None
+    if t.pretokenize and not swapped:  # the control run re-pairs captions by key: it tokenises as it goes
+        if rank == 0:
+            ensure_token_cache(cache, tokenizer)
+        barrier()
+        tokens = TokenCache(cache, tokenizer.fingerprint())
+    return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped, tokens)
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -119,9 +132,10 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
     log = MetricsLog(out, enabled=rank == 0, append=resume)
     bar = tqdm(total=run.total_steps, initial=step, disable=rank != 0, desc="train", unit="step")
     started, losses = time.perf_counter(), []
+    last = started  # a step's time runs from the previous step's end, so waiting for data counts
     run.tower.train()
     for tokens, batch in prefetched(tokenized_batches(run, cfg, step), 2, "litpipe-tokenize"):
-        tick = time.perf_counter()
+        waited = time.perf_counter() - last
         images = run.image_features(batch)
         tokens, images = tokens.to(run.device, non_blocking=True), images.to(run.device, non_blocking=True)
         run.optimizer.zero_grad(set_to_none=True)
@@ -140,16 +154,17 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
         run.scheduler.step()
         step += 1
         losses.append(loss.item())  # one device sync per step
-        seconds = time.perf_counter() - tick
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{t.batch_size / seconds:,.0f}")
+        seconds = time.perf_counter() - last
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{t.batch_size / seconds:,.0f}", data_wait=f"{waited / seconds:.0%}")
         bar.update(1)
         if step % t.log_every == 0 or step == run.total_steps:
             log.write({"step": step, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm),
                        "temperature": run.tower.logit_scale.exp().item(), "bias": run.tower.logit_bias.item(),
-                       "samples_per_s": t.batch_size / seconds})
+                       "samples_per_s": t.batch_size / seconds, "data_wait": waited / seconds})
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == run.total_steps:
             if rank == 0:
                 save_checkpoint(ckpt_dir, run, step, t.keep_checkpoints)
+        last = time.perf_counter()  # a checkpoint's write is neither the step nor waiting for data
     bar.close()
     elapsed = time.perf_counter() - started
     summary = {"steps": run.total_steps, "resumed_at": run.total_steps - len(losses), "cache_id": run.cache.id,
@@ -172,11 +187,16 @@ def tokenized_batches(run: Run, cfg: PipelineConfig, step: int):
     rank, size = world()
     while step < run.total_steps:
         epoch, within = divmod(step, run.steps_per_epoch)
+        text = run.tokens is None or run.image_features is not cached_vectors  # keys: for the on-the-fly reference
         for batch in StreamingReader(run.cache, t.batch_size // size, rank, size, t.seed, epoch, start_step=within,
-                                     buffer_rows=t.shuffle_buffer_rows, prefetch=t.prefetch_batches):
-            pick = random.Random(f"{t.seed}/{step}/{rank}")
-            captions = [run.swapped_captions[k] for k in batch.keys] if run.swapped_captions else batch.captions
-            yield run.tokenizer([pick.choice(c) if c else "" for c in captions]), batch
+                                     mix_units=t.shuffle_row_groups, prefetch=t.prefetch_batches, text=text,
+                                     tokens=run.tokens):
+            if batch.tokens is not None:
+                yield batch.tokens, batch
+            else:
+                captions = [run.swapped_captions[k] for k in batch.keys] if run.swapped_captions else batch.captions
+                picks = pick_captions([len(c) for c in captions], t.seed, step, rank)  # the token cache's rule
+                yield run.tokenizer([c[j] if c else "" for c, j in zip(captions, picks)]), batch
             step += 1
             if step >= run.total_steps:
                 return

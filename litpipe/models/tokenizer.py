@@ -11,6 +11,7 @@ tokenizer.json, `save(path)` writes one, `train_bpe` fits a new vocabulary on ca
 from __future__ import annotations
 
 import gzip
+import hashlib
 from functools import lru_cache
 from typing import Iterable
 
@@ -24,6 +25,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from litpipe.errors import UserError
 
 START, END = "<start_of_text>", "<end_of_text>"
+CLEANING = "open_clip._clean_lower/1"  # bump if the Python-side cleaning changes: it changes every id
 # open_clip's split pattern without its special-token alternatives (handled in `_split_specials`).
 CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # open_clip's full pattern: only used to find where it reads a special token inside a caption.
@@ -59,6 +61,12 @@ class Tokenizer:
         except Exception as err:
             raise TokenizerError(f"{path}: not a tokenizer.json ({err}); write one with `litpipe tokenizer train`") from None
         return cls(rust, context_length)
+
+    def fingerprint(self) -> dict:
+        """What decides the ids: the whole tokenizer.json (vocabulary, merges, special tokens,
+        pipeline), the context length and the Python-side cleaning; keys a token cache."""
+        return {"sha256": hashlib.sha256(self.rust.to_str().encode()).hexdigest(), "context_length": self.context_length,
+                "cleaning": CLEANING}
 
     def save(self, path: str) -> None:
         import fsspec

@@ -1,0 +1,48 @@
+"""Build the token cache of an embedding cache for a tokenizer: every caption tokenised once.
+
+Shard files are tokenised in parallel processes when there is much to do (open_clip's text
+cleaning is Python; the BPE runs in Rust, batched), written one token file per shard file, and the
+cache is marked complete at the end; a run that stopped half-way builds only what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from multiprocessing import get_context
+
+import numpy as np
+from tqdm import tqdm
+
+from litpipe.models.tokenizer import Tokenizer
+from litpipe.store import EmbeddingCache
+from litpipe.store.tokens import TokenCache
+
+PARALLEL_ROWS = 200_000
+
+def ensure_token_cache(cache: EmbeddingCache, tokenizer: Tokenizer, workers: int | None = None) -> TokenCache:
+    """The complete token cache of `cache` under `tokenizer`, built where missing."""
+    tokens = TokenCache(cache, tokenizer.fingerprint())
+    if tokens.complete:
+        return tokens
+    todo = tokens.missing()
+    jobs = [(tokens, tokenizer, record) for record in todo]
+    workers = workers or os.cpu_count() or 1
+    parallel = workers > 1 and sum(r["rows"] for r in todo) > PARALLEL_ROWS  # else process start-up outweighs it
+    # spawn, not fork: the trainer's process may hold Ray's and torch's threads
+    with (ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if parallel else nullcontext()) as pool, \
+            tqdm(total=sum(r["rows"] for r in todo), unit="image", unit_scale=True, desc=f"tokenise {cache.id}") as bar:
+        for rows in (pool.map(_tokenise_shard, jobs) if pool else map(_tokenise_shard, jobs)):
+            bar.update(rows)
+    tokens.finalize()
+    return tokens
+
+
+def _tokenise_shard(job: tuple[TokenCache, Tokenizer, dict]) -> int:
+    tokens, tokenizer, record = job
+    captions = tokens.cache.open_shard(record).read(columns=["captions"]).column("captions").to_pylist()
+    per_row = [c if c else [""] for c in captions]  # a row without captions trains on the empty text
+    ids = tokenizer([text for texts in per_row for text in texts]).numpy().astype(np.int32)
+    tokens.write(record, ids, np.array([len(texts) for texts in per_row]))
+    return len(per_row)
