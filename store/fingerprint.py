@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from datetime import datetime
 
 import fsspec
 
-from litpipe.files import expand_urls, to_url
+from litpipe.files import expand_urls, file_info, list_files, to_url
+
 
 def dataset_fingerprint(dataset_cfg) -> dict:
     """{"format", "options", "inputs": [{"url", "size", "etag" or "mtime"}]} of a `data` entry.
@@ -24,33 +24,16 @@ def dataset_fingerprint(dataset_cfg) -> dict:
     """
     options = dataset_cfg.model_dump(exclude={"format", "urls", "classnames"})
     if dataset_cfg.format == "folder":
-        inputs = [_file_entry(u) for u in expand_urls(dataset_cfg.captions_file)] if dataset_cfg.captions_file else []
+        inputs = [{"url": u, **info} for u, info in list_files(dataset_cfg.captions_file).items()] if dataset_cfg.captions_file else []
         for folder in expand_urls(dataset_cfg.urls):
             fs, path = fsspec.core.url_to_fs(folder)
             listing = fs.find(path, detail=True)
             for name in sorted(listing):
                 if not os.path.basename(name).startswith("."):
-                    inputs.append(_entry(to_url(fs, name), listing[name]))
+                    inputs.append({"url": to_url(fs, name), **file_info(listing[name])})
     else:
-        inputs = [_file_entry(u) for u in expand_urls(dataset_cfg.urls)]
+        inputs = [{"url": url, **info} for url, info in list_files(dataset_cfg.urls).items()]
     return {"format": dataset_cfg.format, "options": options, "inputs": inputs}
-
-
-def _file_entry(url: str) -> dict:
-    fs, path = fsspec.core.url_to_fs(url)
-    return _entry(url, fs.info(path))
-
-
-def _entry(url: str, info: dict) -> dict:
-    """Size plus the store's change marker: the ETag on object stores, else the modification time."""
-    entry = {"url": url, "size": info.get("size")}
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        entry["etag"] = str(etag).strip('"')
-        return entry
-    mtime = info.get("mtime", info.get("LastModified", info.get("created")))
-    entry["mtime"] = mtime.timestamp() if isinstance(mtime, datetime) else mtime
-    return entry
 
 
 def canonical_json(obj) -> str:

@@ -46,7 +46,7 @@ class Batch:
     captions: list[list[str]]
     keys: list[str]
     labels: torch.Tensor | None
-    tokens: torch.Tensor | None = None  # int64 [B, context]: each row's caption of this step, from a token cache
+    tokens: torch.Tensor | None = None  # int32 [B, context]: each row's caption of this step, from a token cache
 
 
 def _has_labels(records: list[dict]) -> bool:
@@ -163,65 +163,76 @@ class StreamingReader:
 
     def _batch(self, start: int, step: int) -> Batch:
         """Rows [start, start + batch_size) of the epoch's order; `step` (the global step, counting
-        epochs of this reader's length) picks each row's caption from the token cache."""
-        stop, pieces = start + self.batch_size, []
-        i = bisect.bisect_right(self.group_starts, start) - 1
-        while start < stop:
-            take = min(stop, self.group_starts[i + 1]) - start
-            offset = start - self.group_starts[i]
+        epochs of this reader's length) picks each row's caption from the token cache.
+
+        Rows are gathered unit by unit straight from each unit's Arrow buffers (no copy of a
+        whole group), cast to float32 as they land in the batch.
+        """
+        n = self.batch_size
+        vectors = torch.empty((n, self.dim), dtype=torch.float32)
+        text = {c: np.empty(n, dtype=object) for c in ("key", "captions") if c in self.columns}
+        labels = torch.empty(n, dtype=torch.int64) if "label" in self.columns else None
+        token_rows_at = np.empty(n, dtype=np.int64) if self.tokens is not None else None  # a row's first caption
+        counts = np.empty(n, dtype=np.int64) if self.tokens is not None else None
+        sources = []  # (batch positions, unit, rows in the unit) for the token gather below
+        i, filled = bisect.bisect_right(self.group_starts, start) - 1, 0
+        while filled < n:
+            offset = start + filled - self.group_starts[i]
+            take = min(n - filled, self.group_starts[i + 1] - self.group_starts[i] - offset)
             group = self._group(i)
-            pieces.append((group, group.order[offset:offset + take]))
-            start += take
+            rows = group.order[offset:offset + take]
+            unit_of = np.searchsorted(group.starts, rows, side="right") - 1
+            for u in np.unique(unit_of):
+                mine = np.flatnonzero(unit_of == u)
+                at, local = filled + mine, rows[mine] - group.starts[u]
+                unit, at_t, local_t = group.units[u], torch.from_numpy(at), torch.from_numpy(local)
+                vectors[at_t] = unit.vectors.index_select(0, local_t).to(torch.float32)
+                for column, values in text.items():
+                    values[at] = unit.text[column][local]
+                if labels is not None:
+                    labels[at_t] = unit.labels.index_select(0, local_t)
+                if counts is not None:
+                    token_rows_at[at] = unit.token_offsets[local]
+                    counts[at] = unit.token_offsets[local + 1] - unit.token_offsets[local]
+                    sources.append((at, unit))
+            filled += take
             i += 1
-        vectors = torch.cat([g.vectors.index_select(0, rows) for g, rows in pieces]).to(torch.float32)
-        text = {c: [v for g, rows in pieces for v in g.text[c][rows.numpy()].tolist()] for c in pieces[0][0].text}
-        labels = torch.cat([g.labels.index_select(0, rows) for g, rows in pieces]) if "label" in self.columns else None
         tokens = None
-        if self.tokens is not None:
-            starts = np.concatenate([g.token_offsets[rows.numpy()] for g, rows in pieces])
-            counts = np.concatenate([g.token_offsets[rows.numpy() + 1] for g, rows in pieces]) - starts
-            chosen = starts + pick_captions(counts, self.seed, step, self.rank)
-            sizes = np.cumsum([0] + [len(rows) for _, rows in pieces])
-            tokens = torch.cat([torch.from_numpy(g.token_ids[chosen[a:b]]) for (g, _), a, b in zip(pieces, sizes, sizes[1:])])
-        return Batch(embeddings=vectors, captions=text.get("captions", []), keys=text.get("key", []), labels=labels,
-                     tokens=None if tokens is None else tokens.long())
+        if counts is not None:
+            tokens = torch.empty((n, self.tokens.context_length), dtype=torch.int32)
+            chosen = token_rows_at + pick_captions(counts, self.seed, step, self.rank)
+            for at, unit in sources:
+                tokens[torch.from_numpy(at)] = torch.from_numpy(unit.token_ids[chosen[at]])
+        return Batch(embeddings=vectors, captions=text["captions"].tolist() if "captions" in text else [],
+                     keys=text["key"].tolist() if "key" in text else [], labels=labels, tokens=tokens)
 
     def _group(self, i: int) -> _Group:
-        """Group i's rows in memory (read once; groups before it are let go), with its row order."""
+        """Group i's units in memory (read once; groups before it are let go), with its row order."""
         if i not in self._loaded:
             for old in [j for j in self._loaded if j < i]:
                 del self._loaded[old]
-            table = pa.concat_tables([self._unit(shard, group) for shard, group, _ in self.groups[i]])
-            token_ids = token_offsets = None
-            if self.tokens is not None:
-                token_ids, token_offsets = self._token_units(self.groups[i])
-            # The group stays in the stored dtype (a view of Arrow's buffer when it is one chunk): each
-            # batch is then one gather at half the bytes, cast to float32 as it goes.
-            chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
-                      for c in table.column("embedding").chunks]
-            order = (np.random.default_rng([self.seed, self.epoch, i]).permutation(table.num_rows) if self.shuffle
-                     else np.arange(table.num_rows))
-            self._loaded[i] = _Group(
-                vectors=chunks[0] if len(chunks) == 1 else torch.cat(chunks),
-                # Python objects once per group, in object arrays: each batch picks its rows in one C-level gather.
-                text={c: np.fromiter(table.column(c).to_pylist(), dtype=object, count=table.num_rows)
-                      for c in ("key", "captions") if c in self.columns},
-                labels=_labels(table) if "label" in self.columns else None,
-                order=torch.from_numpy(order), token_ids=token_ids, token_offsets=token_offsets)
+            units = [self._unit(shard, group) for shard, group, _ in self.groups[i]]
+            starts = np.cumsum([0] + [len(u.vectors) for u in units])
+            order = (np.random.default_rng([self.seed, self.epoch, i]).permutation(starts[-1]) if self.shuffle
+                     else np.arange(starts[-1]))
+            self._loaded[i] = _Group(units, starts, order)
         return self._loaded[i]
 
-    def _unit(self, shard: int, group: int) -> pa.Table:
-        return _read(self._file(shard, self.cache.open_shard), self.records[shard], self.columns, group)
-
-    def _token_units(self, units: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
-        """The token ids [captions, context] and row offsets [rows + 1] of a group's units."""
-        ids, offsets, base = [], [np.zeros(1, np.int64)], 0
-        for shard, group, _ in units:
-            unit_ids, unit_offsets = token_rows(self._file(shard, self.tokens.open_file, "tokens"), group)
-            ids.append(unit_ids)
-            offsets.append(unit_offsets[1:].astype(np.int64) + base)
-            base += len(unit_ids)
-        return np.concatenate(ids), np.concatenate(offsets)
+    def _unit(self, shard: int, group: int) -> _Unit:
+        """One row group of a shard file: vectors as a view of Arrow's buffer in the stored dtype,
+        text as object arrays (Python objects once per unit), labels, and its token ids."""
+        table = _read(self._file(shard, self.cache.open_shard), self.records[shard], self.columns, group)
+        chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
+                  for c in table.column("embedding").chunks]
+        token_ids = token_offsets = None
+        if self.tokens is not None:
+            token_ids, token_offsets = token_rows(self._file(shard, self.tokens.open_file, "tokens"), group)
+        return _Unit(
+            vectors=chunks[0] if len(chunks) == 1 else torch.cat(chunks),
+            text={c: np.fromiter(table.column(c).to_pylist(), dtype=object, count=table.num_rows)
+                  for c in ("key", "captions") if c in self.columns},
+            labels=_labels(table) if "label" in self.columns else None,
+            token_ids=token_ids, token_offsets=token_offsets)
 
     def _file(self, shard: int, open_file, kind: str = "shard") -> pq.ParquetFile:
         """A shard's (or its token file's) open ParquetFile, the least recently used closed past MAX_OPEN_SHARDS."""
@@ -236,12 +247,20 @@ class StreamingReader:
 
 
 @dataclass
-class _Group:
-    """One group of units in memory: vectors in the stored dtype, text as object arrays, row order."""
+class _Unit:
+    """One row group of one shard file in memory."""
 
-    vectors: torch.Tensor
-    text: dict[str, np.ndarray]
+    vectors: torch.Tensor  # [rows, D] in the stored dtype
+    text: dict[str, np.ndarray]  # object arrays: key, captions
     labels: torch.Tensor | None
-    order: torch.Tensor
-    token_ids: np.ndarray | None = None  # int32 [captions, context], with token_offsets [rows + 1]
-    token_offsets: np.ndarray | None = None
+    token_ids: np.ndarray | None  # int32 [captions, context], a row's captions at token_offsets[row:row + 2]
+    token_offsets: np.ndarray | None
+
+
+@dataclass
+class _Group:
+    """The units shuffled together: row r of the group is row r - starts[u] of units[u]."""
+
+    units: list[_Unit]
+    starts: np.ndarray
+    order: np.ndarray

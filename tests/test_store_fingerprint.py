@@ -1,13 +1,15 @@
 """Fingerprints decide reuse: they must change with anything that changes the vectors, and only then."""
 
 import os
+import threading
 
 import fsspec
+import fsspec.implementations.local
 import pytest
 
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
-from litpipe.files import expand_urls
+from litpipe.files import expand_urls, list_files
 from litpipe.store.fingerprint import cache_id, dataset_fingerprint
 
 
@@ -87,3 +89,70 @@ def test_cache_id_is_stable_under_key_order_and_changes_with_either_fingerprint(
     assert len(cache_id(enc, data)) == 16
     assert cache_id({**enc, "preprocess": {"image_size": 256, "mean": [0.5] * 3}}, data) != cache_id(enc, data)
     assert cache_id(enc, {**data, "inputs": []}) != cache_id(enc, data)
+
+
+class CountingLocal(fsspec.implementations.local.LocalFileSystem):
+    """Local files that count the metadata requests made of them (a listing's own stats aside)."""
+
+    protocol = "counting"
+    calls: dict = {}
+    inside = threading.local()  # listing threads run beside HEAD threads
+
+    def ls(self, path, detail=True, **kwargs):
+        self.calls["ls"] = self.calls.get("ls", 0) + 1
+        self.inside.listing = True
+        try:
+            return super().ls(path, detail=detail, **kwargs)
+        finally:
+            self.inside.listing = False
+
+    def info(self, path, **kwargs):
+        if not getattr(self.inside, "listing", False):
+            self.calls["info"] = self.calls.get("info", 0) + 1
+        return super().info(path, **kwargs)
+
+
+def test_inputs_are_listed_once_per_folder_not_requested_once_per_file(tmp_path, monkeypatch):
+    fsspec.register_implementation("counting", CountingLocal, clobber=True)
+    monkeypatch.setattr(CountingLocal, "calls", {})
+    (tmp_path / "big").mkdir()
+    (tmp_path / "small").mkdir()
+    for i in range(60):
+        (tmp_path / "big" / f"s-{i:03d}.tar").write_bytes(b"x" * i)
+    for i in range(3):
+        (tmp_path / "small" / f"t-{i}.tar").write_bytes(b"y")
+    patterns = [f"counting://{tmp_path}/big/s-{{000..059}}.tar", f"counting://{tmp_path}/small/t-{{0..2}}.tar"]
+    found = list_files(patterns)
+    assert CountingLocal.calls == {"ls": 1, "info": 3}  # one listing of the big folder, a HEAD each for 3 files
+    reference_fs = fsspec.filesystem("file")
+    assert list(found) == sorted(found) and len(found) == 63
+    for url, info in found.items():
+        expected = reference_fs.info(url.removeprefix("counting://"))
+        assert (info["size"], info["mtime"]) == (expected["size"], expected["mtime"]), url
+    with pytest.raises(UserError, match="s-060.tar: matches no files"):
+        list_files(f"counting://{tmp_path}/big/s-{{000..060}}.tar")
+
+
+def test_s3_inputs_are_one_listing_per_prefix(s3_root):
+    import s3fs
+
+    class CountingS3(s3fs.S3FileSystem):
+        calls: dict = {}
+
+        async def _ls(self, path, *args, **kwargs):
+            self.calls["ls"] = self.calls.get("ls", 0) + 1
+            return await super()._ls(path, *args, **kwargs)
+
+        async def _info(self, path, *args, **kwargs):
+            self.calls["info"] = self.calls.get("info", 0) + 1
+            return await super()._info(path, *args, **kwargs)
+
+    fs = fsspec.filesystem("s3")
+    fs.pipe({f"{s3_root}/shards/s-{i:03d}.tar".removeprefix("s3://"): b"z" * (i + 1) for i in range(40)})
+    fsspec.register_implementation("s3", CountingS3, clobber=True)
+    try:
+        found = list_files(f"{s3_root}/shards/s-{{000..039}}.tar")
+    finally:
+        fsspec.register_implementation("s3", s3fs.S3FileSystem, clobber=True)
+    assert CountingS3.calls == {"ls": 1}
+    assert [info["size"] for info in found.values()] == list(range(1, 41)) and all(info["etag"] for info in found.values())
