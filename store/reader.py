@@ -165,46 +165,35 @@ class StreamingReader:
         """Rows [start, start + batch_size) of the epoch's order; `step` (the global step, counting
         epochs of this reader's length) picks each row's caption from the token cache.
 
-        Rows are gathered unit by unit straight from each unit's Arrow buffers (no copy of a
-        whole group), cast to float32 as they land in the batch.
+        The rows are gathered unit by unit, straight from each unit's Arrow buffers, and the batch
+        lists them unit by unit (the batch is a random set of rows; the loss does not depend on
+        their order within it), so each column is a few contiguous gathers.
         """
-        n = self.batch_size
-        vectors = torch.empty((n, self.dim), dtype=torch.float32)
-        text = {c: np.empty(n, dtype=object) for c in ("key", "captions") if c in self.columns}
-        labels = torch.empty(n, dtype=torch.int64) if "label" in self.columns else None
-        token_rows_at = np.empty(n, dtype=np.int64) if self.tokens is not None else None  # a row's first caption
-        counts = np.empty(n, dtype=np.int64) if self.tokens is not None else None
-        sources = []  # (batch positions, unit, rows in the unit) for the token gather below
-        i, filled = bisect.bisect_right(self.group_starts, start) - 1, 0
-        while filled < n:
+        pieces, filled = [], 0  # (unit, rows of the unit)
+        i = bisect.bisect_right(self.group_starts, start) - 1
+        while filled < self.batch_size:
             offset = start + filled - self.group_starts[i]
-            take = min(n - filled, self.group_starts[i + 1] - self.group_starts[i] - offset)
+            take = min(self.batch_size - filled, self.group_starts[i + 1] - self.group_starts[i] - offset)
             group = self._group(i)
-            rows = group.order[offset:offset + take]
-            unit_of = np.searchsorted(group.starts, rows, side="right") - 1
-            for u in np.unique(unit_of):
-                mine = np.flatnonzero(unit_of == u)
-                at, local = filled + mine, rows[mine] - group.starts[u]
-                unit, at_t, local_t = group.units[u], torch.from_numpy(at), torch.from_numpy(local)
-                vectors[at_t] = unit.vectors.index_select(0, local_t).to(torch.float32)
-                for column, values in text.items():
-                    values[at] = unit.text[column][local]
-                if labels is not None:
-                    labels[at_t] = unit.labels.index_select(0, local_t)
-                if counts is not None:
-                    token_rows_at[at] = unit.token_offsets[local]
-                    counts[at] = unit.token_offsets[local + 1] - unit.token_offsets[local]
-                    sources.append((at, unit))
+            rows = np.sort(group.order[offset:offset + take])  # sorted rows fall unit by unit
+            units = np.searchsorted(group.starts, rows, side="right") - 1
+            cuts = np.flatnonzero(np.diff(units)) + 1
+            for u, unit_rows in zip(units[np.r_[0, cuts]], np.split(rows, cuts)):
+                pieces.append((group.units[u], unit_rows - group.starts[u]))
             filled += take
             i += 1
+        vectors = torch.cat([unit.vectors.index_select(0, torch.from_numpy(rows)) for unit, rows in pieces])
+        text = {c: np.concatenate([unit.text[c][rows] for unit, rows in pieces]).tolist() for c in pieces[0][0].text}
+        labels = torch.cat([unit.labels.index_select(0, torch.from_numpy(rows)) for unit, rows in pieces]) \
+            if "label" in self.columns else None
         tokens = None
-        if counts is not None:
-            tokens = torch.empty((n, self.tokens.context_length), dtype=torch.int32)
-            chosen = token_rows_at + pick_captions(counts, self.seed, step, self.rank)
-            for at, unit in sources:
-                tokens[torch.from_numpy(at)] = torch.from_numpy(unit.token_ids[chosen[at]])
-        return Batch(embeddings=vectors, captions=text["captions"].tolist() if "captions" in text else [],
-                     keys=text["key"].tolist() if "key" in text else [], labels=labels, tokens=tokens)
+        if self.tokens is not None:
+            counts = np.concatenate([unit.token_offsets[rows + 1] - unit.token_offsets[rows] for unit, rows in pieces])
+            picks = np.split(pick_captions(counts, self.seed, step, self.rank), np.cumsum([len(r) for _, r in pieces[:-1]]))
+            tokens = torch.from_numpy(np.concatenate([unit.token_ids[unit.token_offsets[rows] + pick]
+                                                      for (unit, rows), pick in zip(pieces, picks)]))
+        return Batch(embeddings=vectors.to(torch.float32), captions=text.get("captions", []), keys=text.get("key", []),
+                     labels=labels, tokens=tokens)
 
     def _group(self, i: int) -> _Group:
         """Group i's units in memory (read once; groups before it are let go), with its row order."""

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -220,18 +221,26 @@ def test_a_misnamed_column_stops_the_run_before_any_commit_with_the_columns_name
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").rglob("commits"))
 
 
-def test_an_s3_store_without_credentials_is_named_with_the_fix(tmp_path, s3_server):
+@pytest.mark.parametrize("problem", ["no credentials", "no server"])
+def test_an_s3_store_that_cannot_be_used_is_named_with_the_fix(tmp_path, s3_server, problem):
     build_planted_dataset(tmp_path / "data")
-    raw = planted_config(tmp_path / "data", "s3://litpipe-test/no-credentials")
+    raw = planted_config(tmp_path / "data", "s3://litpipe-test/unusable")
     (tmp_path / "pipeline.yaml").write_text(json.dumps(raw))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") or k == "AWS_ENDPOINT_URL"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_S3"))}
     env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-               AWS_EC2_METADATA_DISABLED="true")
+               AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL=s3_server["endpoint_url"])
+    if problem == "no server":  # good credentials, but a port nobody listens on
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env.update({k: v for k, v in s3_server["env"].items() if k.startswith("AWS_")},
+                   AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     result = subprocess.run([sys.executable, "-m", "litpipe.cli", "precompute", str(tmp_path / "pipeline.yaml")],
-                            capture_output=True, text=True, env=env, timeout=120)
-    assert result.returncode == 2
-    assert "store.root: s3://litpipe-test/no-credentials: no usable credentials were found" in result.stderr
-    assert "AWS_ACCESS_KEY_ID" in result.stderr and "Traceback" not in result.stderr
+                            capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    expected = {"no credentials": "no usable credentials were found", "no server": "cannot connect to the store"}[problem]
+    assert f"store.root: s3://litpipe-test/unusable: {expected}" in result.stderr
+    assert ("AWS_ACCESS_KEY_ID" if problem == "no credentials" else "AWS_ENDPOINT_URL") in result.stderr
 
 
 ON_THREE_NODES = """
