@@ -19,7 +19,7 @@ from PIL import Image
 from litpipe.config import validate_config
 from litpipe.precompute import stage
 from litpipe.precompute.decode import decode_image
-from litpipe.store.cache import EmbeddingCache, decode_embeddings
+from litpipe.store.cache import EmbeddingCache, decode_embeddings, list_caches
 from litpipe.models.image_encoder import load_encoder
 from precompute_samples import encode_image, image_bytes, sample_members, tiny_config, write_tar
 
@@ -300,3 +300,40 @@ def test_jpegs_decoded_by_the_encoder_give_the_cache_the_cpu_decoder_gives(ray_l
     assert caches["device"].errors() == caches["cpu"].errors() and caches["cpu"].errors()[0]["key"] == "j/cut"
     np.testing.assert_allclose(np.stack([device[k]["embedding"] for k in cpu]),
                                np.stack([cpu[k]["embedding"] for k in cpu]), atol=2e-2)
+
+
+def test_s3_faults_are_retried_and_a_shard_that_stays_unreadable_fails_without_a_commit(planted, tmp_path, s3_root):
+    """Real faults between the job and a real S3 protocol server: throttling and a reset connection
+    are retried and leave no trace; a shard whose reads keep failing is committed by no one, counted
+    as failed (exit code 2), never recorded as bad data, and the rerun finishes it."""
+    from fault_proxy import FaultProxy
+
+    fs = fsspec.filesystem("s3")
+    for tar in sorted((planted["base"] / "data").glob("*.tar")):
+        fs.pipe_file(f"{s3_root}/data/{tar.name}", tar.read_bytes())
+    raw = planted_config(planted["base"] / "data", str(tmp_path / "store"), precompute={"read_retries": 1})
+    raw["data"]["train"]["urls"] = f"{s3_root}/data/train-*.tar"
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(raw))
+    with FaultProxy(upstream=os.environ["AWS_ENDPOINT_URL"]) as proxy:
+        # botocore's own retries off: s3fs's retries and Ray's task retries carry the test, and keep it short
+        env = {**os.environ, "AWS_ENDPOINT_URL": proxy.url, "FSSPEC_S3_ENDPOINT_URL": proxy.url, "AWS_MAX_ATTEMPTS": "1"}
+        throttled = proxy.add_rule("GET", "train-000000.tar", "503", count=2)
+        reset = proxy.add_rule("GET", "train-000001.tar", "reset", count=1)
+        broken = proxy.add_rule("GET", "train-000002.tar", "503", count=10_000)
+        command = [sys.executable, "-m", "litpipe.cli", "precompute", str(tmp_path / "pipeline.yaml")]
+        first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert first.returncode == 2, first.stderr[-3000:]
+        assert "1 input shard(s) failed after retries and were not committed" in first.stderr
+        assert throttled.fired == 2 and reset.fired == 1 and broken.fired > 3
+        cache = next(c for c in list_caches(str(tmp_path / "store")))
+        assert not cache.complete and not any(e["input"].endswith("train-000002.tar") for e in cache.errors())
+        assert {r["input"].rsplit("/", 1)[1] for r in cache.shards()} == {"train-000000.tar", "train-000001.tar",
+                                                                         "train-000003.tar"}
+        proxy.clear()
+        second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert second.returncode == 0, second.stderr[-3000:]
+    cache = EmbeddingCache.open(cache.url)
+    got, want = cache_rows(cache), cache_rows(planted["cache"])
+    assert cache.complete and list(got) == list(want)
+    assert all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
+    assert [(e["key"], e["reason"]) for e in cache.errors()] == [(e["key"], e["reason"]) for e in planted["cache"].errors()]
