@@ -395,13 +395,12 @@ class EmbeddingCache:
                 os.unlink(tmp)
         try:
             self.fs.pipe_file(path, data, mode="create")  # S3 If-None-Match: *
-        except FileExistsError:
-            return False
-        except OSError as err:
-            if "PreconditionFailed" in str(err) or "412" in str(err):
-                return False
-            raise
-        # Stores that ignore the precondition: the last PUT wins, so whoever reads back its own bytes won.
+        except OSError as err:  # FileExistsError, or a 412 under another name
+            if not isinstance(err, FileExistsError) and "PreconditionFailed" not in str(err) and "412" not in str(err):
+                raise
+        # Read back in every case: a PUT whose reply was lost is resent by the client and answered 412
+        # although it was ours; and on stores that ignore the precondition the last PUT wins. Whoever
+        # reads back its own bytes (each record names a writer-unique data file) won.
         self.fs.invalidate_cache(path)
         return self.fs.cat_file(path) == data
 

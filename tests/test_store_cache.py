@@ -244,3 +244,21 @@ def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_p
     third = next(s for s in written.shards() if s["input"] == INPUTS[2])
     assert f"{written.url}/{third['path']}: 1 embedding(s) with NaN or inf" in problems
     assert f"{written.url}/{third['path']}: key 's0/0' also in {first['path']} (duplicate key)" in problems
+
+
+def test_a_commit_whose_reply_is_lost_is_still_the_writers_own(s3_server, s3_root):
+    """The PUT of a commit record lands but its reply is lost: the client resends it and is told
+    412 (the record exists). The writer must see its own record, not a lost race that deletes the
+    data file the record names."""
+    from fault_proxy import FaultProxy
+
+    with FaultProxy(upstream=s3_server["endpoint_url"]) as proxy:
+        fs = fsspec.filesystem("s3", endpoint_url=proxy.url, key="testing", secret="testing", skip_instance_cache=True)
+        root = s3_root.replace("s3://", "")
+        cache = EmbeddingCache.open_or_create(s3_root, ENCODER, DATASET)
+        cache.fs = fs  # this writer talks to the store through the proxy
+        lost = proxy.add_rule("PUT", "/commits/", "lost_response", count=1)
+        record = cache.commit_shard(INPUTS[0], shard_table("s0", 4))
+        assert lost.fired == 1 and record is not None
+        assert fs.exists(f"{root}/{cache.id}/{record['path']}")
+    assert EmbeddingCache.open(cache.url).verify() == []
