@@ -88,3 +88,11 @@ def test_normalize_gives_unit_vectors():
 def test_unknown_model_error_names_the_key_and_the_fix():
     with pytest.raises(EncoderError, match="encoder.model"):
         load_encoder(EncoderConfig(model="no-such-model-xyz"), device="cpu")
+
+
+def test_a_shipped_model_name_with_a_custom_architecture_is_refused_naming_both_keys():
+    """`encoder.model: ViT-L-14` with the demo's `architecture` left in would build the demo's tiny
+    model and label its cache ViT-L-14."""
+    with pytest.raises(EncoderError, match="encoder.model `ViT-L-14` is a model open_clip ships, but "
+                                           "encoder.architecture is set too.*remove encoder.architecture"):
+        load_encoder(EncoderConfig(model="ViT-L-14", architecture=TINY_ARCHITECTURE), device="cpu")

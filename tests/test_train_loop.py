@@ -156,3 +156,20 @@ def test_the_token_cache_holds_every_caption_tokenised_once_per_tokenizer(tiny_c
             row += rows
     assert TokenCache(cache, clip_tokenizer(12).fingerprint()).id != tokens.id  # another context: another cache
     assert ensure_token_cache(cache, tokenizer).id == tokens.id  # found again, nothing rebuilt
+
+
+def test_throughput_counts_the_time_spent_waiting_for_data(tiny_cache, monkeypatch):
+    """A data-bound run must show as one: samples/s over the whole step, data_wait its share."""
+    import litpipe.train_text.trainer as trainer
+
+    class SlowReader(trainer.StreamingReader):
+        def _batch(self, start, step):
+            time.sleep(1.0)
+            return super()._batch(start, step)
+
+    monkeypatch.setattr(trainer, "StreamingReader", SlowReader)
+    summary = train(validate_config(config(tiny_cache, "slow-data", steps=6, prefetch_batches=1)))
+    records = [json.loads(line) for line in (Path(summary["artifact"]).parent / "metrics.jsonl").read_text().splitlines()]
+    steady = records[3:]  # once the prefetch buffers have drained, every step waits for its batch
+    assert all(r["data_wait"] > 0.5 for r in steady)  # the tower's own step takes ~0.2 s here
+    assert all(r["samples_per_s"] < 16 / 0.9 for r in steady)  # a batch of 16 per second of reading
