@@ -4,13 +4,14 @@ were listed and fingerprinted before: an exists and an info per file, serially) 
 and on 10,000 objects of an S3 protocol server (moto, started here on 127.0.0.1). Prints the time
 per 1,000 files of each (median of --repeats) and their ratio.
 
-    .venv/bin/python bench/listing.py [--files 10000] [--repeats 3]
+    .venv/bin/python bench/listing.py [--files 10000] [--repeats 3] [--dir FOLDER]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import statistics
@@ -52,7 +53,7 @@ def measure(name: str, pattern: str, braces: str, count: int, repeats: int, inva
               "after_s_per_1000": per_thousand(repeats, count, after)}
     result["speedup"] = result["before_s_per_1000"] / result["after_s_per_1000"]
     print(f"{name:6} {count:,} files: one request per file {result['before_s_per_1000']:8.3f} s per 1,000, "
-          f"list_files {result['after_s_per_1000']:8.4f} s per 1,000: {result['speedup']:.0f}x faster", flush=True)
+          f"list_files {result['after_s_per_1000']:8.4f} s per 1,000: ratio {result['speedup']:.1f}x", flush=True)
     return result
 
 
@@ -60,13 +61,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", help="folder for the local files, created if missing (default: a temporary folder)")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.abspath(args.dir or tmp)
+        os.makedirs(folder, exist_ok=True)
         for i in range(args.files):
-            with open(f"{tmp}/shard-{i:06d}.tar", "wb") as f:
+            with open(f"{folder}/shard-{i:06d}.tar", "wb") as f:
                 f.write(b"x")
-        results.append(measure("local", f"{tmp}/shard-{{:06d}}.tar", f"{tmp}/shard-{{000000..{args.files - 1:06d}}}.tar",
+        results.append(measure("local", f"{folder}/shard-{{:06d}}.tar", f"{folder}/shard-{{000000..{args.files - 1:06d}}}.tar",
                                args.files, args.repeats, lambda: None))
     results.append(measure_s3(args.files, args.repeats))
     print(json.dumps(results))
@@ -78,6 +82,7 @@ def measure_s3(count: int, repeats: int) -> dict:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request would bury the figures
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")

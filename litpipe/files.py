@@ -43,6 +43,8 @@ def list_files(urls: str | list[str]) -> dict[str, dict]:
             globs.append((url, fs, path))
         else:
             folders.setdefault((fs, fs._parent(path)), []).append((url, path))
+    for fs in {id(fs): fs for fs in [g[1] for g in globs] + [f for f, _ in folders]}.values():
+        fs.invalidate_cache()  # some filesystems (s3fs) answer listings and infos from a per-process cache
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
         listed = [pool.submit(_glob, url, fs, path) for url, fs, path in globs]
         listed += [pool.submit(_in_folder, fs, folder, wanted) for (fs, folder), wanted in folders.items()]
@@ -67,14 +69,20 @@ def _in_folder(fs, folder: str, wanted: list[tuple[str, str]]) -> dict[str, dict
         for url, path in wanted:
             infos[path] = _reach(url, lambda path=path: _info_or_none(fs, path))
     else:
-        fs.invalidate_cache(folder)  # listings are cached by some filesystems (s3fs): a stale one misses files
-        listing = _reach(wanted[0][0], lambda: fs.ls(folder, detail=True))
+        listing = _reach(wanted[0][0], lambda: _ls_or_empty(fs, folder))
         by_name = {fs._strip_protocol(info["name"]).rstrip("/"): info for info in listing}
         infos = {path: by_name.get(fs._strip_protocol(path).rstrip("/")) for _, path in wanted}
     for url, path in wanted:
         if infos[path] is None:
             raise _no_files(url)
     return {to_url(fs, path): file_info(infos[path]) for _, path in wanted}
+
+
+def _ls_or_empty(fs, folder: str) -> list[dict]:
+    try:
+        return fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return []
 
 
 def _info_or_none(fs, path: str) -> dict | None:
