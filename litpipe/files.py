@@ -34,11 +34,9 @@ def list_files(urls: str | list[str]) -> dict[str, dict]:
     object store are a hundred list pages, not 100,000 HEADs. Local paths come back absolute, so the
     same files give the same fingerprint from any cwd; other URLs keep their protocol prefix.
     """
-    patterns = [url for pattern in ([urls] if isinstance(urls, str) else urls) for url in braceexpand(pattern)]
     folders: dict[tuple, list[tuple[str, str]]] = {}  # (filesystem, folder) -> [(url, path)] wanted there
     globs = []
-    for url in patterns:
-        fs, path = fsspec.core.url_to_fs(url)
+    for url, fs, path in _expand(urls):
         if any(c in path for c in GLOB_CHARS):
             globs.append((url, fs, path))
         else:
@@ -52,6 +50,19 @@ def list_files(urls: str | list[str]) -> dict[str, dict]:
         for future in listed:
             found.update(future.result())
     return dict(sorted(found.items()))
+
+
+def _expand(urls: str | list[str]):
+    """(url, filesystem, path) of every brace expansion. The filesystem is resolved once per
+    pattern, not once per expanded name (100,000 names would cost seconds), unless the braces
+    reach into the protocol."""
+    for pattern in [urls] if isinstance(urls, str) else urls:
+        if "://" not in pattern.partition("{")[2]:
+            fs, base = fsspec.core.url_to_fs(pattern)
+            yield from ((url, fs, path) for url, path in zip(braceexpand(pattern), braceexpand(base)))
+        else:
+            for url in braceexpand(pattern):
+                yield (url, *fsspec.core.url_to_fs(url))
 
 
 def _glob(url: str, fs, path: str) -> dict[str, dict]:
@@ -70,8 +81,8 @@ def _in_folder(fs, folder: str, wanted: list[tuple[str, str]]) -> dict[str, dict
             infos[path] = _reach(url, lambda path=path: _info_or_none(fs, path))
     else:
         listing = _reach(wanted[0][0], lambda: _ls_or_empty(fs, folder))
-        by_name = {fs._strip_protocol(info["name"]).rstrip("/"): info for info in listing}
-        infos = {path: by_name.get(fs._strip_protocol(path).rstrip("/")) for _, path in wanted}
+        by_name = {info["name"].rstrip("/"): info for info in listing}  # listed names are paths, as ours are
+        infos = {path: by_name.get(path.rstrip("/")) for _, path in wanted}
     for url, path in wanted:
         if infos[path] is None:
             raise _no_files(url)

@@ -156,3 +156,12 @@ def test_s3_inputs_are_one_listing_per_prefix(s3_root):
         fsspec.register_implementation("s3", s3fs.S3FileSystem, clobber=True)
     assert CountingS3.calls == {"ls": 1}
     assert [info["size"] for info in found.values()] == list(range(1, 41)) and all(info["etag"] for info in found.values())
+
+
+def test_braces_may_reach_into_the_protocol(tmp_path):
+    fs = fsspec.filesystem("memory")
+    fs.pipe({"/braces-a/s.tar": b"a", "/braces-b/s.tar": b"bb"})
+    _touch(tmp_path / "s.tar", b"ccc")
+    found = list_files("{memory://braces-a,memory://braces-b,%s}/s.tar" % tmp_path)
+    assert {url: info["size"] for url, info in found.items()} == {
+        "memory:///braces-a/s.tar": 1, "memory:///braces-b/s.tar": 2, str(tmp_path / "s.tar"): 3}
