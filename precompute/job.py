@@ -102,7 +102,7 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
                      fn_constructor_kwargs={"encoder_cfg": cfg.encoder, "weights_sha256": encoder.fingerprint["weights_sha256"],
                                             "cache_url": cache.url, "batch_size": pre.batch_size,
                                             "max_pixels": pre.max_image_pixels,
-                                            "threads": pre.encoder_threads or (None if use_gpu else os.cpu_count())},
+                                            "threads": pre.encoder_threads},
                      compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), num_gpus=1 if use_gpu else 0)
     )
     yield from stream.iter_rows()
@@ -146,8 +146,8 @@ class PartEncoder:
 
     def __init__(self, encoder_cfg: EncoderConfig, weights_sha256: str, cache_url: str, batch_size: int,
                  max_pixels: int, threads: int | None):
-        if threads:  # Ray sets OMP_NUM_THREADS to the actor's CPUs (1): a CPU encoder wants the node's cores
-            torch.set_num_threads(threads)
+        if threads or not torch.cuda.is_available():  # Ray sets OMP_NUM_THREADS to the actor's CPUs (1):
+            torch.set_num_threads(threads or os.cpu_count())  # a CPU encoder wants its node's cores
         self.encoder = load_encoder(encoder_cfg)
         if self.encoder.fingerprint["weights_sha256"] != weights_sha256:
             raise RuntimeError("encoder actor loaded different weights than the driver fingerprinted "
