@@ -55,9 +55,10 @@ def list_files(urls: str | list[str]) -> dict[str, dict]:
 def _expand(urls: str | list[str]):
     """(url, filesystem, path) of every brace expansion. The filesystem is resolved once per
     pattern, not once per expanded name (100,000 names would cost seconds), unless the braces
-    reach into the protocol."""
+    hold what resolving a path rewrites (a protocol, `..`, `//`, `./`)."""
     for pattern in [urls] if isinstance(urls, str) else urls:
-        if "://" not in pattern.partition("{")[2]:
+        braces = pattern.partition("{")[2]
+        if not any(s in braces for s in ("://", "..", "//", "./")):  # path normalisation cannot reach into them
             fs, base = fsspec.core.url_to_fs(pattern)
             yield from ((url, fs, path) for url, path in zip(braceexpand(pattern), braceexpand(base)))
         else:

@@ -173,3 +173,17 @@ def test_throughput_counts_the_time_spent_waiting_for_data(tiny_cache, monkeypat
     steady = records[3:]  # once the prefetch buffers have drained, every step waits for its batch
     assert all(r["data_wait"] > 0.5 for r in steady)  # the tower's own step takes ~0.2 s here
     assert all(r["samples_per_s"] < 16 / 0.9 for r in steady)  # a batch of 16 per second of reading
+
+
+def test_a_token_cache_built_before_more_shards_were_committed_is_completed(tiny_cache, tmp_path):
+    from litpipe.models.tokenizer import clip_tokenizer
+    from litpipe.store.tokens import TokenCache
+    from litpipe.train_text.token_cache import ensure_token_cache
+
+    cache = resolve_cache(validate_config(config(tiny_cache, "tokens-grow")), "train")
+    tokens = ensure_token_cache(cache, clip_tokenizer(16))
+    first = cache.shards()[0]
+    Path(tokens.path, f"{first['name']}.parquet").unlink()  # as if this shard file came after the build
+    assert tokens.complete and [r["name"] for r in tokens.missing()] == [first["name"]]
+    assert ensure_token_cache(cache, clip_tokenizer(16)).missing() == []
+    assert TokenCache(cache, clip_tokenizer(16).fingerprint()).open_file(first) is not None

@@ -24,9 +24,9 @@ PARALLEL_ROWS = 200_000
 def ensure_token_cache(cache: EmbeddingCache, tokenizer: Tokenizer, workers: int | None = None) -> TokenCache:
     """The complete token cache of `cache` under `tokenizer`, built where missing."""
     tokens = TokenCache(cache, tokenizer.fingerprint())
-    if tokens.complete:
+    todo = tokens.missing()  # one listing: also finds shard files committed after an earlier build
+    if not todo and tokens.complete:
         return tokens
-    todo = tokens.missing()
     jobs = [(tokens, tokenizer, record) for record in todo]
     workers = workers or os.cpu_count() or 1
     parallel = workers > 1 and sum(r["rows"] for r in todo) > PARALLEL_ROWS  # else process start-up outweighs it
