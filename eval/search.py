@@ -13,8 +13,8 @@ from PIL import Image
 
 from litpipe.config import PipelineConfig
 from litpipe.eval.image_source import ImageFetcher
-from litpipe.eval.search_index import build_index
-from litpipe.eval.text_features import encode_texts
+from litpipe.evaluation.search_index import build_index
+from litpipe.evaluation.text_features import encode_texts
 from litpipe.store import load_all, resolve_cache
 from litpipe.models.text_tower import load_text_tower
 

@@ -26,8 +26,8 @@ from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
 from litpipe.eval.image_source import ImageSourceError
 from litpipe.eval.search import CacheSearch, image_mime
-from litpipe.eval.text_features import encode_texts
-from litpipe.eval.zeroshot import build_classifier, classify, load_classnames, load_templates
+from litpipe.evaluation.text_features import encode_texts
+from litpipe.evaluation.zeroshot import build_classifier, classify, load_classnames, load_templates
 
 MAX_K = 500
 IMAGE_CACHE_SIZE = 1024  # thumbnails kept in memory: a page of results is fetched from its shards once

@@ -1,11 +1,11 @@
-"""eval/search_index.py: faiss search against a float64 reference."""
+"""litpipe/evaluation/search_index.py: faiss search against a float64 reference."""
 
 import math
 
 import pytest
 import torch
 
-from litpipe.eval.search_index import build_index
+from litpipe.evaluation.search_index import build_index
 
 
 def _unit(n, d, seed):

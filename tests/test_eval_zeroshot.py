@@ -1,9 +1,9 @@
-"""eval/zeroshot.py: classifier construction, templates and class names, confusions."""
+"""litpipe/evaluation/zeroshot.py: classifier construction, templates and class names, confusions."""
 
 import pytest
 import torch
 
-from litpipe.eval.zeroshot import (
+from litpipe.evaluation.zeroshot import (
     ZeroShotError,
     build_classifier,
     evaluate_zeroshot,

@@ -35,7 +35,7 @@ from litpipe.cli import main
 from litpipe.config import validate_config
 from litpipe.demo_data import build_demo_data
 from litpipe.eval.server import Explorer, create_app
-from litpipe.eval.zeroshot import build_classifier, classify, load_templates
+from litpipe.evaluation.zeroshot import build_classifier, classify, load_templates
 from litpipe.store import EmbeddingCache
 from litpipe.models.image_encoder import load_encoder
 from litpipe.store.fingerprint import dataset_fingerprint

@@ -18,7 +18,7 @@ import yaml
 from conftest import tiny_train_config as config
 
 from litpipe.config import validate_config
-from litpipe.eval.search_index import build_index
+from litpipe.evaluation.search_index import build_index
 from litpipe.models.text_tower import build_text_tower, load_text_tower
 from litpipe.store import load_all, resolve_cache
 from litpipe.train_text.export import export_model
