@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from litpipe.errors import UserError
+from litpipe.evaluation.names import metric_names
 
 DEFAULT_CONFIG = "pipeline.yaml"
 
@@ -107,26 +108,57 @@ class PrecomputeConfig(Section):
 
 
 class TextTowerConfig(Section):
-    width: int = Field(512, ge=8, description="transformer width")
-    layers: int = Field(12, ge=1, description="transformer layers")
-    heads: int = Field(8, ge=1, description="attention heads; must divide width")
-    context_length: int = Field(77, ge=2, description="tokens per caption, start and end included")
-    vocab_size: int = Field(49408, ge=2, description="token embedding rows; at least the tokenizer's vocabulary")
+    """The text tower: open_clip's CLIP-style transformer (random, or an open_clip model's text tower), or a
+    Hugging Face language model through open_clip's HF text encoder; LiT's setting in its own notation."""
+
+    hf_model: str | None = Field(
+        None, description="a Hugging Face language model as the text tower, by hub id or local folder (BERT, RoBERTa, "
+        "XLM-R, mT5, sentence-transformers BERT models): its own tokenizer, width and depth; none = the CLIP-style tower")
+    hf_pooler: Literal["mean_pooler", "max_pooler", "cls_pooler", "cls_last_hidden_state_pooler"] | None = Field(
+        None, description="hf_model only: open_clip's pooler; none = open_clip's default for the architecture")
+    hf_proj: Literal["linear", "mlp"] = Field("linear", description="hf_model only: the projection to the image dim")
+    lit: Literal["Lu", "LU", "LL"] | None = Field(
+        None, description="LiT's text-tower setting: Lu = random init (of hf_model's or init's architecture), "
+        "LU = pretrained weights, trained, LL = pretrained and locked: only the projection and temperature train; "
+        "none = LU when hf_model or init is given, else Lu")
+    width: int = Field(512, ge=8, description="CLIP-style tower: transformer width")
+    layers: int = Field(12, ge=1, description="CLIP-style tower: transformer layers")
+    heads: int = Field(8, ge=1, description="CLIP-style tower: attention heads; must divide width")
+    context_length: int = Field(77, ge=2, description="tokens per caption, special tokens included")
+    vocab_size: int = Field(49408, ge=2, description="CLIP-style tower: token embedding rows; at least the tokenizer's")
     init: str = Field(
-        "random", description="`random` (LiT's u) or an open_clip model/checkpoint whose text tower starts it (U)"
+        "random", description="CLIP-style tower: `random`, or an open_clip model (name[@pretrained], local-dir:DIR, "
+        "hf-hub:org/name) whose text tower it starts from"
     )
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> TextTowerConfig:
+    def _one_source_and_a_setting_it_allows(self) -> TextTowerConfig:
         if self.width % self.heads:
             raise ValueError(f"width ({self.width}) must be divisible by heads ({self.heads})")
+        if self.hf_model and self.init != "random":
+            raise ValueError(f"hf_model ({self.hf_model}) and init ({self.init}) both name a tower; keep one")
+        if self.lit in ("LU", "LL") and not self.hf_model and self.init == "random":
+            raise ValueError(f"lit: {self.lit} starts from pretrained weights; set train.tower.hf_model or "
+                             "train.tower.init, or lit: Lu")
         return self
+
+    @property
+    def setting(self) -> str:
+        """`lit` with its default applied: LU when a pretrained tower is named, else Lu."""
+        return self.lit or ("LU" if self.hf_model or self.init != "random" else "Lu")
+
+
+class WandbConfig(Section):
+    project: str = Field(description="the W&B project")
+    name: str | None = Field(None, description="the run's name; none = W&B's")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="offline = write locally, `wandb sync` later")
 
 
 class TrainConfig(Section):
     dataset: str = Field("train", description="the `data` entry to train on")
     cache: str | None = Field(None, description="a cache id or URL; none = the cache of `dataset`")
-    tokenizer: str = Field("clip", description="`clip` or a path to a tokenizer.json")
+    tokenizer: str = Field("auto", description="auto = the tokenizer of train.tower.hf_model, else CLIP's; `clip`, a "
+                           "tokenizer.json URL, or a Hugging Face model (hub id or folder) whose tokenizer to use")
     pretokenize: bool = Field(True, description="read caption token ids from a token cache beside the embedding cache, "
                               "built once per tokenizer; false = tokenise every step (while changing the tokenizer)")
     tower: TextTowerConfig = TextTowerConfig()
@@ -159,6 +191,11 @@ class TrainConfig(Section):
     checkpoint_dir: str | None = Field(None, description="fsspec URL for resumable checkpoints; none = {workdir}/train/checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest step checkpoints kept; older ones are deleted")
     log_every: int = Field(10, ge=1, description="steps between metrics.jsonl / TensorBoard records")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations on the eval sets (text side only: image "
+                            "vectors are cached), and at the end; 0 = none while training")
+    keep_best: str | None = Field(None, description="with eval_every: keep the text tower of the best value of this "
+                                  "metric at {workdir}/train/best, e.g. zeroshot/heldout/acc1")
+    wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases (pip install 'litpipe[wandb]')")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
@@ -226,6 +263,16 @@ class PipelineConfig(Section):
         for key, name in named:
             if name not in self.data:
                 raise ValueError(f"{key}: no dataset `{name}` under data; known: {', '.join(self.data)}")
+        if self.train.eval_every and not (self.eval.retrieval or self.eval.zeroshot):
+            raise ValueError("train.eval_every: there are no eval sets (eval.retrieval, eval.zeroshot); add one, or set 0")
+        if self.train.keep_best:
+            known = metric_names(self.eval)
+            if not self.train.eval_every:
+                raise ValueError("train.keep_best: needs train.eval_every > 0, the evaluations it picks from")
+            if self.train.keep_best not in known:
+                guess = difflib.get_close_matches(self.train.keep_best, known, n=1)
+                raise ValueError(f"train.keep_best: no metric `{self.train.keep_best}`; "
+                                 + (f"did you mean {guess[0]}? " if guess else "") + f"known: {', '.join(known)}")
         return self
 
 
@@ -244,6 +291,12 @@ def _describe_section(section: type[BaseModel], lines: list[str], indent: str) -
     for name, field in section.model_fields.items():
         note = f"  # {field.description}" if field.description else ""
         inner = _section_type(field.annotation)
+        if inner is not None and not field.is_required() and field.default is None:  # an optional section, off
+            lines.append(f"{indent}{name}: null{note}; its keys:")
+            keys: list[str] = []
+            _describe_section(inner, keys, indent="")
+            lines += [f"{indent}#   {key}" for key in keys]
+            continue
         if inner is not None:
             lines.append(f"{indent}{name}:{note}")
             if get_origin(field.annotation) is dict:

@@ -30,13 +30,14 @@ from litpipe.errors import UserError
 from litpipe.files import write_atomic
 from litpipe.models.text_tower import TextTower, build_text_tower, save_text_tower
 from litpipe.models.tokenizer import Tokenizer, load_tokenizer
-from litpipe.plots import pyplot
 from litpipe.prefetch import prefetched
 from litpipe.store import Batch, EmbeddingCache, StreamingReader, load_all, resolve_cache
 from litpipe.store.tokens import TokenCache, pick_captions
 from litpipe.train_text.gather import barrier, sum_gradients, world
 from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
 from litpipe.train_text.loss import global_contrastive_loss
+from litpipe.train_text.eval_while_training import EvalWhileTraining
+from litpipe.train_text.metrics_log import MetricsLog
 from litpipe.train_text.token_cache import ensure_token_cache
 
 LATEST = "latest.json"
@@ -80,16 +81,16 @@ def build_run(cfg: PipelineConfig) -> Run:
     cache = resolve_cache(cfg, t.dataset, t.cache)
     steps_per_epoch = len(StreamingReader(cache, t.batch_size // size, rank, size, t.seed, 0, text=False))
     total_steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    tokenizer = load_tokenizer(t.tokenizer, t.tower.context_length, t.tower.hf_model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        tower = build_text_tower(t.tower, cache.dim, t.init_temperature, t.init_bias).to(device)
-    tokenizer = load_tokenizer(t.tokenizer, tower.context_length)
-    if tokenizer.vocab_size > tower.text_cfg["vocab_size"]:
-        raise UserError(f"train.tokenizer has {tokenizer.vocab_size} ids but train.tower.vocab_size is "
-                        f"{tower.text_cfg['vocab_size']}; set train.tower.vocab_size: {tokenizer.vocab_size}")
-    decay, no_decay = [], []  # weight decay on matrices only, not on gains, biases or positions
+        tower = build_text_tower(t.tower, cache.dim, tokenizer, t.init_temperature, t.init_bias).to(device)
+    tokenizer.context_length = tower.context_length  # an open_clip `init` brings its own
+    check_tokenizer_fits(tokenizer, tower, t.tower)
+    decay, no_decay = [], []  # weight decay on matrices only, not on gains, biases or positions; LL: projection only
     for name, p in tower.named_parameters():
-        (decay if p.ndim >= 2 and "positional_embedding" not in name else no_decay).append(p)
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "positional_embedding" not in name else no_decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.warmup_steps, total_steps))
@@ -101,6 +102,17 @@ def build_run(cfg: PipelineConfig) -> Run:
         barrier()
         tokens = TokenCache(cache, tokenizer.fingerprint())
     return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped, tokens)
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, tower: TextTower, tower_cfg) -> None:
+    """Every id the tokenizer gives has an embedding row, and an HF tower masks exactly its padding."""
+    if tokenizer.vocab_size > tower.vocab_size:
+        fix = ("a tokenizer of that model" if tower_cfg.hf_model else f"train.tower.vocab_size: {tokenizer.vocab_size}")
+        raise UserError(f"train.tokenizer has {tokenizer.vocab_size} ids but the tower embeds {tower.vocab_size}; "
+                        f"use {fix}")
+    if tower.hf_config is not None and tower.hf_config.pad_token_id != tokenizer.pad_id:
+        raise UserError(f"train.tokenizer pads with id {tokenizer.pad_id} but {tower_cfg.hf_model} masks id "
+                        f"{tower.hf_config.pad_token_id}; use that model's own tokenizer (train.tokenizer: auto)")
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -129,7 +141,8 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
         with autocast(precision, run.device):
             return embed_module(tokens).float()
 
-    log = MetricsLog(out, enabled=rank == 0, append=resume)
+    log = MetricsLog(out, enabled=rank == 0, append=resume, wandb=t.wandb, config=cfg.model_dump())
+    evaluate = EvalWhileTraining(cfg, log) if t.eval_every and rank == 0 else None
     bar = tqdm(total=run.total_steps, initial=step, disable=rank != 0, desc="train", unit="step")
     started, losses = time.perf_counter(), []
     last = started  # a step's time runs from the previous step's end, so waiting for data counts
@@ -161,6 +174,10 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
             log.write({"step": step, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm),
                        "temperature": run.tower.logit_scale.exp().item(), "bias": run.tower.logit_bias.item(),
                        "samples_per_s": t.batch_size / seconds, "data_wait": waited / seconds})
+        if t.eval_every and (step % t.eval_every == 0 or step == run.total_steps):
+            if evaluate:
+                bar.set_postfix_str(", ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in evaluate(run, step).items())[:200])
+            barrier()
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == run.total_steps:
             if rank == 0:
                 save_checkpoint(ckpt_dir, run, step, t.keep_checkpoints)
@@ -173,9 +190,11 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
     if rank == 0:
         save_text_tower(cfg.final_text_tower, run.tower, run.tokenizer,
                         {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss, "dataset": t.dataset,
-                         "encoder": cfg.encoder.model_dump(exclude={"device"})})
+                         "lit": t.tower.setting, "encoder": cfg.encoder.model_dump(exclude={"device"})})
         log.close()
-        summary["loss_curve"] = log.plot()
+        summary.update(log.plot())
+        if t.keep_best:
+            summary["best"] = f"{cfg.train_dir}/best"
         with fsspec.open(f"{out}/summary.json", "w") as f:
             f.write(json.dumps(summary, indent=2))
     return summary
@@ -247,49 +266,3 @@ def load_checkpoint(ckpt_dir: str, run: Run) -> int:
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return int(state["step"])
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard under the train folder, and the loss-curve PNG at the end."""
-
-    def __init__(self, out: str, enabled: bool, append: bool):
-        self.out, self.enabled = out, enabled
-        if not enabled:
-            return
-        fs, root = fsspec.core.url_to_fs(out)
-        fs.makedirs(root, exist_ok=True)
-        self.jsonl = fsspec.open(f"{out}/metrics.jsonl", "a" if append else "w").open()
-        self.tensorboard = None
-        if "://" not in out:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(f"{out}/tensorboard")
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.tensorboard:
-            for key, value in record.items():
-                if key != "step":
-                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
-
-    def close(self) -> None:
-        self.jsonl.close()
-        if self.tensorboard:
-            self.tensorboard.close()
-
-    def plot(self) -> str:
-        """loss.png from metrics.jsonl (the last value logged for each step, so resumed runs plot once)."""
-        plt = pyplot()
-        with fsspec.open(f"{self.out}/metrics.jsonl", "r") as f:
-            points = {r["step"]: r["loss"] for r in map(json.loads, f)}
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(list(points), list(points.values()))
-        ax.set(xlabel="step", ylabel="loss", title="text-tower training loss")
-        fig.tight_layout()
-        with fsspec.open(f"{self.out}/loss.png", "wb") as f:
-            fig.savefig(f, format="png")
-        plt.close(fig)
-        return f"{self.out}/loss.png"

@@ -78,17 +78,9 @@ class EvalSuite:
         return results
 
 
-def flat_metrics(results: dict) -> dict[str, float]:
-    """`{task}/{dataset}/{metric}` -> value, e.g. `zeroshot/heldout/acc1`: the names train.keep_best takes."""
+def flat_metrics(results: dict, field: str = "metrics") -> dict[str, float]:
+    """`{task}/{dataset}/{metric}` -> value (`field`: metrics or chance), e.g. `zeroshot/heldout/acc1`, as
+    `names.metric_names` lists them; undefined values (acc5 of fewer than 5 classes) left out."""
     return {f"{task}/{dataset}/{metric}": value for task in ("retrieval", "zeroshot")
-            for dataset, result in results.get(task, {}).items() for metric, value in result["metrics"].items()
+            for dataset, result in results.get(task, {}).items() for metric, value in result[field].items()
             if not math.isnan(value)}
-
-
-def metric_names(cfg: PipelineConfig) -> list[str]:
-    """Every name `flat_metrics` can give for `cfg.eval`, known before any eval runs."""
-    names = [f"retrieval/{name}/{direction}_retrieval_recall@{k}" for name in cfg.eval.retrieval
-             for direction in ("image", "text") for k in cfg.eval.ks]
-    for z in cfg.eval.zeroshot:
-        names += [f"zeroshot/{z.dataset}/acc{k}" for k in z.ks] + [f"zeroshot/{z.dataset}/mean_per_class_recall"]
-    return names

@@ -1,11 +1,13 @@
-"""The text tokenizer every stage shares: CLIP's BPE on the Rust `tokenizers` library.
+"""The text tokenizers every stage shares, on the Rust `tokenizers` library.
 
 `clip_tokenizer()` builds, from the vocabulary file open_clip ships, a tokenizer whose ids are
 identical to `open_clip.tokenize`: open_clip's own text cleaning runs in Python (ftfy, HTML
 unescaping, whitespace folding, lower-casing: things the Rust normalizers do differently), the
 split regex, byte-level BPE with `</w>` word ends, start/end tokens, truncation that keeps the
-end token, and zero padding run in Rust, in batches. `Tokenizer.load(path)` reads any
-tokenizer.json, `save(path)` writes one, `train_bpe` fits a new vocabulary on captions.
+end token, and zero padding run in Rust, in batches. `hf_tokenizer()` takes a Hugging Face model's
+own tokenizer (WordPiece, SentencePiece, BPE) with its special tokens and padding. `Tokenizer.load(path)`
+reads any tokenizer.json, `save(path)` writes one; `train_bpe` and `train_unigram` fit a new vocabulary
+on captions.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from typing import Iterable
 import numpy as np
 import regex
 import torch
-from open_clip.tokenizer import _clean_lower, bytes_to_unicode, default_bpe
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+from open_clip.tokenizer import _clean_lower, _clean_whitespace, bytes_to_unicode, default_bpe
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
 from litpipe.errors import UserError
 
 START, END = "<start_of_text>", "<end_of_text>"
-CLEANING = "open_clip._clean_lower/1"  # bump if the Python-side cleaning changes: it changes every id
+# bump if the Python-side cleaning changes: it changes every id
+CLEANING = {"clip": "open_clip._clean_lower/1", "native": "open_clip._clean_whitespace/1"}
 # open_clip's split pattern without its special-token alternatives (handled in `_split_specials`).
 CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # open_clip's full pattern: only used to find where it reads a special token inside a caption.
@@ -37,27 +40,46 @@ class TokenizerError(UserError):
 
 
 class Tokenizer:
-    """Batch text -> LongTensor [N, context_length] with start/end tokens and zero padding."""
+    """Batch text -> LongTensor [N, context_length]: one row per text, framed by special tokens, padded.
+
+    Two framings, chosen by the vocabulary:
+    - `clip` (a vocabulary with CLIP's <start_of_text> / <end_of_text>: CLIP's BPE, `litpipe tokenizer train
+      --model bpe`): open_clip's cleaning in Python, start/end, truncation that keeps the end token, zero
+      padding; ids identical to `open_clip.tokenize`.
+    - `native` (any other tokenizer.json: BERT's WordPiece, SentencePiece Unigram, RoBERTa's BPE, ...): the
+      file's own normaliser, pre-tokeniser and special-token template, truncated to the context length and
+      padded with its pad token; ids identical to `transformers` and open_clip's HFTokenizer (whose
+      whitespace folding runs first, as there).
+    """
 
     def __init__(self, rust: RustTokenizer, context_length: int = 77):
         self.rust = rust
         self.context_length = context_length
-        self.start_id = rust.token_to_id(START)
-        self.end_id = rust.token_to_id(END)
-        if self.start_id is None or self.end_id is None:
-            raise TokenizerError(f"the tokenizer has no {START} / {END} tokens; train it with `litpipe tokenizer train`")
         self.vocab_size = rust.get_vocab_size()
+        start, end = rust.token_to_id(START), rust.token_to_id(END)
+        self.framing = "clip" if start is not None and end is not None else "native"
+        if self.framing == "clip":
+            self.start_id, self.end_id, self.pad_id = start, end, 0
+            return
+        self.pad_id = _pad_id(rust)
+        framed = _framed(rust, context_length)
+        framed.no_padding()
+        specials = framed.encode("", add_special_tokens=True).ids
+        self.start_id = None
+        self.end_id = specials[-1] if specials else None  # where a CLIP-style tower pools (`eos`)
+        self._framed = {context_length: _framed(rust, context_length)}
 
     @classmethod
     def load(cls, path: str, context_length: int = 77) -> Tokenizer:
-        """Any tokenizer.json (by fsspec URL); open_clip's cleaning is applied before it."""
+        """Any tokenizer.json (by fsspec URL)."""
         import fsspec
 
         try:
             with fsspec.open(path, "r", encoding="utf-8") as f:
                 rust = RustTokenizer.from_str(f.read())
         except FileNotFoundError:
-            raise TokenizerError(f"{path}: no such tokenizer file; set train.tokenizer to `clip` or a tokenizer.json") from None
+            raise TokenizerError(f"{path}: no such tokenizer file; set train.tokenizer to `auto`, `clip`, a tokenizer.json "
+                                 "or a Hugging Face model") from None
         except Exception as err:
             raise TokenizerError(f"{path}: not a tokenizer.json ({err}); write one with `litpipe tokenizer train`") from None
         return cls(rust, context_length)
@@ -66,7 +88,7 @@ class Tokenizer:
         """What decides the ids: the whole tokenizer.json (vocabulary, merges, special tokens,
         pipeline), the context length and the Python-side cleaning; keys a token cache."""
         return {"sha256": hashlib.sha256(self.rust.to_str().encode()).hexdigest(), "context_length": self.context_length,
-                "cleaning": CLEANING}
+                "cleaning": CLEANING[self.framing]}
 
     def save(self, path: str) -> None:
         import fsspec
@@ -75,10 +97,15 @@ class Tokenizer:
             f.write(self.rust.to_str())
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.LongTensor:
-        """Same contract as `open_clip.tokenize`: one row per text, truncated rows end in the end token."""
+        """Same contract as `open_clip.tokenize`: one row per text, truncated rows keep their end token."""
         if isinstance(texts, str):
             texts = [texts]
         ctx = context_length or self.context_length
+        if self.framing == "native":
+            if ctx not in self._framed:
+                self._framed[ctx] = _framed(self.rust, ctx)
+            encoded = self._framed[ctx].encode_batch([_clean_whitespace(t) for t in texts]) if texts else []
+            return torch.tensor([e.ids for e in encoded], dtype=torch.long).reshape(len(texts), ctx)
         pieces = [_split_specials(_clean_lower(t)) for t in texts]
         flat = [p for parts in pieces for p in parts if p not in (START, END)]
         encoded = iter(self.rust.encode_batch(flat, add_special_tokens=False)) if flat else iter(())
@@ -93,10 +120,36 @@ class Tokenizer:
         return torch.from_numpy(out)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The text of one row: the ids between the start and the first end token."""
+        """The text of one row, without its special tokens and padding."""
         ids = list(ids)
+        if self.framing == "native":
+            return self.rust.decode([i for i in ids if i != self.pad_id], skip_special_tokens=True)
         ids = ids[1:] if ids and ids[0] == self.start_id else ids
         return self.rust.decode(ids[: ids.index(self.end_id)] if self.end_id in ids else ids)
+
+
+PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>", "<PAD>")
+
+
+def _pad_id(rust: RustTokenizer) -> int:
+    """The pad id a native tokenizer.json declares (its padding section, else a conventional pad token)."""
+    if rust.padding:
+        return rust.padding["pad_id"]
+    for token in PAD_TOKENS:
+        if rust.token_to_id(token) is not None:
+            return rust.token_to_id(token)
+    raise TokenizerError(f"the tokenizer has neither CLIP's {START}/{END} nor a pad token ({', '.join(PAD_TOKENS)}); "
+                         "add one, or fit a tokenizer with `litpipe tokenizer train`")
+
+
+def _framed(rust: RustTokenizer, context_length: int) -> RustTokenizer:
+    """A copy of a native tokenizer that truncates to, and pads to, `context_length` (as transformers'
+    `padding="max_length", truncation=True` does), leaving the original's settings alone."""
+    framed = RustTokenizer.from_str(rust.to_str())
+    pad_id = _pad_id(rust)
+    framed.enable_truncation(context_length)
+    framed.enable_padding(length=context_length, pad_id=pad_id, pad_token=rust.id_to_token(pad_id))
+    return framed
 
 
 def _split_specials(text: str) -> list[str]:
@@ -155,9 +208,36 @@ def clip_tokenizer(context_length: int = 77) -> Tokenizer:
     return Tokenizer(_clip_rust(), context_length)
 
 
-def load_tokenizer(spec: str, context_length: int = 77) -> Tokenizer:
-    """`clip` or the URL of a tokenizer.json (train.tokenizer in pipeline.yaml)."""
-    return clip_tokenizer(context_length) if spec == "clip" else Tokenizer.load(spec, context_length)
+def load_tokenizer(spec: str, context_length: int = 77, hf_model: str | None = None) -> Tokenizer:
+    """train.tokenizer: `auto` (the tokenizer of `hf_model` when the tower is one, else CLIP's), `clip`,
+    the URL of a tokenizer.json, or a Hugging Face model (hub id or local folder) whose tokenizer to use."""
+    if spec == "auto":
+        return hf_tokenizer(hf_model, context_length) if hf_model else clip_tokenizer(context_length)
+    if spec == "clip":
+        return clip_tokenizer(context_length)
+    if spec.endswith(".json"):
+        return Tokenizer.load(spec, context_length)
+    return hf_tokenizer(spec, context_length)
+
+
+def hf_tokenizer(source: str, context_length: int = 77) -> Tokenizer:
+    """A Hugging Face model's own tokenizer, as `transformers` loads it (its fast, Rust form; converted from
+    vocab.txt or a SentencePiece model where the model ships no tokenizer.json), with its pad token."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise TokenizerError(f"{source}: a Hugging Face tokenizer needs `transformers`; pip install 'litpipe[hf]'") from None
+    try:
+        hf = AutoTokenizer.from_pretrained(source)
+    except Exception as err:
+        raise TokenizerError(f"{source}: transformers could not load its tokenizer ({err}); give a local model folder, "
+                             "a hub id (needs the network), or train.tokenizer: path/to/tokenizer.json") from None
+    if hf.pad_token_id is None:
+        raise TokenizerError(f"{source}: its tokenizer has no pad token; give train.tokenizer a tokenizer.json with one")
+    rust = RustTokenizer.from_str(hf.backend_tokenizer.to_str())
+    rust.no_truncation()
+    rust.enable_padding(pad_id=hf.pad_token_id, pad_token=hf.pad_token)  # so the saved file names its pad token
+    return Tokenizer(rust, context_length)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 77) -> Tokenizer:
@@ -177,3 +257,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 77) -
     rust.train_from_iterator((_clean_lower(t) for t in texts), trainer=trainer)
     rust.add_special_tokens([START, END])
     return Tokenizer(_with_specials(rust), context_length)
+
+
+def train_unigram(texts: Iterable[str], vocab_size: int, context_length: int = 77) -> Tokenizer:
+    """Fit a SentencePiece-style Unigram vocabulary (NFKC, `▁` word marks, T5's `<pad>` 0, `</s>` 1,
+    `<unk>` 2 and an end token after every text) of `vocab_size` ids on captions: a native tokenizer for
+    scripts CLIP's byte-level BPE splits badly."""
+    rust = RustTokenizer(models.Unigram())
+    rust.normalizer = normalizers.NFKC()
+    rust.pre_tokenizer = pre_tokenizers.Metaspace()
+    rust.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                      unk_token="<unk>", show_progress=False)
+    rust.train_from_iterator((_clean_whitespace(t) for t in texts), trainer=trainer)
+    rust.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    rust.enable_padding(pad_id=0, pad_token="<pad>")
+    return Tokenizer(rust, context_length)
