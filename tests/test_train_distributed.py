@@ -1,5 +1,6 @@
 """Two Ray Train workers (gloo, CPU) against one process on the concatenated batch, in float64."""
 
+import json
 import sys
 
 import torch
@@ -79,8 +80,12 @@ def test_train_stage_with_two_workers_runs_ray_train_and_writes_the_text_tower(r
     from litpipe.models.text_tower import load_text_tower
     from litpipe.train_text.stage import run
 
-    summary = run(validate_config(tiny_train_config(tiny_cache, "two-workers", workers=2, steps=2)))
+    raw = tiny_train_config(tiny_cache, "two-workers", workers=2, steps=2, eval_every=1)
+    raw["eval"] = {"retrieval": ["train"]}
+    summary = run(validate_config(raw))
     assert summary["world_size"] == 2 and summary["steps"] == 2
+    records = [json.loads(line) for line in open(f"{raw['workdir']}/train/metrics.jsonl")]
+    assert [r["step"] for r in records if "eval" in r] == [1, 2]  # rank 0 alone evaluates, once per eval step
     tower, tokenizer, meta = load_text_tower(summary["artifact"])
     assert meta["steps"] == 2 and tower(tokenizer(["a red cat"])).shape == (1, 32)
     assert any("2 worker(s)" in line for line in summary["report"])

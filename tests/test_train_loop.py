@@ -107,9 +107,13 @@ def test_cli_fits_a_tokenizer_on_the_cache_captions_and_documents_every_command(
     assert main(["tokenizer", "train", str(path), "--vocab-size", "600", "--out", str(out)]) == 0
     tokenizer = Tokenizer.load(str(out), 16)
     assert tokenizer.vocab_size <= 600 and tokenizer.decode(tokenizer(["red cat"])[0].tolist()).strip() == "red cat"
+    unigram = tmp_path / "unigram.json"
+    assert main(["tokenizer", "train", str(path), "--model", "unigram", "--vocab-size", "60", "--out", str(unigram)]) == 0
+    tokenizer = Tokenizer.load(str(unigram), 16)
+    assert tokenizer.framing == "native" and tokenizer.decode(tokenizer(["red cat"])[0].tolist()) == "red cat"
     capsys.readouterr()
     for command, options in ((["train"], ["--resume", "--set"]), (["export"], ["--out", "--checkpoint"]),
-                             (["tokenizer", "train"], ["--vocab-size", "--out", "--dataset"])):
+                             (["tokenizer", "train"], ["--model", "--vocab-size", "--out", "--dataset"])):
         with pytest.raises(SystemExit):
             main([*command, "--help"])
         listed = [line.split()[0].rstrip(",") for line in capsys.readouterr().out.splitlines() if line.startswith("  -")]

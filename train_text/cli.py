@@ -19,13 +19,16 @@ def register(commands) -> None:
     export.add_argument("--checkpoint", help="text-tower folder (default: the train stage's final one, {workdir}/train/final)")
     export.set_defaults(func=_export)
 
-    tokenizer = commands.add_parser("tokenizer", help="fit a BPE tokenizer on the captions of a cache",
-                                    description="Fit a CLIP-style BPE tokenizer on a cache's captions.")
+    tokenizer = commands.add_parser("tokenizer", help="fit a BPE or Unigram tokenizer on the captions of a cache",
+                                    description="Fit a tokenizer on a cache's captions.")
     actions = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
-    fit = actions.add_parser("train", help="fit a BPE of --vocab-size ids on a cache's captions, write tokenizer.json",
-                             description="Fit a BPE (CLIP's cleaning and split) on the captions of a dataset's cache.")
+    fit = actions.add_parser("train", help="fit a vocabulary of --vocab-size ids on a cache's captions, write tokenizer.json",
+                             description="Fit a tokenizer on the captions of a dataset's cache: `bpe`, CLIP's cleaning, "
+                             "split and framing; `unigram`, SentencePiece-style (NFKC, word marks, </s> after each text), "
+                             "for scripts byte-level BPE splits badly.")
     add_config_args(fit)
-    fit.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, start/end tokens included")
+    fit.add_argument("--model", choices=("bpe", "unigram"), default="bpe", help="the vocabulary model (default: %(default)s)")
+    fit.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary, special tokens included")
     fit.add_argument("--out", required=True, help="tokenizer.json to write (any fsspec URL)")
     fit.add_argument("--dataset", help="the `data` entry whose cache's captions to use (default: train.dataset)")
     fit.set_defaults(func=_tokenizer_train)
@@ -48,13 +51,14 @@ def _export(args) -> int:
 
 
 def _tokenizer_train(args) -> int:
-    from litpipe.models.tokenizer import train_bpe
+    from litpipe.models.tokenizer import train_bpe, train_unigram
     from litpipe.store import load_all, resolve_cache
 
     cfg = config_from_args(args)
     cache = resolve_cache(cfg, args.dataset or cfg.train.dataset, None if args.dataset else cfg.train.cache)
     captions = (c for caption_list in load_all(cache).captions for c in caption_list)
-    tokenizer = train_bpe(captions, args.vocab_size, cfg.train.tower.context_length)
+    fit = train_unigram if args.model == "unigram" else train_bpe
+    tokenizer = fit(captions, args.vocab_size, cfg.train.tower.context_length)
     tokenizer.save(args.out)
     print(f"wrote {args.out}: {tokenizer.vocab_size} ids; set train.tokenizer: {args.out} and "
           f"train.tower.vocab_size: {tokenizer.vocab_size}")

@@ -3,9 +3,13 @@
     DIR/open_clip_config.json       {"model_cfg": {embed_dim, vision_cfg, text_cfg, ...}, "preprocess_cfg"}
     DIR/open_clip_model.safetensors the CLIP state dict (visual.* from the encoder, text from the tower)
     DIR/tokenizer.json              the training tokenizer
+    DIR/tokenizer_config.json       a native (non-CLIP) tokenizer: what open_clip's HFTokenizer needs to load it
+    DIR/config.json                 an HF text tower: the language model's config (open_clip's CustomTextCLIP
+                                    rebuilds it from DIR, the folder's absolute path: move the folder, edit it)
 
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads it; `open_clip.get_tokenizer("local-dir:DIR")`
-gives the CLIP tokenizer (a custom tokenizer.json: `litpipe.models.tokenizer.Tokenizer.load(DIR/tokenizer.json)`).
+gives the training tokenizer: CLIP's (a custom CLIP-style BPE: `litpipe.models.tokenizer.Tokenizer.load(DIR/tokenizer.json)`),
+or the native one through open_clip's HFTokenizer.
 """
 
 from __future__ import annotations
@@ -40,16 +44,27 @@ def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -
     if model_cfg["embed_dim"] != tower.embed_dim:
         raise UserError(f"export: the text tower projects to {tower.embed_dim} but the image tower gives "
                         f"{model_cfg['embed_dim']}; train on a cache of this encoder")
+    folder = Path(out).absolute()
+    folder.mkdir(parents=True, exist_ok=True)
     model_cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "text_cfg", "init_logit_bias")}
     model_cfg["text_cfg"] = {k: v for k, v in tower.text_cfg.items() if v is not None}
     state = {f"visual.{k}": v for k, v in encoder.model.visual.state_dict().items()}
-    state.update(tower.text.state_dict())
+    if tower.hf_config is not None:  # open_clip's CustomTextCLIP: the language model rebuilt from this folder
+        model_cfg["custom_text"] = True
+        model_cfg["text_cfg"].update(hf_model_name=str(folder), hf_model_pretrained=False)
+        (folder / "config.json").write_text(tower.hf_config.to_json_string())
+        state.update({f"text.{k}": v for k, v in tower.text.state_dict().items()})
+    else:
+        state.update(tower.text.state_dict())
+    if tokenizer.framing == "native":  # open_clip's HFTokenizer reads it from this folder (local-dir:)
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = str(folder)
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tower.context_length,
+            "pad_token": tokenizer.rust.id_to_token(tokenizer.pad_id)}))
     state["logit_scale"] = tower.logit_scale.detach().clone()
     if meta.get("loss") == "sigmoid":
         model_cfg["init_logit_bias"] = float(tower.logit_bias)
         state["logit_bias"] = tower.logit_bias.detach().clone()
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(json.dumps(
         {"model_cfg": model_cfg, "preprocess_cfg": dict(encoder.model.visual.preprocess_cfg),
          "litpipe": {"text_tower": meta, "encoder": encoder.fingerprint}}, indent=2, default=str))

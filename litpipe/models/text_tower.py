@@ -185,7 +185,7 @@ def save_text_tower(url: str, tower: TextTower, tokenizer: Tokenizer, meta: dict
 def load_text_tower(url: str, device: str = "cpu") -> tuple[TextTower, Tokenizer, dict]:
     """Read a folder written by `save_text_tower` or `litpipe export`: (tower in eval mode, tokenizer, meta)."""
     fs, root = fsspec.core.url_to_fs(url)
-    exported = not fs.exists(f"{root}/{CONFIG_FILE}") and fs.exists(f"{root}/{EXPORT_CONFIG_FILE}")
+    exported = fs.exists(f"{root}/{EXPORT_CONFIG_FILE}")  # an HF tower's export has a config.json too: the model's
     try:
         with fs.open(f"{root}/{EXPORT_CONFIG_FILE if exported else CONFIG_FILE}", "r") as f:
             config = json.load(f)
