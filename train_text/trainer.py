@@ -33,10 +33,10 @@ from litpipe.models.tokenizer import Tokenizer, load_tokenizer
 from litpipe.prefetch import prefetched
 from litpipe.store import Batch, EmbeddingCache, StreamingReader, load_all, resolve_cache
 from litpipe.store.tokens import TokenCache, pick_captions
+from litpipe.train_text.eval_while_training import EvalWhileTraining
 from litpipe.train_text.gather import barrier, sum_gradients, world
 from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
 from litpipe.train_text.loss import global_contrastive_loss
-from litpipe.train_text.eval_while_training import EvalWhileTraining
 from litpipe.train_text.metrics_log import MetricsLog
 from litpipe.train_text.token_cache import ensure_token_cache
 
@@ -176,12 +176,12 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
                        "samples_per_s": t.batch_size / seconds, "data_wait": waited / seconds})
         if t.eval_every and (step % t.eval_every == 0 or step == run.total_steps):
             if evaluate:
-                bar.set_postfix_str(", ".join(f"{k.split('/', 1)[1]}={v:.3f}" for k, v in evaluate(run, step).items())[:200])
-            barrier()
+                evaluate(run, step)
+            barrier()  # the other ranks wait for rank 0's evaluation, no longer
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == run.total_steps:
             if rank == 0:
                 save_checkpoint(ckpt_dir, run, step, t.keep_checkpoints)
-        last = time.perf_counter()  # a checkpoint's write is neither the step nor waiting for data
+        last = time.perf_counter()  # an evaluation or a checkpoint write is neither the step nor waiting for data
     bar.close()
     elapsed = time.perf_counter() - started
     summary = {"steps": run.total_steps, "resumed_at": run.total_steps - len(losses), "cache_id": run.cache.id,

@@ -57,10 +57,11 @@ class TextTower(torch.nn.Module):
         self.embed_dim = embed_dim
         try:
             self.text = _build_text_tower(embed_dim, cfg)
-        except (OSError, ValueError, KeyError) as err:  # transformers' and open_clip's words for an unusable model
+        except (OSError, ValueError) as err:  # transformers' words for a model it cannot load
+            if not cfg.hf_model_name:
+                raise
             raise TextTowerError(f"train.tower.hf_model {cfg.hf_model_name}: open_clip's HF text encoder could not build it "
-                                 f"({type(err).__name__}: {err}); give a local model folder or a hub id (needs the network) "
-                                 f"of an architecture open_clip knows ({', '.join(sorted(arch_dict))})") from None
+                                 f"({type(err).__name__}: {err}); give a local model folder or a hub id (needs the network)") from None
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(init_temperature)))
         self.logit_bias = torch.nn.Parameter(torch.tensor(float(init_bias)))
 
@@ -100,9 +101,8 @@ def build_text_tower(tower_cfg, embed_dim: int, tokenizer: Tokenizer | None = No
     if tower_cfg.hf_model:
         text_cfg = {"hf_model_name": tower_cfg.hf_model, "hf_model_pretrained": setting != "Lu",
                     "hf_proj_type": tower_cfg.hf_proj, "context_length": tower_cfg.context_length,
-                    **({"hf_pooler_type": tower_cfg.hf_pooler} if tower_cfg.hf_pooler else {})}
-        if not tower_cfg.hf_pooler:  # open_clip's default pooler for the architecture
-            text_cfg["hf_pooler_type"] = _default_pooler(tower_cfg.hf_model)
+                    # named, not left to open_clip's default, so an export pools as training did
+                    "hf_pooler_type": tower_cfg.hf_pooler or _default_pooler(tower_cfg.hf_model)}
         tower = TextTower(text_cfg, embed_dim, init_temperature, init_bias)
     elif tower_cfg.init == "random":
         text_cfg = {k: getattr(tower_cfg, k) for k in ("width", "layers", "heads", "context_length", "vocab_size")}
@@ -113,6 +113,9 @@ def build_text_tower(tower_cfg, embed_dim: int, tokenizer: Tokenizer | None = No
             text_cfg.update(pool_type="eos", eos_id=tokenizer.end_id, pad_id=tokenizer.pad_id)
         tower = TextTower(text_cfg, embed_dim, init_temperature, init_bias)
     else:
+        if tokenizer is not None and tokenizer.framing == "native":
+            raise TextTowerError(f"train.tower.init {tower_cfg.init}: an open_clip text tower reads CLIP's tokens; "
+                                 "set train.tokenizer: clip (or auto), or start from `random`")
         source = _load_open_clip_text(tower_cfg.init)
         tower = TextTower(source["text_cfg"], embed_dim, init_temperature, init_bias)
         if setting != "Lu":

@@ -62,12 +62,10 @@ class Tokenizer:
             self.start_id, self.end_id, self.pad_id = start, end, 0
             return
         self.pad_id = _pad_id(rust)
-        framed = _framed(rust, context_length)
-        framed.no_padding()
-        specials = framed.encode("", add_special_tokens=True).ids
+        self._framed = {context_length: _framed(rust, context_length)}
+        specials = [i for i in self._framed[context_length].encode("").ids if i != self.pad_id]  # the empty text, framed
         self.start_id = None
         self.end_id = specials[-1] if specials else None  # where a CLIP-style tower pools (`eos`)
-        self._framed = {context_length: _framed(rust, context_length)}
 
     @classmethod
     def load(cls, path: str, context_length: int = 77) -> Tokenizer:
