@@ -40,7 +40,7 @@ def evaluate(cfg: PipelineConfig, checkpoint: str | None = None) -> dict:
         name = zeroshot.dataset
         cache = resolve_cache(cfg, name)
         contents = load_all(cache, text=False)
-        if contents.labels is None:
+        if contents.labels is None or bool((contents.labels == -1).all()):
             raise UserError(f"eval.zeroshot: cache {cache.id} of `{name}` has no labels; give data.{name}.label_column "
                             "(or .cls files in the shards) and re-run `litpipe precompute`")
         classnames = load_classnames(cfg.data[name].classnames, name)
