@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DATA ?= data/openmoji
 
-.PHONY: run test venv clean
+.PHONY: run ablation test venv clean
 
 $(VENV)/.installed-%: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ venv: $(VENV)/.installed-demo,serve
 run: $(VENV)/.installed-demo,serve
 	$(BIN)/litpipe demo-data --out $(DEMO_DATA)
 	$(BIN)/litpipe run pipeline.yaml
+
+# LiT's ablation on the demo: L (locked pretrained tower) vs u (random tower) vs shuffled captions.
+ablation: $(VENV)/.installed-demo,serve
+	$(BIN)/litpipe demo-data --out $(DEMO_DATA)
+	$(BIN)/litpipe ablation pipeline.yaml
 
 test: $(VENV)/.installed-demo,test
 	$(BIN)/python -m pytest -q

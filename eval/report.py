@@ -32,11 +32,11 @@ def markdown_table(results: dict) -> list[str]:
     for task in ("retrieval", "zeroshot"):
         for dataset, result in results.get(task, {}).items():
             for name, value in result["metrics"].items():
-                lines.append(f"| {dataset} | {task} | {metric_label(name)} | {_pct(value)} | {_pct(result['chance'][name])} |")
+                lines.append(f"| {dataset} | {task} | {metric_label(name)} | {pct(value)} | {pct(result['chance'][name])} |")
     return lines
 
 
-def _pct(value: float) -> str:
+def pct(value: float) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 

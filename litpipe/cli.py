@@ -24,6 +24,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablation(args: argparse.Namespace) -> int:
+    from litpipe.ablation import run_ablation
+
+    run_ablation(args.config, args.overrides, args.out)
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     try:
         from litpipe.demo_data import build_demo_data
@@ -52,8 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(run)
     run.set_defaults(func=_run)
 
+    ablation = commands.add_parser("ablation", help="LiT's ablation: the same training on the locked pretrained tower, "
+                                   "a random one, and shuffled captions, side by side",
+                                   description="Run pipeline.yaml three times (L: encoder.pretrained as given; u: "
+                                   "encoder.pretrained null; control: train.shuffle_captions) and compare their evals "
+                                   "in one table and plot with chance.")
+    add_config_args(ablation)
+    ablation.add_argument("--out", default="runs/ablation", help="folder for the three runs and the comparison "
+                          "(default: %(default)s)")
+    ablation.set_defaults(func=_ablation)
+
     demo = commands.add_parser("demo-data", help="build the embedded OpenMoji demo dataset (no network)",
-                               description="Render OpenMoji emoji as images captioned with their names, as WebDataset tar shards.")
+                               description="Render OpenMoji emoji as images captioned with their names, as WebDataset tar shards, "
+                               "and pretrain the demo's image tower on the training emoji's subgroups.")
     demo.add_argument("--out", default="data/openmoji", help="output folder (default: %(default)s)")
     demo.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
     demo.set_defaults(func=_demo_data)

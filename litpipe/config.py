@@ -43,7 +43,8 @@ class DatasetConfig(Section):
     image_column: str | None = Field(None, description="parquet: image bytes column; webdataset: extension")
     caption_column: str | None = Field(None, description="caption column (or webdataset extension)")
     key_column: str | None = Field(None, description="unique key column; default: derived")
-    label_column: str | None = Field(None, description="optional integer class label column")
+    label_column: str | None = Field(None, description="optional integer class label column (webdataset: its "
+                                     "extension; default cls); a sample without one is left out of zero-shot eval")
     classnames: str | list[str] | None = Field(
         None, description="class names (or a file, one per line) indexed by label, for zero-shot eval"
     )

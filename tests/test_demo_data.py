@@ -12,9 +12,13 @@ import pytest
 import webdataset as wds
 from PIL import Image, ImageFont
 
+from litpipe.config import load_config
 from litpipe.demo_data import (
-    DONE_MARKER, IMAGE_SIZE, DemoDataError, Emoji, _font, _groups, _sample, build_demo_data, is_heldout, load_emojis,
+    DONE_MARKER, IMAGE_SIZE, KINDS, DemoDataError, Emoji, _font, _groups, _sample, build_demo_data, caption_kind,
+    is_heldout, load_emojis,
 )
+from litpipe.demo_tower import ARCHITECTURE, CHECKPOINT, MODEL
+from litpipe.models.image_encoder import load_encoder
 
 LIMIT, VIEWS = 40, 2
 
@@ -44,6 +48,9 @@ def test_shards_are_webdataset_samples_with_png_caption_metadata_and_label(demo)
         assert (image.format, image.mode, image.size) == ("PNG", "RGB", (IMAGE_SIZE, IMAGE_SIZE))
         assert meta["key"] == sample["__key__"] and sample["txt"].decode() == meta["name"]
         assert int(sample["cls"]) == meta["label"]
+        assert ("kind.cls" in sample) == (meta["kind"] is not None) == (caption_kind(meta["name"]) is not None)
+        if "kind.cls" in sample:
+            assert KINDS[int(sample["kind.cls"])] == meta["kind"]
         assert classnames[meta["label"]] == meta["group"].replace("&", "and").lower()
         assert {"emoji", "subgroup", "view", "font_size", "dx", "dy", "background"} <= set(meta)
 
@@ -65,6 +72,14 @@ def test_captions_are_the_emoji_package_names_as_plain_words(demo):
         assert "_" not in caption and not caption.startswith(":")
         assert caption.replace(":", "").replace(",", "").replace("“", "").replace("”", "") == (
             shortcode.strip(":").replace("_", " "))
+
+
+def test_an_emojis_kind_is_the_one_kind_word_its_caption_uses():
+    assert KINDS[caption_kind("woman astronaut: medium skin tone")] == "woman"
+    assert KINDS[caption_kind("grinning face")] == "face"
+    assert caption_kind("woman raising hand") is None  # two kinds: no label
+    assert caption_kind("rocket") is None
+    assert caption_kind("manual wheelchair") is None  # whole words only: `manual` is no `man`
 
 
 def test_caption_keeps_the_unicode_qualifier_colon():
@@ -90,7 +105,7 @@ def test_builds_in_two_processes_write_identical_bytes(demo, tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(p.name for p in tmp_path.iterdir())
+    assert CHECKPOINT in names and names == sorted(p.name for p in tmp_path.iterdir())
     for name in names:
         assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
@@ -150,3 +165,25 @@ def test_without_raqm_sequences_are_skipped_and_single_emoji_kept():
     assert _sample(basic, astronaut, 0, 0) is None
     assert _sample(basic, grinning, 0, 0) is not None
     assert _sample(_font(), astronaut, 0, 0) is not None
+
+
+def test_pretrained_tower_is_an_open_clip_checkpoint_that_encoder_pretrained_loads(demo):
+    out, summary = demo
+    cfg = load_config("pipeline.yaml", [f"encoder.pretrained={out / CHECKPOINT}"])
+    assert (cfg.encoder.model, cfg.encoder.architecture) == (MODEL, ARCHITECTURE)  # pipeline.yaml says what was trained
+    pretrained = load_encoder(cfg.encoder, device="cpu")
+    random = load_encoder(cfg.encoder.model_copy(update={"pretrained": None}), device="cpu")
+    assert pretrained.fingerprint["weights_sha256"] != random.fingerprint["weights_sha256"]
+    assert pretrained.fingerprint["pretrained"] == str(out / CHECKPOINT)
+    assert summary["tower"]["images"] == summary["train_images"]  # pretrained on the training split alone
+
+
+def test_a_missing_tower_is_rebuilt_alone_with_the_same_bytes(demo, tmp_path):
+    out, summary = demo
+    build_demo_data(tmp_path, limit=LIMIT, views=VIEWS)
+    shard = tmp_path / "train-000000.tar"
+    before = shard.stat().st_mtime_ns
+    (tmp_path / CHECKPOINT).unlink()
+    assert build_demo_data(tmp_path, limit=LIMIT, views=VIEWS)["tower"] == summary["tower"]
+    assert shard.stat().st_mtime_ns == before
+    assert (tmp_path / CHECKPOINT).read_bytes() == (out / CHECKPOINT).read_bytes()

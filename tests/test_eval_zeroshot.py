@@ -72,3 +72,10 @@ def test_evaluate_zeroshot_normalises_images_and_lists_the_top_confusions():
 def test_labels_beyond_the_class_names_are_refused():
     with pytest.raises(ZeroShotError, match="3 class names"):
         evaluate_zeroshot(torch.eye(4)[:, :3], torch.tensor([0, 1, 2, 3]), torch.eye(3), ["a", "b", "c"])
+
+
+def test_rows_without_a_label_are_left_out_of_zero_shot():
+    images = torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]])
+    result = evaluate_zeroshot(images, torch.tensor([0, -1, 0, 1]), torch.eye(2), ["a", "b"], ks=[1])
+    assert result["metrics"]["acc1"] == 1.0
+    assert (result["num_samples"], result["num_unlabelled"]) == (3, 1)

@@ -55,7 +55,7 @@ class EvalSuite:
             name = zeroshot.dataset
             cache = resolve_cache(cfg, name)
             contents = load_all(cache, text=False)
-            if contents.labels is None:
+            if contents.labels is None or bool((contents.labels == -1).all()):  # -1: a sample with no label
                 raise UserError(f"eval.zeroshot: cache {cache.id} of `{name}` has no labels; give data.{name}.label_column "
                                 "(or .cls files in the shards) and re-run `litpipe precompute`")
             self.zeroshot[name] = _ZeroShotSet(cache, contents.embeddings, contents.labels,

@@ -75,8 +75,14 @@ def classify(images: torch.Tensor, classifier: torch.Tensor, batch_rows: int = 6
 
 def evaluate_zeroshot(images: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor, classnames: list[str],
                       ks: list[int] = (1, 5), top_confusions: int = 10) -> dict:
-    """Metrics, their chance levels, and the most frequent (true, predicted) mistakes."""
+    """Metrics, their chance levels, and the most frequent (true, predicted) mistakes.
+
+    Rows labelled -1 (the store's mark for a sample its shard gave no label) take no part: a labelled
+    subset of a dataset, such as the demo's held-out emoji whose caption names a kind, is evaluated alone.
+    """
     labels = labels.long()
+    labelled = labels != -1
+    images, labels = images[labelled], labels[labelled]
     if labels.numel() and (labels.min() < 0 or labels.max() >= len(classnames)):
         raise ZeroShotError(f"labels range over {labels.min().item()}..{labels.max().item()} but there are "
                             f"{len(classnames)} class names; the classnames list must cover every label, in label order")
@@ -91,6 +97,7 @@ def evaluate_zeroshot(images: torch.Tensor, labels: torch.Tensor, classifier: to
         "metrics": zeroshot_metrics(logits, labels, list(ks)),
         "chance": zeroshot_chance(len(classnames), list(ks)),
         "num_samples": len(labels),
+        "num_unlabelled": int((~labelled).sum()),
         "num_classes": len(classnames),
         "num_classes_present": int(torch.unique(labels).numel()),
         "top_confusions": confusions,
