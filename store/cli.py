@@ -1,4 +1,4 @@
-"""`litpipe cache ls|show|verify|rm`: look after the caches under the config's store.root."""
+"""`litpipe cache ls|show|verify|export|rm`: look after the caches under the config's store.root."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def register(commands) -> None:
     verify.add_argument("cache", help="cache id (or unique prefix) under store.root, or a cache URL")
     add_config_args(verify)
     verify.set_defaults(func=_verify)
+
+    export = actions.add_parser("export", help="write a cache in a layout other tools read (npy: clip-retrieval, "
+                                "autofaiss, embedding-reader; arrow: LanceDB, Hugging Face datasets)",
+                                description="Write a complete cache as clip-retrieval's img_emb/*.npy + metadata/*.parquet "
+                                "(--format npy) or as Parquet with a fixed_size_list<float32> `embedding` column "
+                                "(--format arrow), shard by shard in bounded memory.")
+    export.add_argument("cache", help="cache id (or unique prefix) under store.root, or a cache URL")
+    add_config_args(export)
+    export.add_argument("--format", required=True, choices=("npy", "arrow"), help="the layout to write")
+    export.add_argument("--out", required=True, help="output folder (any fsspec URL)")
+    export.add_argument("--dtype", choices=("float16", "float32"), help="npy only: default = the cache's stored dtype")
+    export.set_defaults(func=_export)
 
     rm = actions.add_parser("rm", help="delete a cache (or with --orphans only its orphaned data files)",
                             description="Delete a cache directory, or only the data files no commit record names.")
@@ -117,6 +129,15 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"cache {cache.id}: {len(problems)} problem(s)")
         return 1
     print(f"cache {cache.id}: ok ({len(cache.shards())} shards, {cache.num_rows:,} rows)")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from litpipe.store.export import export_cache
+
+    summary = export_cache(_open(args), args.out, args.format, args.dtype)
+    print(f"exported cache {summary['cache_id']}: {summary['rows']:,} rows x {summary['dim']} ({summary['dtype']}) "
+          f"in {len(summary['files'])} file(s) as {args.format} to {args.out} (export.json records what)")
     return 0
 
 

@@ -1,0 +1,126 @@
+"""A cache in the layouts other tools read, written shard by shard in bounded memory.
+
+The cache stores vectors as one `fixed_size_binary` per row (Parquet decodes it at memcpy speed;
+docs/cache-format.md), which other tools read as opaque bytes. An export rewrites them:
+
+- `npy`: clip-retrieval's layout, which autofaiss and embedding-reader read:
+      OUT/img_emb/img_emb_{i}.npy            float16 or float32 [n_i, D]
+      OUT/metadata/metadata_{i}.parquet      key, caption (the first), captions, label?, metadata; row-aligned
+- `arrow`: Parquet whose `embedding` column is `fixed_size_list<float32, D>`, what LanceDB and
+  Hugging Face datasets treat as a vector:
+      OUT/data/part-{i:05d}.parquet          key, caption, captions, label?, metadata, embedding
+
+One output file (pair) per cache shard file, in the cache's shard order, written row group by
+row group: memory holds one row group, whatever the cache's size. OUT/export.json records the
+cache, the encoder and the row counts, and is written last: a folder without it is unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from litpipe.files import write_atomic
+from litpipe.store.cache import CacheError, EmbeddingCache, decode_embeddings
+
+FORMATS = ("npy", "arrow")
+
+
+def export_cache(cache: EmbeddingCache, out: str, fmt: Literal["npy", "arrow"],
+                 dtype: Literal["float16", "float32"] | None = None) -> dict:
+    """Write `cache` under `out` (any fsspec URL) as `fmt`; returns what export.json records.
+
+    `dtype` (npy only): the stored dtype by default; the arrow layout is float32, as vector tools expect.
+    """
+    if fmt not in FORMATS:
+        raise CacheError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    if not cache.complete:
+        raise CacheError(f"cache {cache.id} is partial; finish it with `litpipe precompute` before exporting")
+    dtype = "float32" if fmt == "arrow" else dtype or cache.embedding_dtype
+    fs, root = fsspec.core.url_to_fs(out)
+    records = cache.shards()
+    with_labels = any("label" in r["columns"] for r in records)
+    files = []
+    with tqdm(total=sum(r["rows"] for r in records), unit="row", unit_scale=True, desc=f"export {cache.id}") as bar:
+        for i, record in enumerate(records):
+            parquet = cache.open_shard(record)
+            groups = (_rows(cache, parquet, record, g, with_labels, dtype) for g in range(parquet.num_row_groups))
+            if fmt == "npy":
+                files.append(_write_npy(fs, root, i, record["rows"], cache.dim, dtype, groups, bar))
+            else:
+                written = _write_arrow(fs, f"{root}/data/part-{i:05d}.parquet", cache.dim, groups, bar)
+                files += [written] if written else []
+    summary = {"format": fmt, "dtype": dtype, "cache_id": cache.id, "cache_url": cache.url, "dim": cache.dim,
+               "rows": sum(r["rows"] for r in records), "files": files, "encoder": cache.manifest["encoder"]}
+    write_atomic(fs, f"{root}/export.json", json.dumps(summary, indent=2, default=str).encode())
+    return summary
+
+
+def _rows(cache: EmbeddingCache, parquet: pq.ParquetFile, record: dict, group: int, with_labels: bool,
+          dtype: str) -> tuple[np.ndarray, pa.Table]:
+    """One row group: its vectors as [n, D] `dtype`, and its text columns in the export's schema."""
+    present = [c for c in ("key", "captions", "label", "metadata", "embedding") if c in record["columns"]]
+    table = parquet.read_row_group(group, columns=present)
+    vectors = decode_embeddings(table.column("embedding"), cache.dim, cache.embedding_dtype).astype(dtype, copy=False)
+    captions = table.column("captions")
+    first = [texts[0] if texts else None for texts in captions.to_pylist()]
+    columns = {"key": table.column("key"), "caption": pa.array(first, pa.string()), "captions": captions}
+    if with_labels:  # a shard without labels reads -1, as the cache's own reader gives them
+        labels = table.column("label") if "label" in present else pa.nulls(table.num_rows, pa.int64())
+        columns["label"] = pc.fill_null(labels, -1)
+    columns["metadata"] = table.column("metadata") if "metadata" in present else pa.nulls(table.num_rows, pa.string())
+    return vectors, pa.table(columns)
+
+
+def _write_npy(fs, root: str, i: int, rows: int, dim: int, dtype: str, groups, bar) -> dict:
+    """img_emb_{i}.npy streamed after its header (the row count is known from the commit record), and
+    metadata_{i}.parquet beside it, one row group per row group."""
+    emb, meta = f"{root}/img_emb/img_emb_{i}.npy", f"{root}/metadata/metadata_{i}.parquet"
+    fs.makedirs(f"{root}/img_emb", exist_ok=True)
+    fs.makedirs(f"{root}/metadata", exist_ok=True)
+    writer = None
+    with fs.open(emb, "wb") as vectors_file, fs.open(meta, "wb") as meta_file:
+        np.lib.format.write_array_header_1_0(vectors_file, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                            "shape": (rows, dim)})
+        for vectors, table in groups:
+            if not table.num_rows:
+                continue
+            vectors_file.write(np.ascontiguousarray(vectors).tobytes())
+            writer = writer or pq.ParquetWriter(meta_file, table.schema)
+            writer.write_table(table)
+            bar.update(len(vectors))
+        if writer is not None:
+            writer.close()
+        else:  # an empty shard still gets its (empty) metadata file, so files stay paired
+            pq.write_table(pa.table({"key": pa.array([], pa.string())}), meta_file)
+    return {"embeddings": emb, "metadata": meta, "rows": rows}
+
+
+def _write_arrow(fs, path: str, dim: int, groups, bar) -> dict | None:
+    """part-{i}.parquet, one row group per row group; none for a shard without rows."""
+    rows, writer, f = 0, None, None
+    try:
+        for vectors, table in groups:
+            if not table.num_rows:  # an empty row group trips readers (Hugging Face datasets)
+                continue
+            flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+            table = table.append_column("embedding", pa.FixedSizeListArray.from_arrays(flat, dim))
+            if writer is None:
+                fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                f = fs.open(path, "wb")
+                writer = pq.ParquetWriter(f, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+            bar.update(table.num_rows)
+    finally:
+        if writer is not None:
+            writer.close()
+            f.close()
+    return {"path": path, "rows": rows} if writer is not None else None
