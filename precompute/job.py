@@ -44,7 +44,8 @@ def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_comm
     inputs = list_shards(dataset)
     check_columns(dataset, inputs[0])  # a misnamed column stops here, not as a skip record per shard
     cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(dataset),
-                                          cfg.store.embedding_dtype, cfg.store.row_group_rows, cfg.precompute.rows_per_commit)
+                                          cfg.store.embedding_dtype, cfg.store.row_group_rows, cfg.precompute.rows_per_commit,
+                                          dataset_name=name)
     done = set(inputs) if cache.complete else cache.committed_inputs()  # one listing of commits/
     todo = [url for url in inputs if url not in done]
     start = time.perf_counter()

@@ -103,12 +103,14 @@ class EmbeddingCache:
 
     @classmethod
     def open_or_create(cls, root: str, encoder_fp: dict, dataset_fp: dict, embedding_dtype: str = "float16",
-                       row_group_rows: int = 65536, rows_per_commit: int | None = None) -> EmbeddingCache:
+                       row_group_rows: int = 65536, rows_per_commit: int | None = None,
+                       dataset_name: str | None = None) -> EmbeddingCache:
         """The cache of this encoder and dataset under `root`, created empty if there is none.
 
         `embedding_dtype`, `row_group_rows` and `rows_per_commit` (samples per committed part of an
         input shard; none = a whole input shard) are fixed when a cache is created; an existing
         cache keeps its own (the manifest records them), so a resumed run cuts the same parts.
+        `dataset_name`, the `data` entry that creates it, is recorded for `litpipe cache ls`; never matched.
         """
         if embedding_dtype not in ("float16", "float32"):
             raise CacheError(f"embedding_dtype {embedding_dtype!r}: use float16 or float32 (store.embedding_dtype)")
@@ -129,6 +131,7 @@ class EmbeddingCache:
             "dim": encoder_fp.get("dim"),
             "encoder": encoder_fp,
             "dataset": dataset_fp,
+            "dataset_name": dataset_name,
         }
         cache = cls(url, manifest)
         cache.fs.makedirs(cache.path, exist_ok=True)

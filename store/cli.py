@@ -1,4 +1,4 @@
-"""`litpipe cache ls|show|verify|export|rm`: look after the caches under the config's store.root."""
+"""`litpipe cache ls|du|show|verify|export|rm`: look after the caches under the config's store.root."""
 
 from __future__ import annotations
 
@@ -15,10 +15,19 @@ def register(commands) -> None:
                                 description="Manage the embedding caches under store.root of the config.")
     actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
 
-    ls = actions.add_parser("ls", help="list caches: id, state, rows, size, encoder, dataset",
-                            description="List every cache under store.root, oldest first.")
+    ls = actions.add_parser("ls", help="list caches: id, state, encoder, dataset, rows, errors, size, shared inputs",
+                            description="List every cache under store.root, oldest first: encoder (model, pretrained, "
+                            "weights sha256 prefix), dataset, rows, skipped samples, bytes, input shards another cache "
+                            "of the same encoder also embedded, created.")
     add_config_args(ls)
+    ls.add_argument("--json", action="store_true", help="one JSON list, for scripts")
     ls.set_defaults(func=_ls)
+
+    du = actions.add_parser("du", help="what each encoder's caches hold, and what removing each would free",
+                            description="Sum rows and bytes per encoder fingerprint; per cache, the bytes `cache rm` frees.")
+    add_config_args(du)
+    du.add_argument("--json", action="store_true", help="one JSON list, for scripts")
+    du.set_defaults(func=_du)
 
     show = actions.add_parser("show", help="print one cache's manifest readably",
                               description="Print a cache's manifest: fingerprints, shards, errors.")
@@ -65,30 +74,47 @@ def _size(n: int) -> str:
     return f"{n:.1f} TB"
 
 
-def _describe_encoder(fp: dict) -> str:
-    return f"{fp.get('model')}" + (f" ({fp['pretrained']})" if fp.get("pretrained") else "") + \
-        f" {fp.get('output', '')} d={fp.get('dim')}"
-
-
-def _describe_dataset(fp: dict) -> str:
-    inputs = fp.get("inputs", [])
-    first = inputs[0]["url"] if inputs else "-"
-    return f"{fp.get('format')} {first}" + (f" (+{len(inputs) - 1})" if len(inputs) > 1 else "")
+def _describe_encoder(encoder: dict) -> str:
+    """model (pretrained) sha:prefix output d=D, from `catalogue.describe`'s encoder entry."""
+    return (f"{encoder['model']}" + (f" ({encoder['pretrained']})" if encoder.get("pretrained") else "")
+            + f" sha:{encoder['weights_sha256'][:8]} {encoder.get('output') or ''} d={encoder.get('dim')}")
 
 
 def _ls(args: argparse.Namespace) -> int:
+    from litpipe.store.catalogue import describe
+
     root = config_from_args(args).store.root
-    caches = list_caches(root)
-    if not caches:
+    entries = describe(list_caches(root))
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
         print(f"no caches under {root}")
         return 0
-    print(f"{'ID':16}  {'STATE':8}  {'ROWS':>10}  {'SIZE':>9}  ENCODER  |  DATASET")
-    for c in caches:
-        shards = c.shards()
-        state = "complete" if c.complete else "partial"
-        rows, size = sum(s["rows"] for s in shards), sum(s["bytes"] for s in shards)
-        print(f"{c.id:16}  {state:8}  {rows:>10,}  {_size(size):>9}  "
-              f"{_describe_encoder(c.manifest['encoder'])}  |  {_describe_dataset(c.manifest['dataset'])}")
+    print(f"{'ID':16}  {'STATE':8}  {'ROWS':>10}  {'ERRORS':>6}  {'SIZE':>9}  {'SHARED':>7}  {'CREATED':19}  ENCODER  |  DATASET")
+    for e in entries:
+        print(f"{e['id']:16}  {e['state']:8}  {e['rows']:>10,}  {e['errors']:>6,}  {_size(e['bytes']):>9}  "
+              f"{e['inputs_shared']:>3}/{e['inputs']:<3}  {e['created'][:19]:19}  {_describe_encoder(e['encoder'])}  |  "
+              f"{e['dataset'] or '-'} ({e['format']}, {e['first_input'] or 'no inputs'}"
+              + (f" +{e['inputs'] - 1})" if e["inputs"] > 1 else ")"))
+    shared = sum(e["inputs_shared"] for e in entries)
+    if shared:
+        print(f"SHARED: input shards another cache of the same encoder embedded too ({shared} in all)")
+    return 0
+
+
+def _du(args: argparse.Namespace) -> int:
+    from litpipe.store.catalogue import describe, disk_usage
+
+    caches = list_caches(config_from_args(args).store.root)
+    groups = disk_usage(describe(caches), caches)
+    if args.json:
+        print(json.dumps(groups, indent=2))
+        return 0
+    for g in groups:
+        print(f"{_size(g['bytes']):>9}  {g['rows']:>12,} rows  {g['caches']} cache(s)  {_describe_encoder(g['encoder'])}")
+        for cache_id, freed in g["rm_frees"].items():
+            print(f"{'':11}cache rm {cache_id} frees {_size(freed)}")
     return 0
 
 

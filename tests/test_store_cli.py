@@ -1,4 +1,6 @@
-"""`litpipe cache ls|show|verify|rm`, driven through litpipe.cli.main like a user would."""
+"""`litpipe cache ls|du|show|verify|export|rm`, driven through litpipe.cli.main like a user would."""
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +31,7 @@ def cache(config, tmp_path):
     return cache
 
 
-@pytest.mark.parametrize("action", ["ls", "show", "verify", "rm"])
+@pytest.mark.parametrize("action", ["ls", "du", "show", "verify", "export", "rm"])
 def test_every_cache_command_has_help(action, capsys):
     with pytest.raises(SystemExit) as exit:
         main(["cache", action, "--help"])
@@ -74,3 +76,35 @@ def test_rm_deletes_orphans_or_the_whole_cache(cache, config, tmp_path, capsys):
 def test_unknown_cache_id_is_a_user_error_pointing_at_ls(config, capsys):
     assert main(["cache", "show", "feedbeef", config]) == 2
     assert "feedbeef: no cache with this id" in capsys.readouterr().err
+
+
+def test_ls_json_and_du_count_rows_errors_bytes_and_inputs_two_caches_of_one_encoder_both_embedded(config, tmp_path, capsys):
+    inputs = [{"url": f"/data/s-{i}.tar", "size": 10 + i, "mtime": 1.0} for i in range(3)]
+    v1 = {**DATASET, "inputs": inputs[:2]}
+    v2 = {**DATASET, "inputs": inputs}  # v1 plus one shard: its first two were embedded by v1's cache too
+    other_encoder = {**ENCODER, "weights_sha256": "f" * 64}
+    made = {}
+    for name, encoder, dataset in (("v1", ENCODER, v1), ("v2", ENCODER, v2), ("v2-other", other_encoder, v2)):
+        cache = EmbeddingCache.open_or_create(str(tmp_path / "store"), encoder, dataset, dataset_name=name)
+        for i, entry in enumerate(dataset["inputs"]):
+            cache.commit_shard(entry["url"], pa.table({
+                "key": [f"{entry['url']}/{j}" for j in range(i + 1)], "captions": [["x"]] * (i + 1),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(4 * (i + 1), np.float32)), 4),
+            }), [{"key": f"{entry['url']}/bad", "reason": "undecodable image"}])
+        if name != "v2-other":
+            cache.finalize()
+        made[name] = cache
+    assert main(["cache", "ls", config, "--json"]) == 0
+    listed = {e["dataset"]: e for e in json.loads(capsys.readouterr().out)}
+    assert {k: (e["state"], e["rows"], e["errors"], e["inputs"], e["inputs_shared"]) for k, e in listed.items()} == {
+        "v1": ("complete", 3, 2, 2, 2), "v2": ("complete", 6, 3, 3, 2), "v2-other": ("partial", 6, 3, 3, 0)}
+    assert listed["v2"]["bytes"] == sum(r["bytes"] for r in made["v2"].shards()) > 0
+    assert listed["v2-other"]["encoder"]["weights_sha256"] == "f" * 12
+    assert main(["cache", "du", config, "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)
+    assert sorted((g["caches"], g["rows"]) for g in groups) == [(1, 6), (2, 9)]
+    both = next(g for g in groups if g["caches"] == 2)
+    assert both["rm_frees"] == {made["v1"].id: listed["v1"]["bytes"], made["v2"].id: listed["v2"]["bytes"]}
+    assert main(["cache", "ls", config]) == 0
+    table = capsys.readouterr().out
+    assert "2/3" in table and "v2-other (webdataset, /data/s-0.tar +2)" in table
