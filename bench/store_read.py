@@ -102,7 +102,7 @@ def main() -> None:
         tokenizer = clip_tokenizer(77)
         tokens = ensure_token_cache(cache, tokenizer)
         tokenise_s = time.perf_counter() - start
-        paths = [os.path.join(cache.path, s["path"]) for s in cache.shards()]
+        paths = [cache.file_path(s) for s in cache.shards()]
         total = sum(s["bytes"] for s in cache.shards())
         token_paths = [f"{tokens.path}/{s['name']}.parquet" for s in cache.shards()]
         with_tokens = total + sum(os.path.getsize(p) for p in token_paths)

@@ -34,6 +34,7 @@ from litpipe.ray_cluster import init_ray
 from litpipe.sources import SHARD_ERROR_KEY, Sample, TransientReadError, check_columns, list_shards, read_shard
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.fingerprint import dataset_fingerprint
+from litpipe.store.sharing import adopt_from_other_caches
 
 from .decode import decode_part, finish_decoding
 
@@ -46,6 +47,7 @@ def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_comm
     cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(dataset),
                                           cfg.store.embedding_dtype, cfg.store.row_group_rows, cfg.precompute.rows_per_commit,
                                           dataset_name=name)
+    reused = {} if cache.complete else adopt_from_other_caches(cache, inputs)  # shards another cache embedded
     done = set(inputs) if cache.complete else cache.committed_inputs()  # one listing of commits/
     todo = [url for url in inputs if url not in done]
     start = time.perf_counter()
@@ -69,6 +71,7 @@ def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_comm
     return {
         "dataset": name, "cache_id": cache.id, "cache_url": cache.url, "reused": not todo, "complete": cache.complete,
         "inputs": len(inputs), "inputs_processed": len(todo), "failed_inputs": failed, "embedded": tally["embedded"],
+        "inputs_reused": len(reused), "reused_from": sorted(set(reused.values())),
         "skipped": sum(tally["skipped"].values()), "skipped_by_reason": dict(tally["skipped"]),
         "rows_in_cache": cache.num_rows, "seconds": round(seconds, 2),
         "images_per_s": round(processed / seconds, 1) if todo else None,

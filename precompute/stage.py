@@ -43,11 +43,13 @@ def raise_if_incomplete(summary: dict) -> None:
 
 
 def report_line(result: dict) -> str:
+    shared = (f"; {result['inputs_reused']} input shard(s) adopted from cache(s) {', '.join(result['reused_from'])}, "
+              "which had embedded them" if result.get("inputs_reused") else "")
     if result["reused"]:
         return (f"{result['dataset']}: reused cache {result['cache_id']} ({result['rows_in_cache']} rows) at "
-                f"{result['cache_url']}, nothing encoded")
+                f"{result['cache_url']}, nothing encoded{shared}")
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(result["skipped_by_reason"].items())) or "none"
     failed = f", {len(result['failed_inputs'])} FAILED after retries (not committed)" if result["failed_inputs"] else ""
     return (f"{result['dataset']}: cache {result['cache_id']}: embedded {result['embedded']}, skipped {result['skipped']} "
             f"({skipped}) from {result['inputs_processed']}/{result['inputs']} input shards{failed} in "
-            f"{result['seconds']} s ({result['images_per_s']} images/s) -> {result['cache_url']}")
+            f"{result['seconds']} s ({result['images_per_s']} images/s) -> {result['cache_url']}{shared}")

@@ -31,7 +31,7 @@ from litpipe.errors import UserError
 from litpipe.files import is_local, to_url, write_atomic, write_temp
 from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a commit record may name another cache's data file (`owner`); v1 caches read as they are
 MANIFEST = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 REQUIRED_COLUMNS = ("key", "captions", "embedding")
@@ -225,6 +225,22 @@ class EmbeddingCache:
         """Samples per committed part of an input shard; None: one part per input shard."""
         return self.manifest.get("rows_per_commit")
 
+    @property
+    def root(self) -> str:
+        """The store.root path this cache's folder is in (where the caches it borrows from live too)."""
+        return self.path.rstrip("/").rsplit("/", 1)[0]
+
+    def owner(self, record: dict) -> str:
+        """The id of the cache whose folder holds a record's data file: its own, or the one it was adopted from."""
+        return record.get("owner", self.id)
+
+    def file_path(self, record: dict) -> str:
+        """A record's data file as a path of `self.fs`, in whichever cache's folder it lives."""
+        return _join(self.root, self.owner(record), record["path"])
+
+    def file_url(self, record: dict) -> str:
+        return to_url(self.fs, self.file_path(record))
+
     def shards(self) -> list[dict]:
         """Committed part records, in input order: the manifest's when complete, else commits/."""
         if self.complete:
@@ -324,6 +340,23 @@ class EmbeddingCache:
             return None
         return record
 
+    def adopt(self, record: dict, donor: EmbeddingCache, errors: list[dict]) -> dict | None:
+        """Commit a part another cache of the same encoder already embedded from the same input
+        bytes: a record naming the donor's data file (no copy) with the part's skipped samples;
+        None if that part is committed here."""
+        name = record["name"]
+        commit_path = _join(self.path, "commits", f"{name}.json")
+        if self.fs.exists(commit_path):
+            return None
+        if self.complete:
+            raise CacheError(f"{self.url}: cache is complete (finalized) and takes no more shards")
+        adopted = {**{k: v for k, v in record.items() if k != "num_errors"}, "errors": errors,
+                   "owner": donor.owner(record), "adopted": _now()}
+        if adopted["owner"] == self.id:  # a file of this folder that another cache had borrowed
+            del adopted["owner"]
+        self.fs.makedirs(_join(self.path, "commits"), exist_ok=True)
+        return adopted if self._write_exclusive(commit_path, _dumps(adopted)) else None
+
     def _conform(self, table: pa.Table, input_url: str) -> tuple[pa.Table, int]:
         """Check the columns and cast them to the cache's schema, so every shard reads alike."""
         missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
@@ -414,8 +447,7 @@ class EmbeddingCache:
 
         Checks what a reader relies on: a readable footer, the recorded rows and the cache's dim.
         """
-        path = _join(self.path, record["path"])
-        url = _join(self.url, record["path"])
+        path, url = self.file_path(record), self.file_url(record)
         try:
             if is_local(self.fs):
                 source = path
@@ -447,9 +479,9 @@ class EmbeddingCache:
         records = self.shards()
         seen_keys: dict[str, str] = {}
         for record in records:
-            url = _join(self.url, record["path"])
+            url = self.file_url(record)
             try:
-                blob = self.fs.cat_file(_join(self.path, record["path"]))
+                blob = self.fs.cat_file(self.file_path(record))
             except FileNotFoundError:
                 problems.append(f"{url}: committed shard is missing")
                 continue
@@ -483,7 +515,8 @@ class EmbeddingCache:
         return problems
 
     def orphans(self) -> list[str]:
-        """Data files under shards/ that no commit record names (relative paths).
+        """Data files under shards/ that no commit record names (relative paths): neither this
+        cache's nor one of another cache that adopted them.
 
         While a writer runs, its in-flight file shows here too until it commits.
         """
@@ -493,7 +526,8 @@ class EmbeddingCache:
             present = self.fs.ls(shard_dir, detail=False)
         except FileNotFoundError:
             return []
-        committed = {s["path"] for s in self.shards()}
+        committed = {s["path"] for s in self.shards() if self.owner(s) == self.id}
+        committed |= {path for owner, path in referenced_files(list_caches(to_url(self.fs, self.root))) if owner == self.id}
         return sorted(p for p in (f"shards/{os.path.basename(x)}" for x in present) if p not in committed)
 
     def remove_orphans(self) -> list[str]:
@@ -506,10 +540,15 @@ class EmbeddingCache:
             self.fs.rm_file(_join(self.path, path))
         return removed
 
-    def remove(self) -> None:
-        """Delete the whole cache directory."""
-        self.fs.rm(self.path, recursive=True)
-        self.fs.invalidate_cache(self.path)
+
+
+def referenced_files(caches: list[EmbeddingCache]) -> dict[tuple[str, str], set[str]]:
+    """(owner cache id, data file path in its folder) -> the ids of the caches whose records name it."""
+    refs: dict[tuple[str, str], set[str]] = {}
+    for cache in caches:
+        for record in cache.shards():
+            refs.setdefault((cache.owner(record), record["path"]), set()).add(cache.id)
+    return refs
 
 
 def _dumps(obj) -> bytes:

@@ -1,4 +1,4 @@
-"""`litpipe cache ls|du|show|verify|export|rm`: look after the caches under the config's store.root."""
+"""`litpipe cache ls|du|show|verify|export|rm|gc`: look after the caches under the config's store.root."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ def register(commands) -> None:
                                 description="Manage the embedding caches under store.root of the config.")
     actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
 
-    ls = actions.add_parser("ls", help="list caches: id, state, encoder, dataset, rows, errors, size, shared inputs",
+    ls = actions.add_parser("ls", help="list caches: id, state, encoder, dataset, rows, errors, size, shared parts",
                             description="List every cache under store.root, oldest first: encoder (model, pretrained, "
-                            "weights sha256 prefix), dataset, rows, skipped samples, bytes, input shards another cache "
-                            "of the same encoder also embedded, created.")
+                            "weights sha256 prefix), dataset, rows, skipped samples, bytes, parts whose data file "
+                            "another cache names too, created.")
     add_config_args(ls)
     ls.add_argument("--json", action="store_true", help="one JSON list, for scripts")
     ls.set_defaults(func=_ls)
@@ -54,12 +54,23 @@ def register(commands) -> None:
     export.add_argument("--dtype", choices=("float16", "float32"), help="npy only: default = the cache's stored dtype")
     export.set_defaults(func=_export)
 
-    rm = actions.add_parser("rm", help="delete a cache (or with --orphans only its orphaned data files)",
-                            description="Delete a cache directory, or only the data files no commit record names.")
+    rm = actions.add_parser("rm", help="delete a cache and the data files no other cache names (or with --orphans "
+                            "only its orphaned data files)",
+                            description="Delete a cache: its manifest first, then its records, then the data files no "
+                            "other cache names (caches adopt each other's shards); --orphans: only the data files no "
+                            "commit record names.")
     rm.add_argument("cache", help="cache id (or unique prefix) under store.root, or a cache URL")
     add_config_args(rm)
     rm.add_argument("--orphans", action="store_true", help="delete only orphaned data files, keep the cache")
+    rm.add_argument("--dry-run", action="store_true", help="print what would be deleted and kept, delete nothing")
     rm.set_defaults(func=_rm)
+
+    gc = actions.add_parser("gc", help="delete files left by a removal cut short, that no cache names",
+                            description="Delete the files of folders under store.root that hold no cache manifest "
+                            "(a `cache rm` that was killed) and that no cache names.")
+    add_config_args(gc)
+    gc.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    gc.set_defaults(func=_gc)
 
 
 def _open(args: argparse.Namespace) -> EmbeddingCache:
@@ -91,15 +102,14 @@ def _ls(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no caches under {root}")
         return 0
-    print(f"{'ID':16}  {'STATE':8}  {'ROWS':>10}  {'ERRORS':>6}  {'SIZE':>9}  {'SHARED':>7}  {'CREATED':19}  ENCODER  |  DATASET")
+    print(f"{'ID':16}  {'STATE':8}  {'ROWS':>10}  {'ERRORS':>6}  {'SIZE':>9}  {'SHARED':>9}  {'CREATED':19}  ENCODER  |  DATASET")
     for e in entries:
         print(f"{e['id']:16}  {e['state']:8}  {e['rows']:>10,}  {e['errors']:>6,}  {_size(e['bytes']):>9}  "
-              f"{e['inputs_shared']:>3}/{e['inputs']:<3}  {e['created'][:19]:19}  {_describe_encoder(e['encoder'])}  |  "
+              f"{e['parts_shared']:>4}/{e['parts']:<4}  {e['created'][:19]:19}  {_describe_encoder(e['encoder'])}  |  "
               f"{e['dataset'] or '-'} ({e['format']}, {e['first_input'] or 'no inputs'}"
               + (f" +{e['inputs'] - 1})" if e["inputs"] > 1 else ")"))
-    shared = sum(e["inputs_shared"] for e in entries)
-    if shared:
-        print(f"SHARED: input shards another cache of the same encoder embedded too ({shared} in all)")
+    if any(e["parts_shared"] for e in entries):
+        print("SHARED: parts whose data file another cache names too (adopted: same encoder, same input bytes)")
     return 0
 
 
@@ -175,6 +185,24 @@ def _rm(args: argparse.Namespace) -> int:
         print(f"cache {cache.id}: removed {len(removed)} orphaned file(s)" + (
             f"; kept {kept} whose input is not committed yet (a running writer may still commit them)" if kept else ""))
         return 0
-    cache.remove()
-    print(f"removed cache {cache.id} ({cache.url})")
+    from litpipe.store.sharing import remove_cache
+
+    plan = remove_cache(cache, dry_run=args.dry_run)
+    for url in plan["deleted"]:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {url}")
+    for url in plan["kept"]:
+        print(f"kept {url} (another cache names it)")
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} cache {cache.id} ({cache.url}): {len(plan['deleted'])} data file(s) deleted, {len(plan['kept'])} kept")
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from litpipe.store.sharing import collect_garbage
+
+    root = config_from_args(args).store.root
+    garbage = collect_garbage(root, dry_run=args.dry_run)
+    for url in garbage:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {url}")
+    print(f"{root}: {len(garbage)} file(s) of removed caches {'to delete' if args.dry_run else 'deleted'}")
     return 0

@@ -346,3 +346,39 @@ def test_s3_faults_are_retried_and_a_shard_that_stays_unreadable_fails_without_a
     assert cache.complete and list(got) == list(want)
     assert all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
     assert [(e["key"], e["reason"]) for e in cache.errors()] == [(e["key"], e["reason"]) for e in planted["cache"].errors()]
+
+
+def test_a_grown_dataset_encodes_only_its_new_shards_and_removal_keeps_what_another_cache_names(ray_local, tmp_path):
+    from litpipe.store.sharing import collect_garbage, remove_cache
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in range(3):
+        write_tar(data / f"part-{s:06d}.tar", [m for i in range(4 + s)
+                                               for m in sample_members(f"{s}/{i}", image_bytes(10 * s + i), f"c {s} {i}")])
+    v1 = {"format": "webdataset", "urls": str(data / "part-{000000..000001}.tar")}
+    v2 = {"format": "webdataset", "urls": str(data / "part-{000000..000002}.tar")}
+    root = str(tmp_path / "store")
+    def config(name, dataset, store):
+        return validate_config(tiny_config({name: dataset}, store, train={"dataset": name}))
+
+    first = stage.run(config("v1", v1, root))["datasets"]["v1"]
+    grown = stage.run(config("v2", v2, root))
+    second = grown["datasets"]["v2"]
+    assert (first["embedded"], second["embedded"], second["inputs_processed"], second["inputs_reused"]) == (9, 6, 1, 2)
+    assert second["reused_from"] == [first["cache_id"]] and "2 input shard(s) adopted from cache(s)" in grown["report"][0]
+    alone = stage.run(config("v2", v2, str(tmp_path / "alone")))["datasets"]["v2"]
+    view, reference = EmbeddingCache.open(second["cache_url"]), EmbeddingCache.open(alone["cache_url"])
+    assert view.id == reference.id and view.complete
+    got, want = cache_rows(view), cache_rows(reference)  # the view reads the same rows as a cache built alone
+    assert sorted(got) == sorted(want) and all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
+
+    plan = remove_cache(EmbeddingCache.open(first["cache_url"]), dry_run=True)
+    assert plan["deleted"] == [] and len(plan["kept"]) == 2  # both of v1's files are v2's too
+    remove_cache(EmbeddingCache.open(first["cache_url"]))
+    assert [c.id for c in list_caches(root)] == [view.id] and view.verify() == []
+    assert sorted(cache_rows(view)) == sorted(want)
+    plan = remove_cache(view)  # now the last cache naming v1's files: they go too
+    assert len(plan["deleted"]) == 3 and plan["kept"] == []
+    assert list_caches(root) == [] and collect_garbage(root) == []
+    assert not list(Path(root).rglob("*.parquet"))

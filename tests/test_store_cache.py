@@ -12,6 +12,7 @@ import pytest
 
 from litpipe.config import validate_config
 from litpipe.store import CacheError, EmbeddingCache, list_caches, load_all, resolve_cache
+from litpipe.store.sharing import remove_cache
 from litpipe.store.cache import FORMAT_VERSION, shard_name
 
 DIM = 8
@@ -138,7 +139,7 @@ def test_same_fingerprints_find_the_cache_and_changed_preprocessing_does_not(roo
     assert EmbeddingCache.find(root, {**ENCODER, "weights_sha256": "w2"}, DATASET) is None
     assert EmbeddingCache.find(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:2]}) is None
     assert [c.id for c in list_caches(root)] == [cache.id]
-    cache.remove()
+    remove_cache(cache)
     assert EmbeddingCache.find(root, ENCODER, DATASET) is None and list_caches(root) == []
 
 
@@ -262,3 +263,32 @@ def test_a_commit_whose_reply_is_lost_is_still_the_writers_own(s3_server, s3_roo
         assert lost.fired == 1 and record is not None
         assert fs.exists(f"{root}/{cache.id}/{record['path']}")
     assert EmbeddingCache.open(cache.url).verify() == []
+
+
+def test_adopted_shards_read_through_the_view_and_a_removal_cut_short_is_finished_by_gc(root):
+    from litpipe.store.sharing import adopt_from_other_caches, collect_garbage
+
+    donor = EmbeddingCache.open_or_create(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:3]})
+    for i, url in enumerate(INPUTS[:3]):
+        donor.commit_shard(url, shard_table(f"s{i}", 4, seed=i), [{"key": f"s{i}/bad", "reason": "undecodable image"}])
+    donor.finalize()
+    view = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
+    other_encoder = EmbeddingCache.open_or_create(root, {**ENCODER, "weights_sha256": "w2"}, DATASET)
+    assert adopt_from_other_caches(other_encoder, INPUTS) == {}  # other weights: nothing to share
+    assert adopt_from_other_caches(view, INPUTS) == {url: donor.id for url in INPUTS[:3]}
+    view.commit_shard(INPUTS[3], shard_table("s3", 2, seed=3))
+    view.finalize()
+    assert load_all(view).keys == [f"s{i}/{j}" for i in range(3) for j in range(4)] + ["s3/0", "s3/1"]
+    assert sorted(e["key"] for e in view.errors()) == ["s0/bad", "s1/bad", "s2/bad"]  # skipped samples travel too
+    assert view.verify() == [] and donor.orphans() == []  # files the view names are no orphans of the donor
+
+    donor.fs.rm_file(f"{donor.path}/manifest.json")  # `cache rm` of the donor killed after its first step
+    assert {c.id for c in list_caches(root)} == {view.id, other_encoder.id}
+    leftovers = collect_garbage(root, dry_run=True)  # the donor's records go; the files the view names stay
+    assert leftovers and not any("/shards/" in url for url in leftovers)
+    assert collect_garbage(root) == leftovers and collect_garbage(root) == []
+    assert view.verify() == [] and load_all(view).embeddings.shape == (14, DIM)
+    remove_cache(view)  # the last cache naming the donor's files
+    assert collect_garbage(root) == []
+    fs, path = fsspec.core.url_to_fs(root)
+    assert not [p for p in fs.find(path) if p.endswith(".parquet") and other_encoder.id not in p]

@@ -50,7 +50,7 @@ def test_show_prints_the_manifest_readably_by_id_prefix(cache, config, capsys):
     out = capsys.readouterr().out
     assert f"cache {cache.id}" in out and "3 in 1 shard(s)" in out and "undecodable image" in out
     assert main(["cache", "show", cache.id, config, "--json"]) == 0
-    assert '"format_version": 1' in capsys.readouterr().out
+    assert '"format_version": 2' in capsys.readouterr().out
 
 
 def test_verify_exits_nonzero_naming_the_broken_shard(cache, config, tmp_path, capsys):
@@ -78,33 +78,40 @@ def test_unknown_cache_id_is_a_user_error_pointing_at_ls(config, capsys):
     assert "feedbeef: no cache with this id" in capsys.readouterr().err
 
 
-def test_ls_json_and_du_count_rows_errors_bytes_and_inputs_two_caches_of_one_encoder_both_embedded(config, tmp_path, capsys):
+def test_ls_json_and_du_count_what_caches_share_after_a_grown_dataset_adopted_its_shards(config, tmp_path, capsys):
+    from litpipe.store.sharing import adopt_from_other_caches
+
     inputs = [{"url": f"/data/s-{i}.tar", "size": 10 + i, "mtime": 1.0} for i in range(3)]
     v1 = {**DATASET, "inputs": inputs[:2]}
-    v2 = {**DATASET, "inputs": inputs}  # v1 plus one shard: its first two were embedded by v1's cache too
+    v2 = {**DATASET, "inputs": inputs}  # v1 plus one shard
     other_encoder = {**ENCODER, "weights_sha256": "f" * 64}
     made = {}
     for name, encoder, dataset in (("v1", ENCODER, v1), ("v2", ENCODER, v2), ("v2-other", other_encoder, v2)):
         cache = EmbeddingCache.open_or_create(str(tmp_path / "store"), encoder, dataset, dataset_name=name)
+        adopted = adopt_from_other_caches(cache, [i["url"] for i in dataset["inputs"]])
+        assert sorted(adopted) == (["/data/s-0.tar", "/data/s-1.tar"] if name == "v2" else [])
         for i, entry in enumerate(dataset["inputs"]):
-            cache.commit_shard(entry["url"], pa.table({
-                "key": [f"{entry['url']}/{j}" for j in range(i + 1)], "captions": [["x"]] * (i + 1),
-                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(4 * (i + 1), np.float32)), 4),
-            }), [{"key": f"{entry['url']}/bad", "reason": "undecodable image"}])
+            if entry["url"] not in adopted:
+                cache.commit_shard(entry["url"], pa.table({
+                    "key": [f"{entry['url']}/{j}" for j in range(i + 1)], "captions": [["x"]] * (i + 1),
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(4 * (i + 1), np.float32)), 4),
+                }), [{"key": f"{entry['url']}/bad", "reason": "undecodable image"}])
         if name != "v2-other":
             cache.finalize()
         made[name] = cache
     assert main(["cache", "ls", config, "--json"]) == 0
     listed = {e["dataset"]: e for e in json.loads(capsys.readouterr().out)}
-    assert {k: (e["state"], e["rows"], e["errors"], e["inputs"], e["inputs_shared"]) for k, e in listed.items()} == {
+    assert {k: (e["state"], e["rows"], e["errors"], e["parts"], e["parts_shared"]) for k, e in listed.items()} == {
         "v1": ("complete", 3, 2, 2, 2), "v2": ("complete", 6, 3, 3, 2), "v2-other": ("partial", 6, 3, 3, 0)}
-    assert listed["v2"]["bytes"] == sum(r["bytes"] for r in made["v2"].shards()) > 0
+    assert listed["v2"]["bytes"] == sum(r["bytes"] for r in made["v2"].shards()) > listed["v1"]["bytes"]
     assert listed["v2-other"]["encoder"]["weights_sha256"] == "f" * 12
     assert main(["cache", "du", config, "--json"]) == 0
     groups = json.loads(capsys.readouterr().out)
-    assert sorted((g["caches"], g["rows"]) for g in groups) == [(1, 6), (2, 9)]
+    assert sorted((g["caches"], g["rows"]) for g in groups) == [(1, 6), (2, 6)]  # a shared file counts once
     both = next(g for g in groups if g["caches"] == 2)
-    assert both["rm_frees"] == {made["v1"].id: listed["v1"]["bytes"], made["v2"].id: listed["v2"]["bytes"]}
+    assert both["bytes"] == listed["v2"]["bytes"]
+    third = listed["v2"]["bytes"] - listed["v1"]["bytes"]
+    assert both["rm_frees"] == {made["v1"].id: 0, made["v2"].id: third}  # v1's files are v2's too
     assert main(["cache", "ls", config]) == 0
     table = capsys.readouterr().out
-    assert "2/3" in table and "v2-other (webdataset, /data/s-0.tar +2)" in table
+    assert "   2/3   " in table and "v2-other (webdataset, /data/s-0.tar +2)" in table
