@@ -33,8 +33,8 @@ def run_ablation(config: str, overrides: list[str], out: str | Path) -> dict:
         raise UserError("ablation: encoder.pretrained is null, so L and u would be the same random tower; point "
                         "encoder.pretrained at the pretrained image tower to compare (the demo's: data/openmoji/image_tower.pt)")
     evals = {}
-    for arm, (_, extra) in ARMS.items():
-        print(f"\n== litpipe ablation: {arm} ({ARMS[arm][0]})")
+    for arm, (what, extra) in ARMS.items():
+        print(f"\n== litpipe ablation: {arm} ({what})")
         summary = run_pipeline(load_config(config, [*overrides, f"workdir={out / arm}", *extra]))
         evals[arm] = json.loads(Path(summary["eval"]["eval_json"]).read_text())
     rows = [{"dataset": dataset, "task": task, "metric": name, "chance": result["chance"][name],
