@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -21,6 +19,7 @@ import time
 import fsspec
 
 from litpipe.files import list_files
+from moto_s3 import moto_s3
 
 
 def one_request_per_file(pattern: str, count: int) -> None:
@@ -77,24 +76,10 @@ def main() -> None:
 
 
 def measure_s3(count: int, repeats: int) -> dict:
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request would bury the figures
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = f"http://127.0.0.1:{port}"
-    try:
-        fs = fsspec.filesystem("s3")
-        fs.mkdir("bench")
+    with moto_s3() as fs:
         fs.pipe({f"bench/shards/shard-{i:06d}.tar": b"x" for i in range(count)})
         return measure("s3", "s3://bench/shards/shard-{:06d}.tar", f"s3://bench/shards/shard-{{000000..{count - 1:06d}}}.tar",
                        count, repeats, lambda: fs.invalidate_cache())
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":

@@ -16,11 +16,15 @@ still names them. Folder datasets are never shared (their inputs are image files
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import fsspec
 
 from litpipe.files import to_url
 from litpipe.store.cache import MANIFEST, EmbeddingCache, _join, list_caches, referenced_files
 from litpipe.store.fingerprint import canonical_json
+
+ADOPT_THREADS = 16  # commit records written at once when adopting: each is a small PUT on an object store
 
 
 def shard_identity(cache: EmbeddingCache, input_url: str) -> str | None:
@@ -43,6 +47,7 @@ def adopt_from_other_caches(cache: EmbeddingCache, inputs: list[str]) -> dict[st
     wanted = {shard_identity(cache, url): url for url in inputs if url not in held}
     wanted.pop(None, None)
     adopted: dict[str, str] = {}
+    jobs = []  # (record, donor, its skipped samples): committed below, many at once (object stores: one PUT each)
     for donor in list_caches(to_url(cache.fs, cache.root)) if wanted else []:
         if donor.id == cache.id or canonical_json(donor.manifest["encoder"]) != canonical_json(cache.manifest["encoder"]):
             continue
@@ -55,11 +60,12 @@ def adopt_from_other_caches(cache: EmbeddingCache, inputs: list[str]) -> dict[st
         for donor_input, records in by_input.items():
             url = wanted.pop(shard_identity(donor, donor_input), None)
             if url is not None:
-                for record in records:
-                    cache.adopt(record, donor, _part_errors(record, skipped))
+                jobs += [(record, donor, _part_errors(record, skipped)) for record in records]
                 adopted[url] = donor.id
         if not wanted:
             break
+    with ThreadPoolExecutor(ADOPT_THREADS) as pool:
+        list(pool.map(lambda job: cache.adopt(*job), jobs))
     return adopted
 
 
