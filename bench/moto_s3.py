@@ -1,11 +1,17 @@
-"""An S3 protocol server (moto) on 127.0.0.1 for the benchmarks, with fsspec pointed at it."""
+"""An S3 protocol server (moto) on 127.0.0.1 for the benchmarks, with fsspec pointed at it.
+
+The server runs in its own process, so it does not share the benchmark's interpreter lock: the
+figures then count the client's requests, not moto's Python competing with them.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
+import subprocess
+import sys
+import time
 
 import fsspec
 
@@ -13,19 +19,22 @@ import fsspec
 @contextlib.contextmanager
 def moto_s3(bucket: str = "bench"):
     """Yield an s3fs filesystem on a fresh moto server with `bucket` created; the server stops after."""
-    from moto.server import ThreadedMotoServer
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request would bury the figures
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = f"http://127.0.0.1:{port}"
     try:
+        for _ in range(100):  # up within a few seconds
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
         fs = fsspec.filesystem("s3")
         fs.mkdir(bucket)
         yield fs
     finally:
-        server.stop()
+        server.terminate()
+        server.wait()

@@ -35,6 +35,7 @@ FORMAT_VERSION = 2  # 2: a commit record may name another cache's data file (`ow
 MANIFEST = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 REQUIRED_COLUMNS = ("key", "captions", "embedding")
+ADOPT_BATCH = 5000  # adopted parts per batch record
 MANIFEST_KEYS = ("format_version", "id", "complete", "embedding_dtype", "row_group_rows", "encoder", "dataset")
 
 
@@ -283,18 +284,20 @@ class EmbeddingCache:
         except FileNotFoundError:
             return []
         blobs = self.fs.cat(paths, on_error="return") if paths else {}
-        records = []
-        for path, blob in blobs.items():
+        by_name: dict[str, dict] = {}
+        for path, blob in sorted(blobs.items(), key=lambda item: _is_batch(item[0])):  # part records first
             if isinstance(blob, FileNotFoundError):
                 continue
             if isinstance(blob, Exception):
                 raise blob
             try:
-                records.append(json.loads(blob))
+                loaded = json.loads(blob)
             except ValueError:
                 raise CacheError(f"{to_url(self.fs, path)}: corrupt commit record; delete it and re-run "
                                  f"`litpipe precompute` to recompute that shard") from None
-        return records
+            for record in loaded["adopted"] if _is_batch(path) else [loaded]:
+                by_name.setdefault(record["name"], record)  # a part committed twice counts once
+        return list(by_name.values())
 
     # --- writing -------------------------------------------------------------------------
 
@@ -340,22 +343,29 @@ class EmbeddingCache:
             return None
         return record
 
-    def adopt(self, record: dict, donor: EmbeddingCache, errors: list[dict]) -> dict | None:
-        """Commit a part another cache of the same encoder already embedded from the same input
-        bytes: a record naming the donor's data file (no copy) with the part's skipped samples;
-        None if that part is committed here."""
-        name = record["name"]
-        commit_path = _join(self.path, "commits", f"{name}.json")
-        if self.fs.exists(commit_path):
-            return None
+    def adopt(self, parts: list[tuple[dict, EmbeddingCache, list[dict]]]) -> list[dict]:
+        """Commit parts other caches of the same encoder already embedded from the same input bytes,
+        each `(record, donor, its skipped samples)`: records naming the donors' data files (no copy),
+        written as a few batch records (`commits/adopted-*.json`, ADOPT_BATCH parts each): one PUT per
+        batch, not per part, so a view over 10,000 shards is committed and opened in a few requests.
+        A part also committed otherwise keeps that record (`_commit_records`). Returns the records."""
         if self.complete:
             raise CacheError(f"{self.url}: cache is complete (finalized) and takes no more shards")
-        adopted = {**{k: v for k, v in record.items() if k != "num_errors"}, "errors": errors,
-                   "owner": donor.owner(record), "adopted": _now()}
-        if adopted["owner"] == self.id:  # a file of this folder that another cache had borrowed
-            del adopted["owner"]
-        self.fs.makedirs(_join(self.path, "commits"), exist_ok=True)
-        return adopted if self._write_exclusive(commit_path, _dumps(adopted)) else None
+        records = []
+        for record, donor, errors in parts:
+            adopted = {**{k: v for k, v in record.items() if k != "num_errors"}, "errors": errors,
+                       "owner": donor.owner(record)}
+            if adopted["owner"] == self.id:  # a file of this folder that another cache had borrowed
+                del adopted["owner"]
+            records.append(adopted)
+        if records:
+            self.fs.makedirs(_join(self.path, "commits"), exist_ok=True)
+        for start in range(0, len(records), ADOPT_BATCH):
+            batch = records[start:start + ADOPT_BATCH]
+            digest = hashlib.sha256(canonical_json([(r["name"], r.get("owner"), r["path"]) for r in batch]).encode())
+            self._write_exclusive(_join(self.path, "commits", f"adopted-{digest.hexdigest()[:16]}.json"),
+                                  _dumps({"adopted": batch, "committed": _now()}))  # the same batch twice: one stands
+        return records
 
     def _conform(self, table: pa.Table, input_url: str) -> tuple[pa.Table, int]:
         """Check the columns and cast them to the cache's schema, so every shard reads alike."""
@@ -540,6 +550,11 @@ class EmbeddingCache:
             self.fs.rm_file(_join(self.path, path))
         return removed
 
+
+
+def _is_batch(path: str) -> bool:
+    """An adoption batch record (`commits/adopted-*.json`), as against one part's record."""
+    return path.rsplit("/", 1)[-1].startswith("adopted-")
 
 
 def referenced_files(caches: list[EmbeddingCache]) -> dict[tuple[str, str], set[str]]:

@@ -4,8 +4,8 @@ A cache is named by its encoder and its whole dataset, but what an input shard's
 is narrower: the encoder fingerprint, how the store keeps them (dtype, row groups, parts), the
 dataset's format and options, and that one input's own bytes (URL, size, etag or mtime). Two
 caches that agree on all of it for an input hold the same vectors, so precompute embeds only the
-inputs no cache under store.root holds; the others are adopted, by commit records that name the
-donor's data files (`EmbeddingCache.adopt`). Dataset v2 = v1 + k shards encodes k shards.
+inputs no cache under store.root holds; the others are adopted, by batch commit records that name
+the donor's data files (`EmbeddingCache.adopt`). Dataset v2 = v1 + k shards encodes k shards.
 
 Files live in the folder of the cache that wrote them, and several caches may name them, so
 removal goes by reference: `remove_cache` deletes a cache's manifest first (it stops being a
@@ -16,38 +16,31 @@ still names them. Folder datasets are never shared (their inputs are image files
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import fsspec
 
 from litpipe.files import to_url
 from litpipe.store.cache import MANIFEST, EmbeddingCache, _join, list_caches, referenced_files
 from litpipe.store.fingerprint import canonical_json
 
-ADOPT_THREADS = 16  # commit records written at once when adopting: each is a small PUT on an object store
 
-
-def shard_identity(cache: EmbeddingCache, input_url: str) -> str | None:
-    """Everything the vectors of one input shard of `cache` depend on; None when it cannot be shared."""
-    dataset = cache.manifest["dataset"]
+def shard_identities(cache: EmbeddingCache) -> dict[str, str]:
+    """{input URL: everything the vectors of that input shard of `cache` depend on}; empty for
+    datasets whose inputs are not shards (folders)."""
+    m, dataset = cache.manifest, cache.manifest["dataset"]
     if dataset.get("format") == "folder":
-        return None
-    entry = next((i for i in dataset.get("inputs", []) if i["url"] == input_url), None)
-    if entry is None:
-        return None
-    m = cache.manifest
-    return canonical_json([m["encoder"], m["embedding_dtype"], m["row_group_rows"], m.get("rows_per_commit"),
-                           dataset.get("format"), dataset.get("options"), entry])
+        return {}
+    common = [m["encoder"], m["embedding_dtype"], m["row_group_rows"], m.get("rows_per_commit"),
+              dataset.get("format"), dataset.get("options")]
+    return {entry["url"]: canonical_json([*common, entry]) for entry in dataset.get("inputs", [])}
 
 
 def adopt_from_other_caches(cache: EmbeddingCache, inputs: list[str]) -> dict[str, str]:
     """Commit here every part of each of `inputs` (none of whose parts this cache holds) that another
     cache under the same root holds whole, with the same shard identity; {input URL: donor cache id}."""
-    held = cache.committed_parts()
-    wanted = {shard_identity(cache, url): url for url in inputs if url not in held}
-    wanted.pop(None, None)
+    held, identities = cache.committed_parts(), shard_identities(cache)
+    wanted = {identities[url]: url for url in inputs if url not in held and url in identities}
     adopted: dict[str, str] = {}
-    jobs = []  # (record, donor, its skipped samples): committed below, many at once (object stores: one PUT each)
+    jobs = []  # (record, donor, its skipped samples), committed together below
     for donor in list_caches(to_url(cache.fs, cache.root)) if wanted else []:
         if donor.id == cache.id or canonical_json(donor.manifest["encoder"]) != canonical_json(cache.manifest["encoder"]):
             continue
@@ -57,15 +50,15 @@ def adopt_from_other_caches(cache: EmbeddingCache, inputs: list[str]) -> dict[st
             if record["input"] in whole:
                 by_input.setdefault(record["input"], []).append(record)
         skipped = _errors_by_input(donor) if donor.complete and by_input else {}
+        donor_identities = shard_identities(donor)
         for donor_input, records in by_input.items():
-            url = wanted.pop(shard_identity(donor, donor_input), None)
+            url = wanted.pop(donor_identities.get(donor_input), None)
             if url is not None:
                 jobs += [(record, donor, _part_errors(record, skipped)) for record in records]
                 adopted[url] = donor.id
         if not wanted:
             break
-    with ThreadPoolExecutor(ADOPT_THREADS) as pool:
-        list(pool.map(lambda job: cache.adopt(*job), jobs))
+    cache.adopt(jobs)
     return adopted
 
 
