@@ -292,3 +292,22 @@ def test_adopted_shards_read_through_the_view_and_a_removal_cut_short_is_finishe
     assert collect_garbage(root) == []
     fs, path = fsspec.core.url_to_fs(root)
     assert not [p for p in fs.find(path) if p.endswith(".parquet") and other_encoder.id not in p]
+
+
+def test_a_format_1_cache_reads_as_it_is_and_lends_its_shards(tmp_path):
+    """Format 2 added records that name another cache's file; a format-1 cache (records without `owner`)
+    is read in place, never re-encoded, and a grown dataset adopts its shards."""
+    from litpipe.store.sharing import adopt_from_other_caches
+
+    root = str(tmp_path / "store")
+    old = EmbeddingCache.open_or_create(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:2]})
+    for i, url in enumerate(INPUTS[:2]):
+        old.commit_shard(url, shard_table(f"s{i}", 3, seed=i))
+    manifest = old.finalize()
+    assert all("owner" not in r for r in manifest["shards"])
+    (tmp_path / "store" / old.id / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    reopened = EmbeddingCache.open(old.url)
+    assert reopened.manifest["format_version"] == 1 and reopened.verify() == []
+    assert load_all(reopened).keys == [f"s{i}/{j}" for i in range(2) for j in range(3)]
+    grown = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
+    assert adopt_from_other_caches(grown, INPUTS) == {INPUTS[0]: old.id, INPUTS[1]: old.id}
