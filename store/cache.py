@@ -285,7 +285,7 @@ class EmbeddingCache:
             return []
         blobs = self.fs.cat(paths, on_error="return") if paths else {}
         by_name: dict[str, dict] = {}
-        for path, blob in sorted(blobs.items(), key=lambda item: _is_batch(item[0])):  # part records first
+        for path, blob in sorted(blobs.items(), key=lambda item: (_is_batch(item[0]), item[0])):  # part records first
             if isinstance(blob, FileNotFoundError):
                 continue
             if isinstance(blob, Exception):
