@@ -343,12 +343,12 @@ class EmbeddingCache:
             return None
         return record
 
-    def adopt(self, parts: list[tuple[dict, EmbeddingCache, list[dict]]]) -> list[dict]:
+    def adopt(self, parts: list[tuple[dict, EmbeddingCache, list[dict]]]) -> None:
         """Commit parts other caches of the same encoder already embedded from the same input bytes,
         each `(record, donor, its skipped samples)`: records naming the donors' data files (no copy),
         written as a few batch records (`commits/adopted-*.json`, ADOPT_BATCH parts each): one PUT per
         batch, not per part, so a view over 10,000 shards is committed and opened in a few requests.
-        A part also committed otherwise keeps that record (`_commit_records`). Returns the records."""
+        A part also committed otherwise keeps that record (`_commit_records`)."""
         if self.complete:
             raise CacheError(f"{self.url}: cache is complete (finalized) and takes no more shards")
         records = []
@@ -365,7 +365,6 @@ class EmbeddingCache:
             digest = hashlib.sha256(canonical_json([(r["name"], r.get("owner"), r["path"]) for r in batch]).encode())
             self._write_exclusive(_join(self.path, "commits", f"adopted-{digest.hexdigest()[:16]}.json"),
                                   _dumps({"adopted": batch, "committed": _now()}))  # the same batch twice: one stands
-        return records
 
     def _conform(self, table: pa.Table, input_url: str) -> tuple[pa.Table, int]:
         """Check the columns and cast them to the cache's schema, so every shard reads alike."""

@@ -62,7 +62,7 @@ class Tokenizer:
             self.start_id, self.end_id, self.pad_id = start, end, 0
             return
         self.pad_id = _pad_id(rust)
-        self._framed = {context_length: _framed(rust, context_length)}
+        self._framed = {context_length: _framed(rust, context_length, self.pad_id)}
         specials = [i for i in self._framed[context_length].encode("").ids if i != self.pad_id]  # the empty text, framed
         self.start_id = None
         self.end_id = specials[-1] if specials else None  # where a CLIP-style tower pools (`eos`)
@@ -101,7 +101,7 @@ class Tokenizer:
         ctx = context_length or self.context_length
         if self.framing == "native":
             if ctx not in self._framed:
-                self._framed[ctx] = _framed(self.rust, ctx)
+                self._framed[ctx] = _framed(self.rust, ctx, self.pad_id)
             encoded = self._framed[ctx].encode_batch([_clean_whitespace(t) for t in texts]) if texts else []
             return torch.tensor([e.ids for e in encoded], dtype=torch.long).reshape(len(texts), ctx)
         pieces = [_split_specials(_clean_lower(t)) for t in texts]
@@ -140,11 +140,10 @@ def _pad_id(rust: RustTokenizer) -> int:
                          "add one, or fit a tokenizer with `litpipe tokenizer train`")
 
 
-def _framed(rust: RustTokenizer, context_length: int) -> RustTokenizer:
+def _framed(rust: RustTokenizer, context_length: int, pad_id: int) -> RustTokenizer:
     """A copy of a native tokenizer that truncates to, and pads to, `context_length` (as transformers'
     `padding="max_length", truncation=True` does), leaving the original's settings alone."""
     framed = RustTokenizer.from_str(rust.to_str())
-    pad_id = _pad_id(rust)
     framed.enable_truncation(context_length)
     framed.enable_padding(length=context_length, pad_id=pad_id, pad_token=rust.id_to_token(pad_id))
     return framed
