@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DATA ?= data/openmoji
 
-.PHONY: run ablation test venv clean
+.PHONY: run ablation test test-faults venv clean
 
 $(VENV)/.installed-%: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ ablation: $(VENV)/.installed-demo,serve
 
 test: $(VENV)/.installed-demo,test
 	$(BIN)/python -m pytest -q
+
+# The whole fault-injection suite (tests/faults/; `make test` runs its quick subset): seeded SIGKILLs at
+# 24+ points per stage, object-store faults, a full disk. Its tally is the table in docs/reliability.md.
+test-faults: $(VENV)/.installed-demo,test
+	@mkdir -p runs && rm -f runs/faults.jsonl
+	LITPIPE_FAULT_REPORT=$(CURDIR)/runs/faults.jsonl $(BIN)/python -m pytest -q -m "faults or not faults" tests/faults
+	$(BIN)/python tests/faults/tally.py runs/faults.jsonl
 
 clean:
 	rm -rf $(VENV) litpipe-store runs

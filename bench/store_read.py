@@ -4,7 +4,7 @@ Writes N x D float16 embeddings into a cache the way precompute does (parts of -
 builds its token cache (CLIP tokenizer, 77 tokens), then times, side by side in one run (each best
 of --repeats, page cache warm for all): a raw read of the shard files into memory, `load_all()`
 (with and without keys/captions), a full epoch of the streaming reader (vectors only, with keys
-and captions), and the trainer's two input paths: the reader serving token ids from the token
+and captions; vectors only with the page CRC checks off, their cost), and the trainer's two input paths: the reader serving token ids from the token
 cache against a raw read of shard + token files, and tokenising every step (`pretokenize: false`,
 on a tenth of the epoch). GB/s are file bytes over seconds, so every ratio is a ratio of times.
 Goals: load_all >= 0.8x raw, reader >= 0.5x, reader with token ids >= 0.8x.
@@ -23,6 +23,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+import litpipe.store.cache as cache_module
 from litpipe.models.tokenizer import clip_tokenizer
 from litpipe.store import EmbeddingCache, StreamingReader, load_all
 from litpipe.store.tokens import pick_captions
@@ -72,6 +73,15 @@ def tokenise_each_step(cache: EmbeddingCache, batch_size: int, tokenizer, batche
             return
 
 
+def unchecked(fn) -> None:
+    """`fn` with the readers' page CRC checks off: what checking costs, side by side."""
+    cache_module.CHECK_PAGE_CHECKSUMS = False
+    try:
+        fn()
+    finally:
+        cache_module.CHECK_PAGE_CHECKSUMS = True
+
+
 def best_of(repeats: int, fn) -> float:
     times = []
     for _ in range(repeats):
@@ -114,6 +124,8 @@ def main() -> None:
             "load_all()": best_of(args.repeats, lambda: load_all(cache)),
             "reader(text=False)": best_of(args.repeats, lambda: stream(cache, args.batch_size, text=False)),
             "reader()": best_of(args.repeats, lambda: stream(cache, args.batch_size, text=True)),
+            "reader(text=False), CRCs unchecked": best_of(args.repeats, lambda: unchecked(
+                lambda: stream(cache, args.batch_size, text=False))),
         }
         token_results = {
             "raw read + tokens": best_of(args.repeats, lambda: raw_read(paths + token_paths, with_tokens)),
@@ -125,9 +137,9 @@ def main() -> None:
           f"{gb_tokens - gb:.2f} GB; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}; written in "
           f"{write_s:.1f} s, tokenised in {tokenise_s:.1f} s")
     for name, seconds in results.items():
-        print(f"{name:22} {gb / seconds:6.2f} GB/s  {seconds:7.3f} s  {results['raw read'] / seconds:5.2f}x raw")
+        print(f"{name:34} {gb / seconds:6.2f} GB/s  {seconds:7.3f} s  {results['raw read'] / seconds:5.2f}x raw")
     for name, seconds in token_results.items():
-        print(f"{name:22} {gb_tokens / seconds:6.2f} GB/s  {seconds:7.3f} s  "
+        print(f"{name:34} {gb_tokens / seconds:6.2f} GB/s  {seconds:7.3f} s  "
               f"{token_results['raw read + tokens'] / seconds:5.2f}x raw (shard + token files)")
 
 

@@ -6,6 +6,7 @@ Every writer that must never leave a half-written file goes through `write_atomi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from litpipe.errors import UserError
 
 GLOB_CHARS = "*?["
 LISTING_THREADS = 16  # folders listed at once: requests to an object store are latency-bound
+TEMP_MARK = ".tmp-"  # in the name of a file written beside its target, until its rename (`write_temp`)
 LISTING_MIN_FILES = 16  # fewer wanted files than this in one folder: a HEAD each, not a listing
 
 
@@ -179,7 +181,19 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 def write_temp(path: str, data: bytes) -> str:
     """`data` in a new uniquely named file beside `path` (local disk); its path."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except OSError as err:  # a full disk: no half-written file stays behind
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise naming(err, tmp) from err
     return tmp
+
+
+def naming(err: OSError, path: str) -> OSError:
+    """`err` with the file it concerns (a failed write names none: "[Errno 28] No space left on device")."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror, path)

@@ -52,10 +52,13 @@ def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_comm
     todo = [url for url in inputs if url not in done]
     start = time.perf_counter()
     tally = {"embedded": 0, "skipped": Counter(), "parts": 0}
+    failures: dict[str, str] = {}  # input -> why a part of it could not be written
     if todo:
         parts = cache.committed_parts()
         with tqdm(desc=f"precompute {name} -> {cache.id}", unit="img", dynamic_ncols=True, mininterval=1.0) as progress:
             for summary in part_summaries(cfg, dataset, encoder, cache, {url: parts.get(url, set()) for url in todo}):
+                if summary["failure"]:
+                    failures.setdefault(summary["input"], summary["failure"])
                 tally["embedded"] += summary["rows"]
                 tally["skipped"].update(json.loads(summary["skipped"]))
                 tally["parts"] += 1
@@ -71,6 +74,7 @@ def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_comm
     return {
         "dataset": name, "cache_id": cache.id, "cache_url": cache.url, "reused": not todo, "complete": cache.complete,
         "inputs": len(inputs), "inputs_processed": len(todo), "failed_inputs": failed, "embedded": tally["embedded"],
+        "failures": {url: failures[url] for url in failed if url in failures},
         "inputs_reused": len(reused), "reused_from": sorted(set(reused.values())),
         "skipped": sum(tally["skipped"].values()), "skipped_by_reason": dict(tally["skipped"]),
         "rows_in_cache": cache.num_rows, "seconds": round(seconds, 2),
@@ -181,10 +185,15 @@ class PartEncoder:
                 done[column] += batch[column]
         embeddings = torch.cat(vectors).numpy() if vectors else np.zeros((0, self.encoder.dim), np.float32)
         errors = [{**e, "input": input_url} for e in done["errors"]]
-        record = self.cache.commit_shard(input_url, part_table(done, embeddings), errors, part=part, last=last)
+        failure = ""
+        try:
+            record = self.cache.commit_shard(input_url, part_table(done, embeddings), errors, part=part, last=last)
+        except OSError as err:  # the store's retries are spent, or its disk is full: this part stays uncommitted
+            record, failure = None, f"{type(err).__name__}: {err}"
         reasons = Counter(e["reason"].split(":")[0] for e in errors)
-        return {"input": input_url, "part": part, "last": last, "committed": record is not None,
-                "rows": len(embeddings), "num_skipped": len(errors), "skipped": json.dumps(reasons)}
+        return {"input": input_url, "part": part, "last": last, "committed": record is not None, "failure": failure,
+                "rows": 0 if failure else len(embeddings), "num_skipped": 0 if failure else len(errors),
+                "skipped": json.dumps({} if failure else reasons)}
 
 
 def part_table(decoded: dict, embeddings: np.ndarray) -> pa.Table:

@@ -37,9 +37,11 @@ def run(cfg: PipelineConfig, datasets: list[str] | None = None) -> dict:
 def raise_if_incomplete(summary: dict) -> None:
     failed = [url for result in summary["datasets"].values() for url in result["failed_inputs"]]
     if failed:
+        why = {url: reason for result in summary["datasets"].values() for url, reason in result["failures"].items()}
+        first = f"{failed[0]}: {why[failed[0]]}" if failed[0] in why else f"{failed[0]}; its error is in the log above"
         raise PrecomputeIncomplete(f"{len(failed)} input shard(s) failed after retries and were not committed (first: "
-                                   f"{failed[0]}; each error is in the log above); nothing of them was recorded as bad "
-                                   "data: rerun `litpipe precompute` to retry them")
+                                   f"{first}); nothing of them was recorded as bad data: rerun `litpipe precompute` "
+                                   "to retry them (once the store has room, if it is full)")
 
 
 def report_line(result: dict) -> str:

@@ -10,6 +10,7 @@ cache opens with one GET. The format is described in docs/cache-format.md.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 import litpipe
 from litpipe.errors import UserError
-from litpipe.files import is_local, to_url, write_atomic, write_temp
+from litpipe.files import TEMP_MARK, is_local, naming, to_url, write_atomic, write_temp
 from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
 
 FORMAT_VERSION = 2  # 2: a commit record may name another cache's data file (`owner`); v1 caches read as they are
@@ -36,6 +37,8 @@ MANIFEST = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 REQUIRED_COLUMNS = ("key", "captions", "embedding")
 ADOPT_BATCH = 5000  # adopted parts per batch record
+CHECK_PAGE_CHECKSUMS = True  # readers check each page's CRC; bench/store_read.py turns it off to measure the cost
+FINALIZED_KEYS = ("completed", "num_rows", "bytes", "num_errors", "error_counts", "shards")  # what finalize adds
 MANIFEST_KEYS = ("format_version", "id", "complete", "embedding_dtype", "row_group_rows", "encoder", "dataset")
 
 
@@ -320,7 +323,12 @@ class EmbeddingCache:
         data_path = f"shards/{name}.{uuid.uuid4().hex[:12]}.parquet"
         blob = _parquet_bytes(table, self.manifest["row_group_rows"])
         self.fs.makedirs(_join(self.path, "shards"), exist_ok=True)
-        self.fs.pipe_file(_join(self.path, data_path), blob)
+        try:
+            self.fs.pipe_file(_join(self.path, data_path), blob)
+        except OSError as err:  # a full disk leaves part of the file, which no record will ever name
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(_join(self.path, data_path))
+            raise naming(err, _join(self.url, data_path)) from err
         record = {
             "name": name,
             "path": data_path,
@@ -362,9 +370,32 @@ class EmbeddingCache:
             self.fs.makedirs(_join(self.path, "commits"), exist_ok=True)
         for start in range(0, len(records), ADOPT_BATCH):
             batch = records[start:start + ADOPT_BATCH]
-            digest = hashlib.sha256(canonical_json([(r["name"], r.get("owner"), r["path"]) for r in batch]).encode())
-            self._write_exclusive(_join(self.path, "commits", f"adopted-{digest.hexdigest()[:16]}.json"),
+            self._write_exclusive(_join(self.path, "commits", _batch_name(batch)),
                                   _dumps({"adopted": batch, "committed": _now()}))  # the same batch twice: one stands
+
+    def uncommit(self, name: str) -> dict:
+        """Take the committed part `name` back out, so the next `litpipe precompute` embeds it again
+        (a complete cache becomes partial first); its record. The data file is the caller's to
+        delete (`sharing.remove_part`): another cache may name it."""
+        record = next((r for r in self.shards() if r["name"] == name), None)
+        if record is None:
+            raise CacheError(f"{self.url}: no committed part named {name!r}; `litpipe cache show {self.id}` lists them")
+        if self.complete:
+            manifest = {k: v for k, v in self.manifest.items() if k not in FINALIZED_KEYS}
+            write_atomic(self.fs, _join(self.path, MANIFEST), _dumps({**manifest, "complete": False}))
+            self.manifest = {**manifest, "complete": False}
+        commits = _join(self.path, "commits")
+        for path in self._ls(commits):
+            if path.endswith(f"/{name}.json"):
+                self.fs.rm_file(path)
+            elif _is_batch(path):
+                batch = json.loads(self.fs.cat_file(path))
+                kept = [r for r in batch["adopted"] if r["name"] != name]
+                if len(kept) < len(batch["adopted"]):  # the batch again, less this part, then the old one goes
+                    if kept:
+                        self._write_exclusive(_join(commits, _batch_name(kept)), _dumps({**batch, "adopted": kept}))
+                    self.fs.rm_file(path)
+        return record
 
     def _conform(self, table: pa.Table, input_url: str) -> tuple[pa.Table, int]:
         """Check the columns and cast them to the cache's schema, so every shard reads alike."""
@@ -455,6 +486,7 @@ class EmbeddingCache:
         """A shard's Parquet file; `whole` fetches it in one read (remote stores), not by ranges.
 
         Checks what a reader relies on: a readable footer, the recorded rows and the cache's dim.
+        Pages are checked against their CRCs as they are read (`read_part`).
         """
         path, url = self.file_path(record), self.file_url(record)
         try:
@@ -464,21 +496,33 @@ class EmbeddingCache:
                 source = pa.BufferReader(self.fs.cat_file(path))
             else:
                 source = self.fs.open(path, "rb")
-            parquet = pq.ParquetFile(source, memory_map=is_local(self.fs))  # local: decode straight from the page cache
+            parquet = pq.ParquetFile(source, memory_map=is_local(self.fs),  # local: decode straight from the page cache
+                                     page_checksum_verification=CHECK_PAGE_CHECKSUMS)
         except FileNotFoundError:
-            raise CacheError(f"{url}: committed shard is missing; run `litpipe cache verify {self.id}`, "
-                             f"then `litpipe cache rm {self.id}` and re-run `litpipe precompute`") from None
+            raise CacheError(f"{url}: committed shard is missing; {self.fix(record)}") from None
         except (pa.ArrowInvalid, OSError) as err:
-            raise CacheError(f"{url}: unreadable Parquet shard, truncated or corrupt ({err}); run `litpipe cache verify "
-                             f"{self.id}`, then `litpipe cache rm {self.id}` and re-run `litpipe precompute`") from None
+            raise CacheError(f"{url}: unreadable Parquet shard, truncated or corrupt ({err}); {self.fix(record)}") from None
         dim = stored_dim(parquet.schema_arrow.field("embedding"), self.embedding_dtype)
         if dim != self.dim:
             raise CacheError(f"{url}: embedding dim {dim} differs from the cache's {self.dim}; the shard belongs to "
-                             f"another encoder: `litpipe cache rm {self.id}` and re-run `litpipe precompute`")
+                             f"another encoder: {self.fix(record)}")
         if parquet.metadata.num_rows != record["rows"]:
             raise CacheError(f"{url}: {parquet.metadata.num_rows} rows, its commit record says {record['rows']}; "
-                             f"the file was replaced: `litpipe cache rm {self.id}` and re-run `litpipe precompute`")
+                             f"the file was replaced: {self.fix(record)}")
         return parquet
+
+    def read_part(self, parquet: pq.ParquetFile, record: dict, columns: list[str], group: int | None = None) -> pa.Table:
+        """`columns` of an open shard (one row group of it, or all); a page whose bytes changed since
+        they were written (its CRC fails) or that cannot be decoded is an error naming the file and the fix."""
+        try:
+            return parquet.read(columns=columns) if group is None else parquet.read_row_group(group, columns=columns)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise CacheError(f"{self.file_url(record)}: corrupt data in a committed shard ({err}); {self.fix(record)}") from None
+
+    def fix(self, record: dict) -> str:
+        """What to run when a committed shard's file is damaged or gone."""
+        return (f"run `litpipe cache verify {self.id}` to list every damaged file, then `litpipe cache rm {self.id} "
+                f"--shard {record['name']}` and `litpipe precompute` to embed that part again")
 
     # --- checking and removing -----------------------------------------------------------
 
@@ -499,7 +543,7 @@ class EmbeddingCache:
             if hashlib.sha256(blob).hexdigest() != record["sha256"]:
                 problems.append(f"{url}: sha256 differs from its commit record (corrupted or replaced)")
             try:
-                table = pq.read_table(pa.BufferReader(blob))
+                table = pq.read_table(pa.BufferReader(blob), page_checksum_verification=True)
             except (pa.ArrowInvalid, OSError) as err:
                 problems.append(f"{url}: unreadable Parquet ({err})")
                 continue
@@ -519,36 +563,48 @@ class EmbeddingCache:
                 else:
                     seen_keys[key] = record["path"]
         for path in self.orphans():
-            problems.append(f"{_join(self.url, path)}: orphaned data file, in no commit record "
-                            f"(a crashed or losing writer); `litpipe cache rm {self.id} --orphans` deletes it")
+            what = ("temporary file of a writer killed before its rename" if TEMP_MARK in path else
+                    "orphaned data file, in no commit record (a crashed or losing writer)")
+            problems.append(f"{_join(self.url, path)}: {what}; `litpipe cache rm {self.id} --orphans` deletes it")
         return problems
 
     def orphans(self) -> list[str]:
-        """Data files under shards/ that no commit record names (relative paths): neither this
-        cache's nor one of another cache that adopted them.
+        """Files no reader will look at (paths relative to the cache folder): data files under shards/
+        that no commit record names, neither this cache's nor one of another cache that adopted them;
+        and temporary files (`*.tmp-*`) a writer killed between writing and renaming left.
 
-        While a writer runs, its in-flight file shows here too until it commits.
+        While a writer runs, its in-flight files show here too until it commits.
         """
-        shard_dir = _join(self.path, "shards")
-        self.fs.invalidate_cache(shard_dir)
-        try:
-            present = self.fs.ls(shard_dir, detail=False)
-        except FileNotFoundError:
-            return []
+        self.fs.invalidate_cache(self.path)
+        listed = {folder: [os.path.basename(p) for p in self._ls(_join(self.path, folder) if folder else self.path)]
+                  for folder in ("", "shards", "commits")}
         committed = {s["path"] for s in self.shards() if self.owner(s) == self.id}
         committed |= {path for owner, path in referenced_files(list_caches(to_url(self.fs, self.root))) if owner == self.id}
-        return sorted(p for p in (f"shards/{os.path.basename(x)}" for x in present) if p not in committed)
+        data = [p for p in (f"shards/{name}" for name in listed["shards"]) if p not in committed]
+        temps = [f"{folder}/{name}".lstrip("/") for folder, names in listed.items() for name in names if TEMP_MARK in name]
+        return sorted(set(data + temps))
 
     def remove_orphans(self) -> list[str]:
         """Delete orphans that can no longer be committed: all of them in a complete cache, else
-        those whose input shard is already committed (a race loser or a crashed earlier attempt)."""
+        those of a part already committed (a race loser or a crashed earlier attempt)."""
         committed_names = {s["name"] for s in self.shards()}
-        removed = [p for p in self.orphans()
-                   if self.complete or os.path.basename(p).split(".")[0] in committed_names]
+        removed = [p for p in self.orphans() if self.complete or
+                   (p.startswith(("shards/", "commits/")) and os.path.basename(p).split(".")[0] in committed_names)]
         for path in removed:
             self.fs.rm_file(_join(self.path, path))
         return removed
 
+    def _ls(self, path: str) -> list[str]:
+        try:
+            return self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+
+
+def _batch_name(records: list[dict]) -> str:
+    """An adoption batch record's file name: a digest of what it names, so the same batch twice is one file."""
+    digest = hashlib.sha256(canonical_json([(r["name"], r.get("owner"), r["path"]) for r in records]).encode())
+    return f"adopted-{digest.hexdigest()[:16]}.json"
 
 
 def _is_batch(path: str) -> bool:
@@ -584,11 +640,11 @@ def _leaf_paths(field: pa.Field, prefix: str = "") -> list[str]:
 
 def _parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
     """The shard file: vectors plain and uncompressed (they do not compress; decoding speed
-    matters), every other column zstd."""
+    matters), every other column zstd; every page with its CRC, so a flipped bit fails the read."""
     paths = [p for f in table.schema for p in _leaf_paths(f)]
     compression = {p: ("none" if p == "embedding" else "zstd") for p in paths}
     sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression=compression,
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression=compression, write_page_checksum=True,
                    use_dictionary=[f.name for f in table.schema if f.name != "embedding"],
                    write_statistics=[p for p in paths if p != "embedding" and not p.startswith("captions.")])
     return sink.getvalue()

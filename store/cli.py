@@ -62,6 +62,8 @@ def register(commands) -> None:
     rm.add_argument("cache", help="cache id (or unique prefix) under store.root, or a cache URL")
     add_config_args(rm)
     rm.add_argument("--orphans", action="store_true", help="delete only orphaned data files, keep the cache")
+    rm.add_argument("--shard", metavar="PART", help="take only this committed part out (its name, as errors and "
+                    "`cache show` give it), so the next `litpipe precompute` embeds it again")
     rm.add_argument("--dry-run", action="store_true", help="print what would be deleted and kept, delete nothing")
     rm.set_defaults(func=_rm)
 
@@ -179,6 +181,16 @@ def _export(args: argparse.Namespace) -> int:
 
 def _rm(args: argparse.Namespace) -> int:
     cache = _open(args)
+    if args.shard:
+        from litpipe.store.sharing import remove_part
+
+        removed = remove_part(cache, args.shard)
+        print(f"cache {cache.id}: part {args.shard} taken out, the cache is partial; "
+              + (f"deleted {removed['deleted']}" if removed["deleted"] else
+                 f"its data file stays, cache(s) {', '.join(removed['named_by'])} name it: run `litpipe cache rm ID "
+                 f"--shard {args.shard}` for each")
+              + "; `litpipe precompute` embeds it again")
+        return 0
     if args.orphans:
         removed = cache.remove_orphans()
         kept = len(cache.orphans())

@@ -67,7 +67,7 @@ def _rows(cache: EmbeddingCache, parquet: pq.ParquetFile, record: dict, group: i
           dtype: str) -> tuple[np.ndarray, pa.Table]:
     """One row group: its vectors as [n, D] `dtype`, and its text columns in the export's schema."""
     present = [c for c in ("key", "captions", "label", "metadata", "embedding") if c in record["columns"]]
-    table = parquet.read_row_group(group, columns=present)
+    table = cache.read_part(parquet, record, present, group)
     vectors = decode_embeddings(table.column("embedding"), cache.dim, cache.embedding_dtype).astype(dtype, copy=False)
     captions = table.column("captions")
     first = [texts[0] if texts else None for texts in captions.to_pylist()]

@@ -54,10 +54,10 @@ def _has_labels(records: list[dict]) -> bool:
     return any("label" in r["columns"] for r in records)
 
 
-def _read(parquet, record: dict, columns: list[str], group: int | None = None) -> pa.Table:
+def _read(cache: EmbeddingCache, parquet, record: dict, columns: list[str], group: int | None = None) -> pa.Table:
     """`columns` of one shard (or one row group of it); a missing `label` column becomes -1s."""
     present = [c for c in columns if c in record["columns"]]
-    table = parquet.read(columns=present) if group is None else parquet.read_row_group(group, columns=present)
+    table = cache.read_part(parquet, record, present, group)
     if "label" in columns:
         labels = table.column("label") if "label" in present else pa.nulls(table.num_rows, pa.int64())
         table = table.drop_columns([c for c in ["label"] if c in present]).append_column("label", pc.fill_null(labels, -1))
@@ -81,7 +81,7 @@ def load_all(cache: EmbeddingCache, text: bool = True) -> CacheContents:
     progress = tqdm(total=int(offsets[-1]), unit="row", unit_scale=True, desc=f"load {cache.id}", disable=None)
 
     def read(i: int) -> pa.Table:
-        table = _read(cache.open_shard(records[i], whole=True), records[i], columns)
+        table = _read(cache, cache.open_shard(records[i], whole=True), records[i], columns)
         row = int(offsets[i])
         for chunk in table.column("embedding").chunks:
             vectors = torch.from_numpy(decode_embeddings(chunk, dim, cache.embedding_dtype))
@@ -210,7 +210,7 @@ class StreamingReader:
     def _unit(self, shard: int, group: int) -> _Unit:
         """One row group of a shard file: vectors as a view of Arrow's buffer in the stored dtype,
         text as object arrays (Python objects once per unit), labels, and its token ids."""
-        table = _read(self._file(shard, self.cache.open_shard), self.records[shard], self.columns, group)
+        table = _read(self.cache, self._file(shard, self.cache.open_shard), self.records[shard], self.columns, group)
         chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
                   for c in table.column("embedding").chunks]
         token_ids = token_offsets = None

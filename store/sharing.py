@@ -106,6 +106,20 @@ def remove_cache(cache: EmbeddingCache, dry_run: bool = False) -> dict[str, list
     return plan
 
 
+def remove_part(cache: EmbeddingCache, name: str) -> dict:
+    """Take part `name` out of `cache` (`EmbeddingCache.uncommit`) and delete its data file unless
+    another cache names it; {"record", "deleted": the file's URL or None, "named_by": those caches' ids}.
+    A damaged file is damaged for every cache that names it: each of them needs the same."""
+    record = cache.uncommit(name)
+    named_by = sorted(referenced_files([c for c in list_caches(to_url(cache.fs, cache.root)) if c.id != cache.id])
+                      .get((cache.owner(record), record["path"]), set()))
+    deleted = None
+    if not named_by:
+        cache.fs.rm_file(cache.file_path(record))
+        deleted = cache.file_url(record)
+    return {"record": record, "deleted": deleted, "named_by": named_by}
+
+
 def collect_garbage(root: str, dry_run: bool = False) -> list[str]:
     """Delete the files of folders under `root` that hold no cache (a removal cut short) and that no
     cache names; their URLs (those it would delete, with `dry_run`)."""

@@ -1,14 +1,17 @@
-"""Real image bytes, tar shards and configs for the precompute tests (tiny, deterministic)."""
+"""Real image bytes, tar shards, configs and the planted-bad-input dataset for the precompute tests (tiny, deterministic)."""
 
 from __future__ import annotations
 
 import io
 import tarfile
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
 from conftest import TINY_ARCHITECTURE
+from litpipe.store.cache import EmbeddingCache, decode_embeddings
 
 TINY_MODEL = "litpipe-test-tiny-vit"
 
@@ -52,3 +55,54 @@ def sample_members(key: str, image: bytes | None, caption: str | None = None, la
 def tiny_config(data: dict, root: str, **sections) -> dict:
     return {"data": data, "encoder": {"model": TINY_MODEL, "architecture": TINY_ARCHITECTURE},
             "store": {"root": root}, "precompute": {"batch_size": 8}, **sections}
+
+
+GOOD_RGB = [f"plain/{i}" for i in range(5)]
+ODD_MODES = {  # converted, not skipped
+    "odd/grey": encode_image(Image.new("L", (30, 20), 90), "PNG"),
+    "odd/palette": encode_image(Image.open(io.BytesIO(image_bytes(5))).convert("P"), "PNG"),
+    "odd/cmyk": encode_image(Image.new("CMYK", (24, 24), (10, 200, 30, 0)), "JPEG"),
+    "odd/grey16": encode_image(Image.fromarray(np.full((20, 20), 40000, np.uint16)), "PNG"),
+    "odd/alpha": encode_image(Image.open(io.BytesIO(image_bytes(6))).convert("RGBA"), "PNG"),
+}
+BAD_IMAGES = {
+    "bad/undecodable": b"this is not an image at all",
+    "bad/zero-byte": b"",
+    "bad/truncated": image_bytes(7, size=(64, 64))[:200],
+    "bad/bomb": encode_image(Image.new("L", (3000, 2000)), "PNG"),
+}
+PLANTED_ERRORS = len(BAD_IMAGES) + 3  # + a sample without caption, a truncated tar's cut, an unreadable shard
+
+
+def build_planted_dataset(folder: Path) -> list[str]:
+    """Four real tar shards holding every kind of bad input; returns the good keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_tar(folder / "train-000000.tar", [m for i, key in enumerate(GOOD_RGB)
+                                            for m in sample_members(key, image_bytes(i), f"caption {i}\nalt {i}", label=i)])
+    odd = [m for key, data in ODD_MODES.items() for m in sample_members(key, data, f"odd {key}")]
+    bad = [m for key, data in BAD_IMAGES.items() for m in sample_members(key, data, f"bad {key}")]
+    write_tar(folder / "train-000001.tar", odd + bad + sample_members("bad/no-caption", image_bytes(8), None))
+    cut_members = [m for i in range(3) for m in sample_members(f"cut/{i}", image_bytes(10 + i, size=(64, 64)), f"cut {i}")]
+    write_tar(folder / "train-000002.tar", cut_members)
+    data = (folder / "train-000002.tar").read_bytes()
+    (folder / "train-000002.tar").write_bytes(data[:data.index(image_bytes(12, size=(64, 64))) + 50])
+    (folder / "train-000003.tar").write_bytes(b"\x00not a tar" * 64)
+    return GOOD_RGB + list(ODD_MODES) + ["cut/0", "cut/1"]
+
+
+def planted_config(data_dir: Path, root: str, **sections) -> dict:
+    raw = tiny_config({"train": {"format": "webdataset", "urls": str(data_dir / "train-*.tar")}}, root, **sections)
+    raw["precompute"].update(max_image_pixels=1_000_000, batch_size=4)
+    return raw
+
+
+def cache_rows(cache: EmbeddingCache) -> dict:
+    """key -> row of the committed shards, read straight from their Parquet files."""
+    rows = {}
+    for record in cache.shards():
+        table = cache.open_shard(record).read()
+        vectors = decode_embeddings(table.column("embedding"), cache.dim, cache.embedding_dtype)
+        for row, vector in zip(table.drop_columns(["embedding"]).to_pylist(), vectors):
+            assert row["key"] not in rows, f"key {row['key']} committed twice"
+            rows[row["key"]] = {**row, "embedding": vector}
+    return rows

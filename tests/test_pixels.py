@@ -17,7 +17,6 @@ from conftest import TINY_ARCHITECTURE
 from litpipe.config import EncoderConfig
 from litpipe.errors import UserError
 from litpipe.models.image_encoder import load_encoder
-from litpipe.models.pixels import PixelSteps
 
 
 def photo(seed: int, size=(640, 480)) -> Image.Image:

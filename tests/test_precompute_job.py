@@ -1,8 +1,11 @@
-"""The precompute job end to end on a real local Ray: parity, bad input, reuse, resume after kill -9, formats."""
+"""The precompute job end to end on a real local Ray: parity, bad input, reuse, resume mid-shard, formats.
+
+Kills at many more points, and what they leave, are tests/faults/."""
 
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,60 +22,11 @@ from PIL import Image
 from litpipe.config import validate_config
 from litpipe.precompute import stage
 from litpipe.precompute.decode import decode_image
-from litpipe.store.cache import EmbeddingCache, decode_embeddings, list_caches
+from litpipe.store.cache import CacheError, EmbeddingCache, list_caches
+from litpipe.store.sharing import remove_part
 from litpipe.models.image_encoder import load_encoder
-from precompute_samples import encode_image, image_bytes, sample_members, tiny_config, write_tar
-
-GOOD_RGB = [f"plain/{i}" for i in range(5)]
-ODD_MODES = {  # converted, not skipped
-    "odd/grey": encode_image(Image.new("L", (30, 20), 90), "PNG"),
-    "odd/palette": encode_image(Image.open(io.BytesIO(image_bytes(5))).convert("P"), "PNG"),
-    "odd/cmyk": encode_image(Image.new("CMYK", (24, 24), (10, 200, 30, 0)), "JPEG"),
-    "odd/grey16": encode_image(Image.fromarray(np.full((20, 20), 40000, np.uint16)), "PNG"),
-    "odd/alpha": encode_image(Image.open(io.BytesIO(image_bytes(6))).convert("RGBA"), "PNG"),
-}
-BAD_IMAGES = {
-    "bad/undecodable": b"this is not an image at all",
-    "bad/zero-byte": b"",
-    "bad/truncated": image_bytes(7, size=(64, 64))[:200],
-    "bad/bomb": encode_image(Image.new("L", (3000, 2000)), "PNG"),
-}
-PLANTED_ERRORS = len(BAD_IMAGES) + 3  # + a sample without caption, a truncated tar's cut, an unreadable shard
-
-
-def build_planted_dataset(folder: Path) -> list[str]:
-    """Four real tar shards holding every kind of bad input; returns the good keys."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_tar(folder / "train-000000.tar", [m for i, key in enumerate(GOOD_RGB)
-                                            for m in sample_members(key, image_bytes(i), f"caption {i}\nalt {i}", label=i)])
-    odd = [m for key, data in ODD_MODES.items() for m in sample_members(key, data, f"odd {key}")]
-    bad = [m for key, data in BAD_IMAGES.items() for m in sample_members(key, data, f"bad {key}")]
-    write_tar(folder / "train-000001.tar", odd + bad + sample_members("bad/no-caption", image_bytes(8), None))
-    cut_members = [m for i in range(3) for m in sample_members(f"cut/{i}", image_bytes(10 + i, size=(64, 64)), f"cut {i}")]
-    write_tar(folder / "train-000002.tar", cut_members)
-    data = (folder / "train-000002.tar").read_bytes()
-    (folder / "train-000002.tar").write_bytes(data[:data.index(image_bytes(12, size=(64, 64))) + 50])
-    (folder / "train-000003.tar").write_bytes(b"\x00not a tar" * 64)
-    return GOOD_RGB + list(ODD_MODES) + ["cut/0", "cut/1"]
-
-
-def planted_config(data_dir: Path, root: str, **sections) -> dict:
-    raw = tiny_config({"train": {"format": "webdataset", "urls": str(data_dir / "train-*.tar")}}, root, **sections)
-    raw["precompute"].update(max_image_pixels=1_000_000, batch_size=4)
-    return raw
-
-
-def cache_rows(cache: EmbeddingCache) -> dict:
-    """key -> row of the committed shards, read straight from their Parquet files."""
-    rows = {}
-    for record in cache.shards():
-        table = cache.open_shard(record).read()
-        vectors = decode_embeddings(table.column("embedding"), cache.dim, cache.embedding_dtype)
-        for row, vector in zip(table.drop_columns(["embedding"]).to_pylist(), vectors):
-            assert row["key"] not in rows, f"key {row['key']} committed twice"
-            rows[row["key"]] = {**row, "embedding": vector}
-    return rows
-
+from precompute_samples import (GOOD_RGB, ODD_MODES, PLANTED_ERRORS, build_planted_dataset, cache_rows, image_bytes,
+                                planted_config, sample_members, tiny_config, write_tar)
 
 @pytest.fixture(scope="module")
 def planted(ray_local, tmp_path_factory):
@@ -128,40 +82,6 @@ def test_second_run_with_same_encoder_and_data_encodes_nothing(planted):
     assert "nothing encoded" in again["report"][0]
 
 
-KILL_AFTER_FIRST_COMMIT = """
-import json, os, signal, sys
-from litpipe.config import validate_config
-from litpipe.precompute.job import precompute_dataset
-from litpipe.models.image_encoder import load_encoder
-cfg = validate_config(json.loads(sys.argv[1]))
-precompute_dataset(cfg, "train", load_encoder(cfg.encoder, device="cpu"),
-                   on_commit=lambda record: os.kill(os.getpid(), signal.SIGKILL))
-"""
-
-
-def test_resume_after_kill_writes_each_key_once_and_matches_an_uninterrupted_run(planted):
-    raw = planted_config(planted["base"] / "data", str(planted["base"] / "resumed"), ray={"num_cpus": 2})
-    child = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_COMMIT, json.dumps(raw)],
-                           capture_output=True, text=True, timeout=240, env={**os.environ, "RAY_DEDUP_LOGS": "0"})
-    assert child.returncode == -9, child.stderr[-3000:]
-    cfg = validate_config(raw)
-    partial = EmbeddingCache.find(cfg.store.root, planted["cache"].manifest["encoder"], planted["cache"].manifest["dataset"])
-    # Workers write: parts in flight when the driver died may have committed too, even all of them.
-    committed = partial.committed_inputs()
-    assert not partial.complete and 1 <= len(committed) <= 4  # the finalize never ran
-
-    resumed = stage.run(cfg)["datasets"]["train"]
-    assert resumed["inputs_processed"] == 4 - len(committed)
-    cache, reference = EmbeddingCache.open(resumed["cache_url"]), planted["cache"]
-    assert cache.complete and cache.id == reference.id
-    got, want = cache_rows(cache), cache_rows(reference)
-    assert list(got) == list(want)  # every key exactly once, in the same order
-    for key in want:
-        assert got[key]["embedding"].tobytes() == want[key]["embedding"].tobytes()  # bit-identical
-        assert {k: v for k, v in got[key].items() if k != "embedding"} == {k: v for k, v in want[key].items() if k != "embedding"}
-    assert sorted(map(json.dumps, cache.errors())) == sorted(map(json.dumps, reference.errors()))
-
-
 def test_parquet_and_folder_datasets_are_precomputed_into_an_s3_store(ray_local, tmp_path, s3_root):
     table = pa.table({"image": [{"bytes": image_bytes(i), "path": None} for i in range(3)] + [{"bytes": b"bad", "path": None}],
                       "text": ["p0", "p1", "p2", "p3"], "label": [0, 1, 2, 3]})
@@ -185,30 +105,25 @@ def test_parquet_and_folder_datasets_are_precomputed_into_an_s3_store(ray_local,
 
 
 def test_shards_cut_into_parts_commit_each_part_once_and_resume_mid_shard_bit_identically(planted):
-    """rows_per_commit=2: every shard is several parts; a run killed after its first part commits is
-    finished by the next run, and the cache equals an uninterrupted run's, bit for bit."""
+    """rows_per_commit=2: every shard is several parts; a cache holding only the first part of a
+    shard is finished by the next run, bit for bit as an uninterrupted run writes it."""
     base = planted["base"]
     whole = validate_config(planted_config(base / "data", str(base / "parts-whole"), precompute={"rows_per_commit": 2}))
     reference = EmbeddingCache.open(stage.run(whole)["datasets"]["train"]["cache_url"])
     assert max(r.get("part", 0) for r in reference.shards()) >= 2 and reference.rows_per_commit == 2
     assert list(cache_rows(reference)) == list(cache_rows(planted["cache"]))  # same keys, same order as one part a shard
 
-    raw = planted_config(base / "data", str(base / "parts-killed"), ray={"num_cpus": 2}, precompute={"rows_per_commit": 2})
-    child = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_COMMIT, json.dumps(raw)],
-                           capture_output=True, text=True, timeout=240)
-    assert child.returncode == -9, child.stderr[-3000:]
-    cfg = validate_config(raw)
-    partial = EmbeddingCache.find(cfg.store.root, reference.manifest["encoder"], reference.manifest["dataset"])
-    assert not partial.complete and partial.shards()  # actors may commit what was in flight before they die
-    # Make the cut fall inside a shard for certain: drop the parts after part 0 of one multi-part shard,
-    # as a kill landing right after that part's commit would have left it.
-    several = {r["input"] for r in reference.shards() if r["part"] == 1}
-    cut = next(r["input"] for r in partial.shards() if r["part"] == 0 and r["input"] in several)
-    for record in partial.shards():
+    # What a kill right after part 0 of a multi-part shard commits leaves: the parts after it taken
+    # out again (tests/faults/ kills real runs at many such points).
+    shutil.copytree(base / "parts-whole", base / "parts-cut")
+    cfg = validate_config(planted_config(base / "data", str(base / "parts-cut"), precompute={"rows_per_commit": 2}))
+    partial = EmbeddingCache.open(reference.id, root=cfg.store.root)
+    cut = next(r["input"] for r in reference.shards() if r["part"] == 2)
+    for record in reference.shards():
         if record["input"] == cut and record["part"] >= 1:
-            partial.fs.rm_file(f"{partial.path}/commits/{record['name']}.json")
-            partial.fs.rm_file(f"{partial.path}/{record['path']}")
-    assert cut not in partial.committed_inputs() and partial.committed_parts()[cut] == {0}
+            remove_part(partial, record["name"])
+    partial = EmbeddingCache.open(partial.url)
+    assert not partial.complete and cut not in partial.committed_inputs() and partial.committed_parts()[cut] == {0}
     resumed = EmbeddingCache.open(stage.run(cfg)["datasets"]["train"]["cache_url"])
     got, want = cache_rows(resumed), cache_rows(reference)
     assert list(got) == list(want)
@@ -346,6 +261,41 @@ def test_s3_faults_are_retried_and_a_shard_that_stays_unreadable_fails_without_a
     assert cache.complete and list(got) == list(want)
     assert all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
     assert [(e["key"], e["reason"]) for e in cache.errors()] == [(e["key"], e["reason"]) for e in planted["cache"].errors()]
+
+
+def test_a_bit_flipped_in_a_shard_at_rest_fails_every_read_naming_the_file_and_rm_shard_then_precompute_mends_it(
+        planted, tmp_path, capsys):
+    import yaml
+
+    from litpipe.cli import main
+    from litpipe.store import StreamingReader, load_all
+
+    shutil.copytree(planted["base"] / "store", tmp_path / "store")
+    raw = planted_config(planted["base"] / "data", str(tmp_path / "store"))
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(raw))
+    cache = EmbeddingCache.open(planted["cache"].id, root=str(tmp_path / "store"))
+    record = cache.shards()[0]
+    path = Path(cache.file_path(record))
+    data = bytearray(path.read_bytes())
+    at = data.index(cache_rows(cache)["plain/2"]["embedding"].tobytes()) + 3
+    data[at] ^= 0x04  # one bit of one stored vector: the file still parses, and no decoder would notice
+    path.write_bytes(data)
+
+    named = f"{path}: corrupt data in a committed shard .*CRC.*litpipe cache rm {cache.id} --shard {record['name']}`"
+    with pytest.raises(CacheError, match=named):
+        load_all(cache)
+    with pytest.raises(CacheError, match=named):
+        list(StreamingReader(cache, batch_size=4))
+    assert any(p.startswith(f"{path}: sha256 differs") for p in cache.verify())
+    assert main(["cache", "rm", cache.id, str(tmp_path / "pipeline.yaml"), "--shard", record["name"]]) == 0
+    assert f"part {record['name']} taken out" in capsys.readouterr().out
+
+    mended = stage.run(validate_config(raw))["datasets"]["train"]
+    assert mended["inputs_processed"] == 1 and mended["embedded"] == len(GOOD_RGB)
+    cache = EmbeddingCache.open(mended["cache_url"])
+    assert cache.verify() == []
+    got, want = cache_rows(cache), cache_rows(planted["cache"])
+    assert list(got) == list(want) and all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
 
 
 def test_a_grown_dataset_encodes_only_its_new_shards_and_removal_keeps_what_another_cache_names(ray_local, tmp_path):

@@ -294,6 +294,38 @@ def test_adopted_shards_read_through_the_view_and_a_removal_cut_short_is_finishe
     assert not [p for p in fs.find(path) if p.endswith(".parquet") and other_encoder.id not in p]
 
 
+def test_a_part_taken_out_is_committed_again_and_its_file_stays_while_another_cache_names_it(root):
+    from litpipe.store.sharing import adopt_from_other_caches, remove_part
+
+    donor = EmbeddingCache.open_or_create(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:2]})
+    for i, url in enumerate(INPUTS[:2]):
+        donor.commit_shard(url, shard_table(f"s{i}", 4, seed=i))
+    donor.finalize()
+    view = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
+    adopt_from_other_caches(view, INPUTS)
+    for i in (2, 3):
+        view.commit_shard(INPUTS[i], shard_table(f"s{i}", 4, seed=i))
+    view.finalize()
+    before = load_all(view)
+
+    adopted = remove_part(view, shard_name(INPUTS[0]))  # the donor's file: it stays, the donor names it
+    assert adopted["named_by"] == [donor.id] and adopted["deleted"] is None
+    own = remove_part(view, shard_name(INPUTS[3]))
+    assert own["named_by"] == [] and own["deleted"] == view.file_url(own["record"])
+    with pytest.raises(CacheError, match="no committed part named 'nope'.*cache show"):
+        remove_part(view, "nope")
+    partial = EmbeddingCache.open(view.url)
+    assert not partial.complete and partial.committed_inputs() == {INPUTS[1], INPUTS[2]}
+    assert donor.verify() == [] and load_all(donor).keys == before.keys[:8]
+
+    assert adopt_from_other_caches(partial, [INPUTS[0], INPUTS[3]]) == {INPUTS[0]: donor.id}  # what precompute does
+    partial.commit_shard(INPUTS[3], shard_table("s3", 4, seed=3))
+    partial.finalize()
+    again = load_all(partial)
+    assert again.keys == before.keys and np.array_equal(again.embeddings.numpy(), before.embeddings.numpy())
+    assert partial.verify() == []
+
+
 def test_a_format_1_cache_reads_as_it_is_and_lends_its_shards(tmp_path):
     """Format 2 added records that name another cache's file; a format-1 cache (records without `owner`)
     is read in place, never re-encoded, and a grown dataset adopts its shards."""

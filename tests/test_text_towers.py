@@ -4,7 +4,6 @@ settings, their own tokenizers against transformers and an independent reference
 import json
 import random
 
-import numpy as np
 import open_clip
 import pytest
 import torch

@@ -1,16 +1,13 @@
-"""The training loop end to end on a tiny real cache: cache == on-the-fly, resume after kill -9, export."""
+"""The training loop end to end on a tiny real cache: cache == on-the-fly, export, the token cache.
+
+Resume after kill -9, at many points, is tests/faults/test_train_kills.py."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import open_clip
-import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
@@ -41,29 +38,6 @@ def test_training_from_the_cache_equals_on_the_fly_locked_image_training(tiny_ca
     expected, got = losses(cached["artifact"].rsplit("/train", 1)[0]), losses(on_the_fly["artifact"].rsplit("/train", 1)[0])
     assert list(got) == [1, 2, 3, 4]
     np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=1e-5)
-
-
-def test_resume_after_kill_reproduces_the_uninterrupted_losses(tiny_cache, tmp_path):
-    steps = 12
-    uninterrupted = config(tiny_cache, "whole", steps=steps, checkpoint_every=2)
-    train(validate_config(uninterrupted))
-    kept = sorted(p.name for p in (Path(uninterrupted["workdir"]) / "train" / "checkpoints").glob("step-*.pt"))
-    assert kept == ["step-00000010.pt", "step-00000012.pt"]  # train.keep_checkpoints: the newest 2
-    killed = config(tiny_cache, "killed", steps=steps, checkpoint_every=2)
-    path = tmp_path / "killed.yaml"
-    path.write_text(yaml.safe_dump(killed))
-    command = [sys.executable, "-m", "litpipe.cli", "train", str(path)]
-    latest = Path(killed["workdir"]) / "train" / "checkpoints" / "latest.json"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (latest.exists() and json.loads(latest.read_text() or "{}").get("step", 0) >= 4):
-        assert process.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.005)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    killed_at = json.loads(latest.read_text())["step"]
-    assert killed_at < steps and not (Path(killed["workdir"]) / "train" / "final").exists()
-    subprocess.run([*command, "--resume"], check=True, capture_output=True)
-    np.testing.assert_array_equal(list(losses(killed["workdir"]).values()), list(losses(uninterrupted["workdir"]).values()))
 
 
 def test_export_loads_in_open_clip_with_the_trained_text_and_cached_image_features(tiny_cache, tmp_path):

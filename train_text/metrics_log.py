@@ -3,7 +3,8 @@ and the curves (loss.png, and eval.png when the run evaluates) drawn from metric
 
 metrics.jsonl holds two kinds of record: `{"step", "loss", ...}` every train.log_every steps and
 `{"step", "eval": {metric: value}, "chance": {metric: value}}` at each evaluation (train.eval_every).
-A resumed run appends; the curves keep the last record of each step, so re-run steps plot once.
+A resumed run keeps the records up to its checkpoint's step and logs the steps after it again, so
+each step is in the file once, as in a run never stopped (a line a crash tore is dropped too).
 """
 
 from __future__ import annotations
@@ -15,19 +16,25 @@ import fsspec
 
 from litpipe.config import WandbConfig
 from litpipe.errors import UserError
+from litpipe.files import write_atomic
 from litpipe.plots import pyplot
 
 
 class MetricsLog:
     """metrics.jsonl + TensorBoard (+ W&B) under the train folder; only rank 0's is `enabled`."""
 
-    def __init__(self, out: str, enabled: bool, append: bool, wandb: WandbConfig | None = None, config: dict | None = None):
+    def __init__(self, out: str, enabled: bool, resumed_at: int | None = None, wandb: WandbConfig | None = None,
+                 config: dict | None = None):
         self.out, self.enabled = out, enabled
         if not enabled:
             return
         fs, root = fsspec.core.url_to_fs(out)
         fs.makedirs(root, exist_ok=True)
-        self.jsonl = fsspec.open(f"{out}/metrics.jsonl", "a" if append else "w").open()
+        if resumed_at is not None and fs.exists(f"{root}/metrics.jsonl"):
+            kept = [line for line in fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines(keepends=True)
+                    if _step(line) is not None and _step(line) <= resumed_at]
+            write_atomic(fs, f"{root}/metrics.jsonl", "".join(kept).encode())
+        self.jsonl = fsspec.open(f"{out}/metrics.jsonl", "w" if resumed_at is None else "a").open()
         self.tensorboard = None
         if "://" not in out:
             from torch.utils.tensorboard import SummaryWriter
@@ -83,6 +90,14 @@ class MetricsLog:
         with fsspec.open(path, "wb") as f:
             fig.savefig(f, format="png")
         pyplot().close(fig)
+
+
+def _step(line: str) -> int | None:
+    """A metrics.jsonl line's step; None for a line cut short."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else None
+    except ValueError:
+        return None
 
 
 def _eval_figure(plt, records: list[dict]):

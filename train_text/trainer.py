@@ -27,7 +27,7 @@ from tqdm import tqdm
 from litpipe.config import PipelineConfig
 from litpipe.devices import autocast, resolve_device, resolve_precision
 from litpipe.errors import UserError
-from litpipe.files import write_atomic
+from litpipe.files import TEMP_MARK, write_atomic
 from litpipe.models.text_tower import TextTower, build_text_tower, save_text_tower
 from litpipe.models.tokenizer import Tokenizer, load_tokenizer
 from litpipe.prefetch import prefetched
@@ -141,7 +141,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
         with autocast(precision, run.device):
             return embed_module(tokens).float()
 
-    log = MetricsLog(out, enabled=rank == 0, append=resume, wandb=t.wandb, config=cfg.model_dump())
+    log = MetricsLog(out, enabled=rank == 0, resumed_at=step if resume else None, wandb=t.wandb, config=cfg.model_dump())
     evaluate = EvalWhileTraining(cfg, log) if t.eval_every and rank == 0 else None
     bar = tqdm(total=run.total_steps, initial=step, disable=rank != 0, desc="train", unit="step")
     started, losses = time.perf_counter(), []
@@ -223,7 +223,8 @@ def tokenized_batches(run: Run, cfg: PipelineConfig, step: int):
 
 def save_checkpoint(ckpt_dir: str, run: Run, step: int, keep: int = 2) -> str:
     """step-XXXXXXXX.pt, then latest.json pointing at it (a reader never sees a half-written one);
-    then only the newest `keep` step files stay, so a long run does not fill the disk."""
+    then only the newest `keep` step files stay, so a long run does not fill the disk, and no
+    temporary file an earlier, killed write left."""
     state = {"step": step, "model": run.tower.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -233,12 +234,25 @@ def save_checkpoint(ckpt_dir: str, run: Run, step: int, keep: int = 2) -> str:
     fs, root = fsspec.core.url_to_fs(ckpt_dir)
     fs.makedirs(root, exist_ok=True)
     name = f"step-{step:08d}.pt"
-    with fs.open(f"{root}/{name}", "wb") as f:
-        f.write(buffer.getvalue())
-    write_atomic(fs, f"{root}/{LATEST}", json.dumps({"step": step, "file": name}).encode())  # never left empty
-    for old in sorted(fs.glob(f"{root}/step-*.pt"))[:-keep]:
+    try:
+        with fs.open(f"{root}/{name}", "wb") as f:
+            f.write(buffer.getvalue())
+        write_atomic(fs, f"{root}/{LATEST}", json.dumps({"step": step, "file": name}).encode())  # never left empty
+    except Exception as err:  # the store's own retries are spent
+        raise UserError(f"train.checkpoint_dir: {ckpt_dir}/{name}: the checkpoint could not be written "
+                        f"({type(err).__name__}: {err}); nothing is lost: {_saved(fs, root)}; continue with "
+                        "`litpipe train --resume` once the store answers") from err
+    for old in sorted(fs.glob(f"{root}/step-*.pt"))[:-keep] + fs.glob(f"{root}/*{TEMP_MARK}*"):
         fs.rm_file(old)
     return f"{ckpt_dir}/{name}"
+
+
+def _saved(fs, root: str) -> str:
+    """What a failed checkpoint write leaves to resume from, in words."""
+    try:
+        return f"the checkpoint of step {json.loads(fs.cat_file(f'{root}/{LATEST}'))['step']} stands"
+    except Exception:
+        return "there is no earlier checkpoint"
 
 
 def load_checkpoint(ckpt_dir: str, run: Run) -> int:
