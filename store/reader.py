@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import warnings
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,6 +143,7 @@ class StreamingReader:
             self.columns.append("label")
         self._files: OrderedDict[tuple, pq.ParquetFile] = OrderedDict()  # least recently used first
         self._loaded: dict[int, _Group] = {}
+        self._ahead: dict[int, Future] = {}  # the next group, being read
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.start_step)
@@ -152,14 +153,17 @@ class StreamingReader:
 
     def _batches(self):
         """Batches start_step..num_batches-1, reading only the groups they fall in."""
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="litpipe-cache-read")
         try:
             for k in range(self.start_step, self.num_batches):
                 yield self._batch(self.first_row + k * self.batch_size, self.epoch * self.num_batches + k)
-        finally:  # an epoch's end or an early stop releases the shard files
+        finally:  # an epoch's end or an early stop releases the loader and the shard files
+            self._loader.shutdown(wait=True, cancel_futures=True)
             for parquet in self._files.values():
                 parquet.close(force=True)
             self._files.clear()
             self._loaded.clear()
+            self._ahead.clear()
 
     def _batch(self, start: int, step: int) -> Batch:
         """Rows [start, start + batch_size) of the epoch's order; `step` (the global step, counting
@@ -196,16 +200,25 @@ class StreamingReader:
                      labels=labels, tokens=tokens)
 
     def _group(self, i: int) -> _Group:
-        """Group i's units in memory (read once; groups before it are let go), with its row order."""
+        """Group i's units in memory (read once; groups before it are let go), with its row order.
+
+        Groups are read by one loader thread, group i + 1 while batches of group i are gathered: the
+        read (Parquet pages, their CRC checks) overlaps the gathering, and only that thread opens files.
+        """
         if i not in self._loaded:
             for old in [j for j in self._loaded if j < i]:
                 del self._loaded[old]
-            units = [self._unit(shard, group) for shard, group, _ in self.groups[i]]
-            starts = np.cumsum([0] + [len(u.vectors) for u in units])
-            order = (np.random.default_rng([self.seed, self.epoch, i]).permutation(starts[-1]) if self.shuffle
-                     else np.arange(starts[-1]))
-            self._loaded[i] = _Group(units, starts, order)
+            self._loaded[i] = (self._ahead.pop(i, None) or self._loader.submit(self._load, i)).result()
+            if i + 1 < len(self.groups) and i + 1 not in self._ahead:
+                self._ahead[i + 1] = self._loader.submit(self._load, i + 1)
         return self._loaded[i]
+
+    def _load(self, i: int) -> _Group:
+        units = [self._unit(shard, group) for shard, group, _ in self.groups[i]]
+        starts = np.cumsum([0] + [len(u.vectors) for u in units])
+        order = (np.random.default_rng([self.seed, self.epoch, i]).permutation(starts[-1]) if self.shuffle
+                 else np.arange(starts[-1]))
+        return _Group(units, starts, order)
 
     def _unit(self, shard: int, group: int) -> _Unit:
         """One row group of a shard file: vectors as a view of Arrow's buffer in the stored dtype,
