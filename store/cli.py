@@ -7,6 +7,7 @@ import json
 from collections import Counter
 
 from litpipe.config import add_config_args, config_from_args
+from litpipe.errors import UserError
 from litpipe.store.cache import EmbeddingCache, list_caches
 
 
@@ -183,6 +184,9 @@ def _rm(args: argparse.Namespace) -> int:
     cache = _open(args)
     if args.shard:
         from litpipe.store.sharing import remove_part
+
+        if args.orphans or args.dry_run:
+            raise UserError("cache rm: --shard takes one part out and goes alone; drop --orphans / --dry-run")
 
         removed = remove_part(cache, args.shard)
         print(f"cache {cache.id}: part {args.shard} taken out, the cache is partial; "

@@ -30,9 +30,9 @@ def assert_same_cache(cache: EmbeddingCache, reference: EmbeddingCache) -> None:
     assert {p for p in present if not p.startswith("commits/")} == named, present
 
 
-def record(stage: str, fault: str, outcome: str, lost: str = "nothing") -> None:
-    """One injected fault and what came of it, appended to $LITPIPE_FAULT_REPORT (the full run sets it)."""
+def record(stage: str, fault: str, outcome: str, times: int = 1, lost: str = "nothing") -> None:
+    """A fault injected `times` times and what came of it, appended to $LITPIPE_FAULT_REPORT (the full run sets it)."""
     report = os.environ.get("LITPIPE_FAULT_REPORT")
     if report:
         with open(report, "a") as f:
-            f.write(json.dumps({"stage": stage, "fault": fault, "outcome": outcome, "lost": lost}) + "\n")
+            f.write(json.dumps({"stage": stage, "fault": fault, "times": times, "outcome": outcome, "lost": lost}) + "\n")

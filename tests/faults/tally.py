@@ -29,7 +29,7 @@ def main(path: str) -> None:
     for line in open(path):
         entry = json.loads(line)
         row = rows[(entry["stage"], where(entry["fault"]))]
-        row["n"] += 1
+        row["n"] += entry.get("times", 1)
         if when := re.match(r"SIGKILL (\w+) ", entry["fault"]):
             row["when"][when.group(1)] += 1
         row["outcomes"][entry["outcome"]] += 1
