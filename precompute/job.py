@@ -113,7 +113,8 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
                                             "threads": pre.encoder_threads},
                      compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), num_gpus=1 if use_gpu else 0)
     )
-    yield from stream.iter_rows()
+    for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # each as it lands
+        yield from batch.to_pylist()
 
 
 def encoder_uses_gpu(encoder_cfg: EncoderConfig, ray) -> bool:
