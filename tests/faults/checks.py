@@ -7,7 +7,7 @@ import os
 
 from litpipe.store.cache import EmbeddingCache
 
-from test_precompute_job import cache_rows
+from precompute_samples import cache_rows
 
 
 def assert_same_cache(cache: EmbeddingCache, reference: EmbeddingCache) -> None:

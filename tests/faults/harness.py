@@ -82,7 +82,7 @@ def run_killed(command: list[str], root: Path, point: KillPoint, workdir: Path, 
     plan = {**asdict(point), "counter": str(workdir / "counter"), "hit": str(workdir / "hit")}
     process, stderr = _run(command, root, plan, env, timeout, workdir)
     hit = json.loads((workdir / "hit").read_text()) if (workdir / "hit").exists() else None
-    time.sleep(0.5)  # what dies with the driver has gone by now
+    time.sleep(0.5)  # the processes that die with the driver are gone by now: `leftovers` are what outlives it
     return Killed(point, hit, process.returncode, session_processes(process.pid), stderr)
 
 
