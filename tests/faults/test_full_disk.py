@@ -20,7 +20,7 @@ from litpipe.store.cache import EmbeddingCache
 from checks import assert_same_cache, record
 from precompute_samples import build_planted_dataset, planted_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 ROOM = 48 * 1024  # bytes left free: a few parts' data files and records (tmpfs counts whole 4 KiB pages)
 
 
