@@ -83,7 +83,7 @@ def _in_folder(fs, folder: str, wanted: list[tuple[str, str]]) -> dict[str, dict
         for url, path in wanted:
             infos[path] = _reach(url, lambda path=path: _info_or_none(fs, path))
     else:
-        listing = _reach(wanted[0][0], lambda: _ls_or_empty(fs, folder))
+        listing = _reach(wanted[0][0], lambda: ls_or_empty(fs, folder, detail=True))
         by_name = {info["name"].rstrip("/"): info for info in listing}  # listed names are paths, as ours are
         infos = {path: by_name.get(path.rstrip("/")) for _, path in wanted}
     for url, path in wanted:
@@ -92,9 +92,10 @@ def _in_folder(fs, folder: str, wanted: list[tuple[str, str]]) -> dict[str, dict
     return {to_url(fs, path): file_info(infos[path]) for _, path in wanted}
 
 
-def _ls_or_empty(fs, folder: str) -> list[dict]:
+def ls_or_empty(fs, folder: str, detail: bool = False) -> list:
+    """`fs.ls(folder)`, or nothing where the folder does not exist (object stores have no empty folders)."""
     try:
-        return fs.ls(folder, detail=True)
+        return fs.ls(folder, detail=detail)
     except FileNotFoundError:
         return []
 

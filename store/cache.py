@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 import litpipe
 from litpipe.errors import UserError
-from litpipe.files import TEMP_MARK, is_local, naming, to_url, write_atomic, write_temp
+from litpipe.files import TEMP_MARK, is_local, ls_or_empty, naming, to_url, write_atomic, write_temp
 from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
 
 FORMAT_VERSION = 2  # 2: a commit record may name another cache's data file (`owner`); v1 caches read as they are
@@ -282,10 +282,7 @@ class EmbeddingCache:
     def _commit_records(self) -> list[dict]:
         commits = _join(self.path, "commits")
         self.fs.invalidate_cache(commits)
-        try:
-            paths = [p for p in self.fs.ls(commits, detail=False) if p.endswith(".json")]
-        except FileNotFoundError:
-            return []
+        paths = [p for p in ls_or_empty(self.fs, commits) if p.endswith(".json")]
         blobs = self.fs.cat(paths, on_error="return") if paths else {}
         by_name: dict[str, dict] = {}
         for path, blob in sorted(blobs.items(), key=lambda item: (_is_batch(item[0]), item[0])):  # part records first
@@ -385,7 +382,7 @@ class EmbeddingCache:
             write_atomic(self.fs, _join(self.path, MANIFEST), _dumps({**manifest, "complete": False}))
             self.manifest = {**manifest, "complete": False}
         commits = _join(self.path, "commits")
-        for path in self._ls(commits):
+        for path in ls_or_empty(self.fs, commits):
             if path.endswith(f"/{name}.json"):
                 self.fs.rm_file(path)
             elif _is_batch(path):
@@ -576,7 +573,7 @@ class EmbeddingCache:
         While a writer runs, its in-flight files show here too until it commits.
         """
         self.fs.invalidate_cache(self.path)
-        listed = {folder: [os.path.basename(p) for p in self._ls(_join(self.path, folder) if folder else self.path)]
+        listed = {folder: [os.path.basename(p) for p in ls_or_empty(self.fs, _join(self.path, folder) if folder else self.path)]
                   for folder in ("", "shards", "commits")}
         committed = {s["path"] for s in self.shards() if self.owner(s) == self.id}
         committed |= {path for owner, path in referenced_files(list_caches(to_url(self.fs, self.root))) if owner == self.id}
@@ -593,12 +590,6 @@ class EmbeddingCache:
         for path in removed:
             self.fs.rm_file(_join(self.path, path))
         return removed
-
-    def _ls(self, path: str) -> list[str]:
-        try:
-            return self.fs.ls(path, detail=False)
-        except FileNotFoundError:
-            return []
 
 
 def _batch_name(records: list[dict]) -> str:

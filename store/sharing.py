@@ -81,7 +81,7 @@ def remove_cache(cache: EmbeddingCache, dry_run: bool = False) -> dict[str, list
     """Delete `cache` and the data files no other cache names; {"deleted": [...], "kept": [...]} file URLs
     (kept: another cache names them too). `dry_run`: only say what would go."""
     fs = cache.fs
-    still_named = referenced_files([c for c in list_caches(to_url(fs, cache.root)) if c.id != cache.id])
+    still_named = _named_by_others(cache)
     files = {(cache.owner(r), r["path"]): cache.file_path(r) for r in cache.shards()}
     shard_dir = _join(cache.path, "shards")
     fs.invalidate_cache(shard_dir)
@@ -111,13 +111,17 @@ def remove_part(cache: EmbeddingCache, name: str) -> dict:
     another cache names it; {"record", "deleted": the file's URL or None, "named_by": those caches' ids}.
     A damaged file is damaged for every cache that names it: each of them needs the same."""
     record = cache.uncommit(name)
-    named_by = sorted(referenced_files([c for c in list_caches(to_url(cache.fs, cache.root)) if c.id != cache.id])
-                      .get((cache.owner(record), record["path"]), set()))
+    named_by = sorted(_named_by_others(cache).get((cache.owner(record), record["path"]), set()))
     deleted = None
     if not named_by:
         cache.fs.rm_file(cache.file_path(record))
         deleted = cache.file_url(record)
     return {"record": record, "deleted": deleted, "named_by": named_by}
+
+
+def _named_by_others(cache: EmbeddingCache) -> dict[tuple[str, str], set[str]]:
+    """`referenced_files` of every other cache under `cache`'s root."""
+    return referenced_files([c for c in list_caches(to_url(cache.fs, cache.root)) if c.id != cache.id])
 
 
 def collect_garbage(root: str, dry_run: bool = False) -> list[str]:

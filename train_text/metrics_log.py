@@ -32,7 +32,7 @@ class MetricsLog:
         fs.makedirs(root, exist_ok=True)
         if resumed_at is not None and fs.exists(f"{root}/metrics.jsonl"):
             kept = [line for line in fs.cat_file(f"{root}/metrics.jsonl").decode().splitlines(keepends=True)
-                    if _step(line) is not None and _step(line) <= resumed_at]
+                    if (step := _step(line)) is not None and step <= resumed_at]
             write_atomic(fs, f"{root}/metrics.jsonl", "".join(kept).encode())
         self.jsonl = fsspec.open(f"{out}/metrics.jsonl", "w" if resumed_at is None else "a").open()
         self.tensorboard = None
