@@ -34,7 +34,7 @@ def decode_image(data: bytes | None, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = _open_bounded(data, max_pixels)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # a copy of every image otherwise
             return to_rgb(image)
     except DecodeError:
         raise

@@ -28,6 +28,7 @@ from ray.util.annotations import RayDeprecationWarning
 from tqdm import tqdm
 
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
+from litpipe.devices import keep_freed_memory_env
 from litpipe.models.image_encoder import Encoder, load_encoder
 from litpipe.models.pixels import PixelSteps
 from litpipe.ray_cluster import init_ray
@@ -101,17 +102,18 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
     stream = (
         ray.data.from_items([{"input": url, "skip": sorted(skip)} for url, skip in todo.items()],
                             override_num_blocks=len(todo))
-        .flat_map(read_parts, fn_kwargs={"dataset": dataset, "pixels": encoder.pixels, "max_pixels": pre.max_image_pixels,
-                                         "rows_per_commit": cache.rows_per_commit,
-                                         "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu)},
-                  compute=ray.data.TaskPoolStrategy(size=pre.decode_workers),
-                  max_retries=pre.read_retries, retry_exceptions=[TransientReadError])
-        .map_batches(PartEncoder, batch_size=1, batch_format="numpy",
+        .map_batches(read_parts, batch_size=1, batch_format="pyarrow",
+                     fn_kwargs={"dataset": dataset, "pixels": encoder.pixels, "max_pixels": pre.max_image_pixels,
+                                "rows_per_commit": cache.rows_per_commit,
+                                "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu)},
+                     compute=ray.data.TaskPoolStrategy(size=pre.decode_workers),
+                     max_retries=pre.read_retries, retry_exceptions=[TransientReadError])
+        .map_batches(PartEncoder, batch_size=1, batch_format="pyarrow",
                      fn_constructor_kwargs={"encoder_cfg": cfg.encoder, "weights_sha256": encoder.fingerprint["weights_sha256"],
                                             "cache_url": cache.url, "batch_size": pre.batch_size,
                                             "max_pixels": pre.max_image_pixels,
                                             "threads": pre.encoder_threads},
-                     compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), num_gpus=1 if use_gpu else 0)
+                     compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), **encoder_actor_options(use_gpu))
     )
     for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # each as it lands
         yield from batch.to_pylist()
@@ -121,6 +123,12 @@ def encoder_uses_gpu(encoder_cfg: EncoderConfig, ray) -> bool:
     return encoder_cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def encoder_actor_options(use_gpu: bool) -> dict:
+    """Ray options of an encoder actor: a GPU when there is one, and glibc keeping the memory its
+    forward frees (Ray's worker defaults would give each CPU forward fresh pages)."""
+    return {"num_gpus": 1 if use_gpu else 0, "runtime_env": {"env_vars": keep_freed_memory_env()}}
+
+
 def jpeg_on_device(encoder_cfg: EncoderConfig, use_gpu: bool) -> bool:
     """`encoder.jpeg_decode`: `auto` decodes JPEGs on the encoder's GPU when the tensor path resizes there."""
     if encoder_cfg.jpeg_decode == "auto":
@@ -128,22 +136,25 @@ def jpeg_on_device(encoder_cfg: EncoderConfig, use_gpu: bool) -> bool:
     return encoder_cfg.jpeg_decode == "device"
 
 
-def read_parts(row: dict, dataset: DatasetConfig, pixels: PixelSteps, max_pixels: int, rows_per_commit: int | None,
-               jpeg_on_device: bool):
-    """One input shard -> one record per part not yet committed: its decoded samples, pickled.
+def read_parts(batch: pa.Table, dataset: DatasetConfig, pixels: PixelSteps, max_pixels: int,
+               rows_per_commit: int | None, jpeg_on_device: bool):
+    """One input shard (a batch of one row) -> one table per part not yet committed: a row holding
+    its decoded samples, pickled.
 
     Part k is samples [k * rows_per_commit, (k + 1) * rows_per_commit) in input order, so every
-    run cuts the same parts; an empty shard is one part holding one error.
+    run cuts the same parts; an empty shard is one part holding one error. Each part is yielded as
+    an Arrow table made here: Ray Data's builder of rows from dicts copies a part's hundreds of MB
+    several times (0.6 s for 236 MB, as long as decoding it).
     """
-    samples = read_shard(dataset, row["input"]) or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")]
+    url, skip = batch["input"][0].as_py(), set(batch["skip"][0].as_py())
+    samples = read_shard(dataset, url) or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")]
     step = rows_per_commit or len(samples)
     count = -(-len(samples) // step)
-    skip = set(row["skip"])
     for part in range(count):
         if part not in skip:
             decoded = decode_part(samples[part * step:(part + 1) * step], pixels, max_pixels, jpeg_on_device)
-            yield {"input": row["input"], "part": part, "last": part == count - 1,
-                   "payload": pickle.dumps(decoded, protocol=5)}
+            yield pa.table({"input": [url], "part": [part], "last": [part == count - 1],
+                            "payload": pa.array([pickle.dumps(decoded, protocol=5)], pa.large_binary())})
 
 
 TEXT_COLUMNS = ("keys", "captions", "labels", "metadata")  # a decoded part's per-sample columns beside its pixels
@@ -165,9 +176,9 @@ class PartEncoder:
         self.cache = EmbeddingCache.open(cache_url)
         self.batch_size, self.max_pixels = batch_size, max_pixels
 
-    def __call__(self, batch: dict) -> dict:
-        summaries = [self.commit(str(url), int(part), bool(last), pickle.loads(payload))
-                     for url, part, last, payload in zip(batch["input"], batch["part"], batch["last"], batch["payload"])]
+    def __call__(self, batch: pa.Table) -> dict:
+        summaries = [self.commit(url.as_py(), part.as_py(), last.as_py(), pickle.loads(payload.as_buffer()))
+                     for url, part, last, payload in zip(*(batch[c] for c in ("input", "part", "last", "payload")))]
         return {key: [s[key] for s in summaries] for key in summaries[0]}
 
     def commit(self, input_url: str, part: int, last: bool, decoded: dict) -> dict:
