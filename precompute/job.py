@@ -105,15 +105,16 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
         .map_batches(read_parts, batch_size=1, batch_format="pyarrow",
                      fn_kwargs={"dataset": dataset, "pixels": encoder.pixels, "max_pixels": pre.max_image_pixels,
                                 "rows_per_commit": cache.rows_per_commit,
-                                "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu)},
-                     compute=ray.data.TaskPoolStrategy(size=pre.decode_workers),
+                                "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu), "yield_cpu": not use_gpu},
+                     compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=worker_runtime_env(),
                      max_retries=pre.read_retries, retry_exceptions=[TransientReadError])
         .map_batches(PartEncoder, batch_size=1, batch_format="pyarrow",
                      fn_constructor_kwargs={"encoder_cfg": cfg.encoder, "weights_sha256": encoder.fingerprint["weights_sha256"],
                                             "cache_url": cache.url, "batch_size": pre.batch_size,
                                             "max_pixels": pre.max_image_pixels,
                                             "threads": pre.encoder_threads},
-                     compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), **encoder_actor_options(use_gpu))
+                     compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), num_gpus=1 if use_gpu else 0,
+                     runtime_env=worker_runtime_env())
     )
     for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # each as it lands
         yield from batch.to_pylist()
@@ -123,10 +124,10 @@ def encoder_uses_gpu(encoder_cfg: EncoderConfig, ray) -> bool:
     return encoder_cfg.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def encoder_actor_options(use_gpu: bool) -> dict:
-    """Ray options of an encoder actor: a GPU when there is one, and glibc keeping the memory its
-    forward frees (Ray's worker defaults would give each CPU forward fresh pages)."""
-    return {"num_gpus": 1 if use_gpu else 0, "runtime_env": {"env_vars": keep_freed_memory_env()}}
+def worker_runtime_env() -> dict:
+    """The read tasks' and encoder actors' runtime_env: glibc keeps the memory they free (with its
+    defaults each CPU forward, and each part's copies of its pixels, get fresh pages)."""
+    return {"env_vars": keep_freed_memory_env()}
 
 
 def jpeg_on_device(encoder_cfg: EncoderConfig, use_gpu: bool) -> bool:
@@ -137,15 +138,21 @@ def jpeg_on_device(encoder_cfg: EncoderConfig, use_gpu: bool) -> bool:
 
 
 def read_parts(batch: pa.Table, dataset: DatasetConfig, pixels: PixelSteps, max_pixels: int,
-               rows_per_commit: int | None, jpeg_on_device: bool):
+               rows_per_commit: int | None, jpeg_on_device: bool, yield_cpu: bool):
     """One input shard (a batch of one row) -> one table per part not yet committed: a row holding
     its decoded samples, pickled.
 
     Part k is samples [k * rows_per_commit, (k + 1) * rows_per_commit) in input order, so every
     run cuts the same parts; an empty shard is one part holding one error. Each part is yielded as
-    an Arrow table made here: Ray Data's builder of rows from dicts copies a part's hundreds of MB
-    several times (0.6 s for 236 MB, as long as decoding it).
+    an Arrow table that wraps the pickle: Ray Data's builder of rows from dicts copied a part's
+    hundreds of MB several times (0.6 s for 236 MB, as long as decoding it).
+
+    With `yield_cpu` (the encoder computes on the CPU) decoding runs only when the encoder leaves a
+    core idle: a CPU forward uses every core, and a decode that takes one of them stalls all its
+    threads, not one.
     """
+    if yield_cpu and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     url, skip = batch["input"][0].as_py(), set(batch["skip"][0].as_py())
     samples = read_shard(dataset, url) or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")]
     step = rows_per_commit or len(samples)
@@ -153,8 +160,15 @@ def read_parts(batch: pa.Table, dataset: DatasetConfig, pixels: PixelSteps, max_
     for part in range(count):
         if part not in skip:
             decoded = decode_part(samples[part * step:(part + 1) * step], pixels, max_pixels, jpeg_on_device)
+            payload = pickle.dumps(decoded, protocol=5)
             yield pa.table({"input": [url], "part": [part], "last": [part == count - 1],
-                            "payload": pa.array([pickle.dumps(decoded, protocol=5)], pa.large_binary())})
+                            "payload": pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets(len(payload)),
+                                                                                  pa.py_buffer(payload)])})
+
+
+def offsets(size: int) -> pa.Buffer:
+    """The offsets of a one-value large_binary array, so its bytes are wrapped and not copied."""
+    return pa.py_buffer(np.array([0, size], np.int64))
 
 
 TEXT_COLUMNS = ("keys", "captions", "labels", "metadata")  # a decoded part's per-sample columns beside its pixels

@@ -21,7 +21,7 @@ from PIL import Image
 
 from litpipe.config import validate_config
 from litpipe.precompute import stage
-from litpipe.precompute.job import encoder_actor_options
+from litpipe.precompute.job import worker_runtime_env
 from litpipe.precompute.decode import decode_image
 from litpipe.store.cache import CacheError, EmbeddingCache, list_caches
 from litpipe.store.sharing import remove_part
@@ -174,7 +174,7 @@ import ray
 from ray.cluster_utils import Cluster
 from litpipe.config import validate_config
 from litpipe.precompute import stage
-from litpipe.precompute.job import encoder_actor_options
+from litpipe.precompute.job import worker_runtime_env
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 for _ in range(2):
     cluster.add_node(num_cpus=1)
@@ -339,7 +339,7 @@ def test_a_grown_dataset_encodes_only_its_new_shards_and_removal_keeps_what_anot
 def test_the_encoder_actor_keeps_the_memory_a_forward_frees(ray_local):
     """With glibc's defaults every freed block above 32 MiB goes back to the kernel, and the next
     forward faults fresh zeroed pages in (13% of a CPU ViT-B-32 forward): an actor made with the
-    encoder actor's options keeps them, and a plain actor shows the difference is real."""
+    runtime_env of the job's workers keeps them, and a plain actor shows the difference is real."""
     import ray
 
     if "[always]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
@@ -359,8 +359,36 @@ def test_the_encoder_actor_keeps_the_memory_a_forward_frees(ray_local):
             forwards()
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    kept = ray.get(Forwards.options(runtime_env=encoder_actor_options(False)["runtime_env"]).remote().page_faults.remote())
+    kept = ray.get(Forwards.options(runtime_env=worker_runtime_env()).remote().page_faults.remote())
     plain = ray.get(Forwards.remote().page_faults.remote())
     pages = (100 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert plain > 8 * pages  # every forward faulted its block in again
     assert kept < pages / 10
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+@pytest.mark.parametrize("cpu_encoder", [True, False])
+def test_decoding_beside_a_cpu_encoder_takes_only_idle_cpu(tmp_path, cpu_encoder):
+    """A CPU forward uses every core, and a decode that preempts one of its threads stalls them
+    all: beside a CPU encoder a read task runs at SCHED_IDLE; beside a GPU encoder it competes."""
+    import threading
+
+    import pyarrow as pa
+
+    from litpipe.precompute.job import read_parts
+
+    write_tar(tmp_path / "in-000000.tar", sample_members("a", image_bytes(1), "one"))
+    cfg = validate_config(tiny_config({"train": {"format": "webdataset", "urls": str(tmp_path / "in-*.tar")}},
+                                      str(tmp_path / "store")))
+    pixels = load_encoder(cfg.encoder, device="cpu").pixels
+    seen = {}
+
+    def read_in_a_thread_of_its_own():  # the scheduling class is per thread: the test's own stays as it is
+        parts = list(read_parts(pa.table({"input": [str(tmp_path / "in-000000.tar")], "skip": [[]]}), cfg.data["train"],
+                                pixels, 10_000_000, None, False, yield_cpu=cpu_encoder))
+        seen["policy"], seen["parts"] = os.sched_getscheduler(0), len(parts)
+
+    thread = threading.Thread(target=read_in_a_thread_of_its_own)
+    thread.start()
+    thread.join()
+    assert seen == {"policy": os.SCHED_IDLE if cpu_encoder else os.SCHED_OTHER, "parts": 1}
