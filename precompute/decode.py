@@ -4,6 +4,8 @@
 drops alpha onto whatever colour the transparent pixels hold, clips 16-bit grey to white and
 ignores CMYK colour profiles. Failures are returned as reasons, not raised, so a bad image is
 recorded and skipped without failing its batch.
+
+No torch here: read tasks import only this, and start in a second instead of five.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ import re
 import warnings
 
 import numpy as np
-import torch
 from PIL import Image, ImageCms, ImageOps
-from torchvision.io import ImageReadMode, decode_jpeg
 
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer would
 
@@ -95,7 +95,7 @@ def decode_part(samples: list, pixels, max_pixels: int, jpeg_on_device: bool = F
 
     Pixels travel as uint8, a quarter of float32's bytes; the encoder finishes them on its device.
     With `jpeg_on_device`, JPEGs the device can decode travel still encoded (smaller yet) and are
-    decoded by `finish_decoding` in the encoder.
+    decoded by `device_decode.finish_decoding` in the encoder.
     """
     part = {"keys": [], "captions": [], "labels": [], "metadata": [], "pixels": [], "errors": []}
     for sample in samples:
@@ -129,43 +129,6 @@ def device_jpeg(data: bytes | None, max_pixels: int) -> np.ndarray | None:
     except Exception:  # a broken header: the CPU path names the reason
         return None
     return np.frombuffer(data, np.uint8).copy() if mode in ("RGB", "L") else None
-
-
-def finish_decoding(part: dict, pixels, device: torch.device, max_pixels: int) -> dict:
-    """Decode the part's JPEGs that travelled encoded, in one batch on `device` (nvjpeg on a GPU).
-
-    An image the device decoder refuses goes through the CPU path, and is recorded with that
-    path's reason if it fails there too: the same records as a CPU-decoded run.
-    """
-    encoded = [i for i, p in enumerate(part["pixels"]) if isinstance(p, np.ndarray) and p.ndim == 1]
-    if not encoded:
-        return part
-    tensors = [torch.from_numpy(part["pixels"][i]) for i in encoded]
-    try:
-        images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except RuntimeError:  # one bad image fails the batch: find it one by one
-        images = [_decode_one(t, device) for t in tensors]
-    failed = set()
-    for i, image in zip(encoded, images):
-        if image is not None:
-            part["pixels"][i] = image
-            continue
-        try:
-            part["pixels"][i] = pixels.cpu(decode_image(part["pixels"][i].tobytes(), max_pixels))
-        except DecodeError as err:
-            failed.add(i)
-            part["errors"].append({"key": part["keys"][i], "reason": stable_reason(str(err))})
-    if failed:
-        for column in ("keys", "captions", "labels", "metadata", "pixels"):
-            part[column] = [v for i, v in enumerate(part[column]) if i not in failed]
-    return part
-
-
-def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except RuntimeError:
-        return None
 
 
 def stable_reason(reason: str) -> str:

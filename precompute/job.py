@@ -30,14 +30,14 @@ from tqdm import tqdm
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
 from litpipe.devices import keep_freed_memory_env
 from litpipe.models.image_encoder import Encoder, load_encoder
-from litpipe.models.pixels import PixelSteps
 from litpipe.ray_cluster import init_ray
-from litpipe.sources import SHARD_ERROR_KEY, Sample, TransientReadError, check_columns, list_shards, read_shard
+from litpipe.sources import TransientReadError, check_columns, list_shards
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.fingerprint import dataset_fingerprint
 from litpipe.store.sharing import adopt_from_other_caches
 
-from .decode import decode_part, finish_decoding
+from .device_decode import finish_decoding
+from .read import read_parts
 
 
 def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_commit=None) -> dict:
@@ -103,7 +103,7 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
         ray.data.from_items([{"input": url, "skip": sorted(skip)} for url, skip in todo.items()],
                             override_num_blocks=len(todo))
         .map_batches(read_parts, batch_size=1, batch_format="pyarrow",
-                     fn_kwargs={"dataset": dataset, "pixels": encoder.pixels, "max_pixels": pre.max_image_pixels,
+                     fn_kwargs={"dataset": dataset, "pixels": encoder.pixels.cpu_step, "max_pixels": pre.max_image_pixels,
                                 "rows_per_commit": cache.rows_per_commit,
                                 "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu), "yield_cpu": not use_gpu},
                      compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=worker_runtime_env(),
@@ -135,40 +135,6 @@ def jpeg_on_device(encoder_cfg: EncoderConfig, use_gpu: bool) -> bool:
     if encoder_cfg.jpeg_decode == "auto":
         return use_gpu and encoder_cfg.preprocess == "tensor"
     return encoder_cfg.jpeg_decode == "device"
-
-
-def read_parts(batch: pa.Table, dataset: DatasetConfig, pixels: PixelSteps, max_pixels: int,
-               rows_per_commit: int | None, jpeg_on_device: bool, yield_cpu: bool):
-    """One input shard (a batch of one row) -> one table per part not yet committed: a row holding
-    its decoded samples, pickled.
-
-    Part k is samples [k * rows_per_commit, (k + 1) * rows_per_commit) in input order, so every
-    run cuts the same parts; an empty shard is one part holding one error. Each part is yielded as
-    an Arrow table that wraps the pickle: Ray Data's builder of rows from dicts copied a part's
-    hundreds of MB several times (0.6 s for 236 MB, as long as decoding it).
-
-    With `yield_cpu` (the encoder computes on the CPU) decoding runs only when the encoder leaves a
-    core idle: a CPU forward uses every core, and a decode that takes one of them stalls all its
-    threads, not one.
-    """
-    if yield_cpu and hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    url, skip = batch["input"][0].as_py(), set(batch["skip"][0].as_py())
-    samples = read_shard(dataset, url) or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")]
-    step = rows_per_commit or len(samples)
-    count = -(-len(samples) // step)
-    for part in range(count):
-        if part not in skip:
-            decoded = decode_part(samples[part * step:(part + 1) * step], pixels, max_pixels, jpeg_on_device)
-            payload = pickle.dumps(decoded, protocol=5)
-            yield pa.table({"input": [url], "part": [part], "last": [part == count - 1],
-                            "payload": pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets(len(payload)),
-                                                                                  pa.py_buffer(payload)])})
-
-
-def offsets(size: int) -> pa.Buffer:
-    """The offsets of a one-value large_binary array, so its bytes are wrapped and not copied."""
-    return pa.py_buffer(np.array([0, size], np.int64))
 
 
 TEXT_COLUMNS = ("keys", "captions", "labels", "metadata")  # a decoded part's per-sample columns beside its pixels

@@ -101,7 +101,8 @@ def test_jpegs_decoded_on_the_device_match_the_cpu_path_and_what_it_cannot_take_
 
     from litpipe.config import EncoderConfig
     from litpipe.models.image_encoder import load_encoder
-    from litpipe.precompute.decode import decode_part, finish_decoding
+    from litpipe.precompute.decode import decode_part
+    from litpipe.precompute.device_decode import finish_decoding
     from litpipe.sources import Sample
     from conftest import TINY_ARCHITECTURE
 
@@ -123,3 +124,23 @@ def test_jpegs_decoded_on_the_device_match_the_cpu_path_and_what_it_cannot_take_
     ours = enc.pixels.to_device(device["pixels"], torch.device("cpu"))
     reference = enc.pixels.to_device(on_cpu["pixels"], torch.device("cpu"))
     assert (ours - reference).abs().max() < 0.05  # libjpeg builds may differ by a level here and there
+
+
+def test_a_read_task_imports_no_torch(tmp_path):
+    """Read workers start while the encoder actor imports torch and open_clip on the same cores:
+    what they unpickle (read_parts and the tensor path's CPU step) must not pull torch in."""
+    import pickle
+    import subprocess
+    import sys
+
+    from conftest import TINY_ARCHITECTURE
+    from litpipe.config import EncoderConfig
+    from litpipe.models.image_encoder import load_encoder
+    from litpipe.precompute.read import read_parts
+
+    step = load_encoder(EncoderConfig(model="litpipe-test-read", architecture=TINY_ARCHITECTURE), device="cpu").pixels.cpu_step
+    (tmp_path / "task.pkl").write_bytes(pickle.dumps((read_parts, step)))
+    probe = ("import pickle, sys; pickle.loads(open(sys.argv[1], 'rb').read()); "
+             "print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "task.pkl")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

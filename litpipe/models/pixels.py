@@ -22,18 +22,18 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from litpipe.errors import UserError
+from litpipe.models.cpu_pixels import REDUCE_MARGIN, CpuPixels
 
 VERSION = 1  # bump when the arithmetic of either path changes: it is in the encoder fingerprint
-REDUCE_MARGIN = 2  # the tensor path's CPU shrink keeps the shorter side >= 2x the input size
 
 
 class PixelSteps:
-    """The CPU step (`cpu`, in decode workers) and device step (`to_device`, in the encoder) of one path."""
+    """The CPU step (`cpu_step`, sent to the read tasks) and device step (`to_device`, in the encoder) of one path."""
 
     def __init__(self, transform, preprocess_cfg: dict, mode: str):
         steps = list(transform.transforms)
         cut = next(i for i, step in enumerate(steps) if "ToTensor" in type(step).__name__)
-        self.pil_steps, normalize = steps[:cut], steps[-1]
+        pil_steps, normalize = steps[:cut], steps[-1]
         self.mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(normalize.std, dtype=torch.float32).view(1, 3, 1, 1)
         size = preprocess_cfg["size"]
@@ -45,6 +45,7 @@ class PixelSteps:
             raise UserError("encoder.preprocess: tensor cannot do open_clip's `longest` resize mode (resize, then pad "
                             "to square); set encoder.preprocess: pil")
         self.mode = mode
+        self.cpu_step = CpuPixels(mode, self.size, pil_steps if mode == "pil" else [])
 
     def describe(self) -> dict:
         """What decides the pixels this path makes, for the encoder fingerprint."""
@@ -52,12 +53,7 @@ class PixelSteps:
 
     def cpu(self, image: Image.Image) -> np.ndarray:
         """An RGB image -> uint8 [H, W, 3]: final size on `pil`, bounded size on `tensor`."""
-        if self.mode == "pil":
-            for step in self.pil_steps:
-                image = step(image)
-            return np.asarray(image.convert("RGB"))
-        factor = min(image.size) // (REDUCE_MARGIN * min(self.size))
-        return np.asarray(image.reduce(factor) if factor > 1 else image)
+        return self.cpu_step.cpu(image)
 
     def to_device(self, images: list, device: torch.device) -> torch.Tensor:
         """The encoder's float32 input [B, 3, *size] on `device`, in input order, from uint8 images:

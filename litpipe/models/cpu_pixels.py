@@ -1,0 +1,28 @@
+"""The CPU step of image preprocessing, as read tasks run it: no torch, so they start fast.
+
+On `pil` it is open_clip's PIL transform up to ToTensor (those steps are torchvision objects, so
+only that path imports torchvision here); on `tensor` an integer box reduction of huge images
+that keeps the shorter side at least REDUCE_MARGIN times the input size, to bound the bytes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+REDUCE_MARGIN = 2  # the tensor path's CPU shrink keeps the shorter side >= 2x the input size
+
+
+class CpuPixels:
+    """An RGB image -> uint8 [H, W, 3]: final size on `pil`, bounded size on `tensor`."""
+
+    def __init__(self, mode: str, size: tuple[int, int], pil_steps: list):
+        self.mode, self.size, self.pil_steps = mode, size, pil_steps
+
+    def cpu(self, image: Image.Image) -> np.ndarray:
+        if self.mode == "pil":
+            for step in self.pil_steps:
+                image = step(image)
+            return np.asarray(image.convert("RGB"))
+        factor = min(image.size) // (REDUCE_MARGIN * min(self.size))
+        return np.asarray(image.reduce(factor) if factor > 1 else image)
