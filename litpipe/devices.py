@@ -41,9 +41,9 @@ def autocast(precision: str, device: torch.device):
 
 def keep_freed_memory_env(environ: dict = os.environ) -> dict[str, str]:
     """Environment for a new process that computes with large buffers (an encoder actor): glibc
-    keeps freed blocks up to 1 GiB in its heap (64 MiB in threads other than the main one: glibc's
-    per-thread heaps are that big), instead of handing each one above its threshold (128 KiB,
-    rising to at most 32 MiB) back to the kernel.
+    keeps freed blocks up to 1 GiB in its heap (less in threads other than the main one, whose heaps
+    glibc caps at 64 MiB), instead of handing each one above its threshold (128 KiB, rising to at
+    most 32 MiB) back to the kernel.
 
     Left at the default, a CPU forward gets its activations from fresh zeroed pages: ViT-B-32 at
     batch 64 faults in about 7 GB per 256 images and spends 13% of its time in the kernel
@@ -52,4 +52,3 @@ def keep_freed_memory_env(environ: dict = os.environ) -> dict[str, str]:
     GLIBC_TUNABLES come after it and win."""
     ours = f"glibc.malloc.mmap_threshold={KEPT_BLOCK_BYTES}:glibc.malloc.trim_threshold={KEPT_BLOCK_BYTES}"
     return {"GLIBC_TUNABLES": ":".join(filter(None, [ours, environ.get("GLIBC_TUNABLES")]))}
-

@@ -174,7 +174,6 @@ import ray
 from ray.cluster_utils import Cluster
 from litpipe.config import validate_config
 from litpipe.precompute import stage
-from litpipe.precompute.job import worker_runtime_env
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 for _ in range(2):
     cluster.add_node(num_cpus=1)
@@ -350,9 +349,9 @@ def test_the_encoder_actor_keeps_the_memory_a_forward_frees(ray_local):
         def page_faults(self) -> int:
             import resource
 
-            def forwards():  # a large forward's activation each: 100 MiB, written, freed
+            def forwards():  # a large forward's activation each: 100 MiB, written, freed (no torch to import)
                 for _ in range(10):
-                    torch.ones(25 << 20, dtype=torch.float32)
+                    bytearray(100 << 20)
 
             forwards()  # the heap grows to its working size
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -375,12 +374,12 @@ def test_decoding_beside_a_cpu_encoder_takes_only_idle_cpu(tmp_path, cpu_encoder
 
     import pyarrow as pa
 
-    from litpipe.precompute.job import read_parts
+    from litpipe.precompute.read import read_parts
 
     write_tar(tmp_path / "in-000000.tar", sample_members("a", image_bytes(1), "one"))
     cfg = validate_config(tiny_config({"train": {"format": "webdataset", "urls": str(tmp_path / "in-*.tar")}},
                                       str(tmp_path / "store")))
-    pixels = load_encoder(cfg.encoder, device="cpu").pixels
+    pixels = load_encoder(cfg.encoder, device="cpu").pixels.cpu_step
     seen = {}
 
     def read_in_a_thread_of_its_own():  # the scheduling class is per thread: the test's own stays as it is
