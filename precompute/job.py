@@ -1,8 +1,8 @@
 """The precompute job: input shards -> read + decode (CPU tasks) -> encode + write + commit (encoder actors).
 
 It reads like Ray Data's batch-inference examples to the end: the write happens where the vectors
-are made. A read task cuts its input shard into parts of `rows_per_commit` samples and decodes
-each to uint8 pixels; an encoder actor finishes the pixels on its device, embeds them, writes the
+are made. A read task (`read.py`) cuts its input shard into parts of `rows_per_commit` samples
+and decodes each to uint8 pixels; an encoder actor finishes the pixels on its device, embeds them, writes the
 part's Parquet file and commits it (the store's exclusive commit). The driver schedules and counts
 what comes back: one small summary per committed part, never a vector.
 
