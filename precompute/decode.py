@@ -91,7 +91,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_part(samples: list, pixels, max_pixels: int, jpeg_on_device: bool = False) -> dict:
     """One part of an input shard, ready for the encoder: the good samples' uint8 pixels (what
-    `pixels.cpu` makes of them on this CPU) with their text, and a reason per bad one.
+    `pixels.cpu` (a `CpuPixels`) makes of them on this CPU) with their text, and a reason per bad one.
 
     Pixels travel as uint8, a quarter of float32's bytes; the encoder finishes them on its device.
     With `jpeg_on_device`, JPEGs the device can decode travel still encoded (smaller yet) and are

@@ -97,6 +97,7 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
     context.max_errored_blocks = -1
     pre = cfg.precompute
     use_gpu = encoder_uses_gpu(cfg.encoder, ray)
+    runtime_env = worker_runtime_env()
     # Task retries have no named parameter yet: max_retries and retry_exceptions are still remote args.
     warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
     stream = (
@@ -106,7 +107,7 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
                      fn_kwargs={"dataset": dataset, "pixels": encoder.pixels.cpu_step, "max_pixels": pre.max_image_pixels,
                                 "rows_per_commit": cache.rows_per_commit,
                                 "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu), "yield_cpu": not use_gpu},
-                     compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=worker_runtime_env(),
+                     compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=runtime_env,
                      max_retries=pre.read_retries, retry_exceptions=[TransientReadError])
         .map_batches(PartEncoder, batch_size=1, batch_format="pyarrow",
                      fn_constructor_kwargs={"encoder_cfg": cfg.encoder, "weights_sha256": encoder.fingerprint["weights_sha256"],
@@ -114,7 +115,7 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
                                             "max_pixels": pre.max_image_pixels,
                                             "threads": pre.encoder_threads},
                      compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), num_gpus=1 if use_gpu else 0,
-                     runtime_env=worker_runtime_env())
+                     runtime_env=runtime_env)
     )
     for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # each as it lands
         yield from batch.to_pylist()
@@ -169,7 +170,7 @@ class PartEncoder:
         vectors = []
         for start in range(0, len(decoded["pixels"]), self.batch_size):
             batch = {column: decoded[column][start:start + self.batch_size] for column in (*TEXT_COLUMNS, "pixels")}
-            batch = finish_decoding({**batch, "errors": done["errors"]}, self.encoder.pixels, self.encoder.device,
+            batch = finish_decoding({**batch, "errors": done["errors"]}, self.encoder.pixels.cpu_step, self.encoder.device,
                                     self.max_pixels)
             if batch["pixels"]:
                 vectors.append(self.encoder.embed_pixels(batch["pixels"]))

@@ -46,7 +46,7 @@ def encoder(mode: str, image_size: int = 224, **overrides):
 def test_the_pil_path_equals_open_clips_transform(resize_mode, interpolation):
     enc = encoder("pil", image_resize_mode=resize_mode, image_interpolation=interpolation)
     images = [photo(i, size) for i, size in enumerate(SIZES)]
-    ours = enc.pixels.to_device([enc.pixels.cpu(im) for im in images], torch.device("cpu"))
+    ours = enc.pixels.to_device([enc.pixels.cpu_step.cpu(im) for im in images], torch.device("cpu"))
     reference = torch.stack([enc.preprocess(im) for im in images])
     assert ours.shape == reference.shape == (len(images), 3, 224, 224)
     assert (ours - reference).abs().max().item() < 1e-6
@@ -56,7 +56,7 @@ def test_the_tensor_path_stays_close_to_open_clip_and_a_broken_one_would_not(cap
     enc = encoder("tensor")
     images = [photo(10 + i, size) for i, size in enumerate(SIZES * 2)]
     reference = torch.stack([enc.preprocess(im) for im in images])
-    cpu_side = [enc.pixels.cpu(im) for im in images]
+    cpu_side = [enc.pixels.cpu_step.cpu(im) for im in images]
     assert max(min(a.shape[:2]) for a in cpu_side) < 1000  # the 2400x1800 photo was shrunk before travelling
     ours = enc.pixels.to_device(cpu_side, torch.device("cpu"))
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -75,7 +75,7 @@ def test_the_tensor_path_stays_close_to_open_clip_and_a_broken_one_would_not(cap
 
 def test_mixed_sizes_in_one_batch_equal_one_image_at_a_time():
     enc = encoder("tensor")
-    cpu_side = [enc.pixels.cpu(photo(20 + i, size)) for i, size in enumerate(SIZES + SIZES[:2])]
+    cpu_side = [enc.pixels.cpu_step.cpu(photo(20 + i, size)) for i, size in enumerate(SIZES + SIZES[:2])]
     together = enc.pixels.to_device(cpu_side, torch.device("cpu"))
     alone = torch.cat([enc.pixels.to_device([image], torch.device("cpu")) for image in cpu_side])
     assert torch.equal(together, alone)

@@ -113,10 +113,10 @@ def test_jpegs_decoded_on_the_device_match_the_cpu_path_and_what_it_cannot_take_
     samples = [Sample("rgb", good, ["a"]), Sample("grey", _photo_jpeg(2, mode="L"), ["b"]),
                Sample("cmyk", _photo_jpeg(3, mode="CMYK"), ["c"]), Sample("rotated", _photo_jpeg(4, exif_rotate=True), ["d"]),
                Sample("png", encode_image(Image.new("RGB", (50, 40), (9, 99, 199)), "PNG"), ["e"]), Sample("cut", cut, ["f"])]
-    on_cpu = decode_part(samples, enc.pixels, MAX)
-    travelled = decode_part(samples, enc.pixels, MAX, jpeg_on_device=True)
+    on_cpu = decode_part(samples, enc.pixels.cpu_step, MAX)
+    travelled = decode_part(samples, enc.pixels.cpu_step, MAX, jpeg_on_device=True)
     assert [p.ndim for p in travelled["pixels"]] == [1, 1, 3, 1, 3, 1]  # JPEG bytes, except CMYK and PNG
-    device = finish_decoding(travelled, enc.pixels, torch.device("cpu"), MAX)
+    device = finish_decoding(travelled, enc.pixels.cpu_step, torch.device("cpu"), MAX)
     assert device["keys"] == on_cpu["keys"] == ["rgb", "grey", "cmyk", "rotated", "png"]
     assert device["errors"] == on_cpu["errors"] and on_cpu["errors"][0]["key"] == "cut"
     assert on_cpu["errors"][0]["reason"].startswith("truncated image")

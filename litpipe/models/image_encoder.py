@@ -94,7 +94,7 @@ class Encoder:
 
     @torch.inference_mode()
     def embed_pixels(self, images: list[np.ndarray]) -> torch.Tensor:
-        """uint8 [H, W, 3] images from `pixels.cpu` -> float32 embeddings [B, dim] on the CPU."""
+        """uint8 [H, W, 3] images from `pixels.cpu_step` -> float32 embeddings [B, dim] on the CPU."""
         return self.encode(self.pixels.to_device(images, self.device))
 
     @torch.inference_mode()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -50,10 +49,6 @@ class PixelSteps:
     def describe(self) -> dict:
         """What decides the pixels this path makes, for the encoder fingerprint."""
         return {"path": self.mode, "version": VERSION, **({"reduce_margin": REDUCE_MARGIN} if self.mode == "tensor" else {})}
-
-    def cpu(self, image: Image.Image) -> np.ndarray:
-        """An RGB image -> uint8 [H, W, 3]: final size on `pil`, bounded size on `tensor`."""
-        return self.cpu_step.cpu(image)
 
     def to_device(self, images: list, device: torch.device) -> torch.Tensor:
         """The encoder's float32 input [B, 3, *size] on `device`, in input order, from uint8 images:
