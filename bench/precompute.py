@@ -152,7 +152,7 @@ def run_pipeline(args) -> dict:
     """(b), in this fresh process as the job's driver: real tar shards in a temp folder -> a fresh
     cache, timed from the job's start (Ray is started before); the driver's CPU time over the same
     span and its peak RSS (which includes the encoder it loads to fingerprint)."""
-    from litpipe.precompute.job import precompute_dataset
+    from litpipe.precompute.job import precompute
     from litpipe.ray_cluster import init_ray
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -173,10 +173,11 @@ def run_pipeline(args) -> dict:
         encoder = load_encoder(cfg.encoder, device="cpu")
         commits = []
         cpu_before, start = time.process_time(), time.perf_counter()
-        result = precompute_dataset(cfg, "train", encoder, on_commit=lambda s: commits.append((time.perf_counter(), s["rows"])))
+        summary = precompute(cfg, ["train"], encoder, on_commit=lambda s: commits.append((time.perf_counter(), s["rows"])))
         driver_cpu, wall = time.process_time() - cpu_before, time.perf_counter() - start
+        result = summary["datasets"]["train"]
         images = result["embedded"] + result["skipped"]
-        return {"pipeline": result["images_per_s"], "ray_cpus": cpus, "first_commit_s": commits[0][0] - start,
+        return {"pipeline": summary["images_per_s"], "ray_cpus": cpus, "first_commit_s": commits[0][0] - start,
                 "steady": sum(rows for _, rows in commits[1:]) / (commits[-1][0] - commits[0][0]),
                 "driver_cpu_share": driver_cpu / wall, "driver_cpu_s_per_100k": driver_cpu / images * 100_000,
                 "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

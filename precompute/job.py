@@ -4,7 +4,8 @@ It reads like Ray Data's batch-inference examples to the end: the write happens 
 are made. A read task (`read.py`) cuts its input shard into parts of `rows_per_commit` samples
 and decodes each to uint8 pixels; an encoder actor finishes the pixels on its device, embeds them, writes the
 part's Parquet file and commits it (the store's exclusive commit). The driver schedules and counts
-what comes back: one small summary per committed part, never a vector.
+what comes back: one small summary per committed part, never a vector. All datasets of a run go
+through one job, so the actors load the encoder once and never wait for a dataset's tail.
 
 Only parts the cache has not committed are decoded, and parts are cut the same way on every run
 (the cache fixes `rows_per_commit`), so a run killed at any point is finished by the next one with
@@ -17,9 +18,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -34,58 +37,120 @@ from litpipe.ray_cluster import init_ray
 from litpipe.sources import TransientReadError, check_columns, list_shards
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.fingerprint import dataset_fingerprint
-from litpipe.store.sharing import adopt_from_other_caches
+from litpipe.store.sharing import adopt_from_other_caches, shard_identities
 
 from .device_decode import finish_decoding
 from .read import read_parts
 
 
-def precompute_dataset(cfg: PipelineConfig, name: str, encoder: Encoder, on_commit=None) -> dict:
-    """Fill (or reuse) the cache of dataset `name`; `on_commit(summary)` is called after each part."""
+def precompute(cfg: PipelineConfig, names: list[str], encoder: Encoder, on_commit=None) -> dict:
+    """Fill (or reuse) the caches of datasets `names`; `on_commit(summary)` is called after each part.
+
+    The datasets share one Ray Data job, so the encoder actors start once and go from one
+    dataset's parts to the next without draining. A dataset with input shards an earlier one is
+    still encoding waits for a later job, so it adopts those shards instead of encoding them twice.
+    """
+    start, results, processed, encoded_any = time.perf_counter(), {}, 0, False
+    for plans in waves(cfg, names, encoder):
+        todo = [p for p in plans if p.todo]
+        if todo:
+            encoded_any = True
+            with tqdm(desc="precompute " + ", ".join(f"{p.name} -> {p.cache.id}" for p in todo), unit="img",
+                      dynamic_ncols=True, mininterval=1.0) as progress:
+                by_name = {p.name: p for p in todo}
+                for summary in part_summaries(cfg, todo, encoder):
+                    by_name[summary["dataset"]].count(summary)
+                    progress.update(summary["rows"] + summary["num_skipped"])
+                    progress.set_postfix(parts=sum(p.parts for p in todo),
+                                         skipped=sum(sum(p.skipped.values()) for p in todo))
+                    if on_commit is not None and summary["committed"]:
+                        on_commit(summary)
+        for p in plans:
+            results[p.name] = finish(p)
+            processed += p.embedded + sum(p.skipped.values())
+    seconds = time.perf_counter() - start
+    return {"datasets": results, "seconds": round(seconds, 2),
+            "images_per_s": round(processed / seconds, 1) if encoded_any else None}
+
+
+@dataclass
+class Plan:
+    """One dataset's share of a job: its cache, the inputs adopted from other caches, the parts still
+    to encode ({input: its parts committed already}), and the tally of what came back."""
+
+    name: str
+    dataset: DatasetConfig
+    inputs: list[str]
+    cache: EmbeddingCache
+    adopted: dict[str, str]
+    todo: dict[str, set[int]]
+    embedded: int = 0
+    parts: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    failures: dict[str, str] = field(default_factory=dict)  # input -> why a part of it could not be written
+    actors: set[str] = field(default_factory=set)  # host:pid of each encoder actor that wrote a part
+
+    def count(self, summary: dict) -> None:
+        if summary["failure"]:
+            self.failures.setdefault(summary["input"], summary["failure"])
+        self.embedded += summary["rows"]
+        self.skipped.update(json.loads(summary["skipped"]))
+        self.parts += 1
+        self.actors.add(summary["actor"])
+
+
+def plan(cfg: PipelineConfig, name: str, encoder: Encoder) -> Plan:
+    """List the dataset's inputs, open (or create) its cache, adopt what other caches hold."""
     dataset = cfg.data[name]
     inputs = list_shards(dataset)
     check_columns(dataset, inputs[0])  # a misnamed column stops here, not as a skip record per shard
     cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(dataset),
                                           cfg.store.embedding_dtype, cfg.store.row_group_rows, cfg.precompute.rows_per_commit,
                                           dataset_name=name)
-    reused = {} if cache.complete else adopt_from_other_caches(cache, inputs)  # shards another cache embedded
+    adopted = {} if cache.complete else adopt_from_other_caches(cache, inputs)
     done = set(inputs) if cache.complete else cache.committed_inputs()  # one listing of commits/
     todo = [url for url in inputs if url not in done]
-    start = time.perf_counter()
-    tally = {"embedded": 0, "skipped": Counter(), "parts": 0}
-    failures: dict[str, str] = {}  # input -> why a part of it could not be written
-    if todo:
-        parts = cache.committed_parts()
-        with tqdm(desc=f"precompute {name} -> {cache.id}", unit="img", dynamic_ncols=True, mininterval=1.0) as progress:
-            for summary in part_summaries(cfg, dataset, encoder, cache, {url: parts.get(url, set()) for url in todo}):
-                if summary["failure"]:
-                    failures.setdefault(summary["input"], summary["failure"])
-                tally["embedded"] += summary["rows"]
-                tally["skipped"].update(json.loads(summary["skipped"]))
-                tally["parts"] += 1
-                progress.update(summary["rows"] + summary["num_skipped"])
-                progress.set_postfix(parts=tally["parts"], skipped=sum(tally["skipped"].values()))
-                if on_commit is not None and summary["committed"]:
-                    on_commit(summary)
-    failed = sorted(set(todo) - cache.committed_inputs()) if todo else []
+    parts = cache.committed_parts() if todo else {}
+    return Plan(name, dataset, inputs, cache, adopted, {url: parts.get(url, set()) for url in todo})
+
+
+def waves(cfg: PipelineConfig, names: list[str], encoder: Encoder):
+    """The datasets' plans, cut into jobs whose datasets encode no input shard in common; each job's
+    plans are made after the one before has run, so a shard it embedded is adopted, not encoded again."""
+    pending = list(names)
+    while pending:
+        plans, later, encoding = [], [], set()
+        for name in pending:
+            p = plan(cfg, name, encoder)
+            identities = shard_identities(p.cache)
+            shared = {identities.get(url, url) for url in p.todo}
+            if shared & encoding:
+                later.append(name)
+                continue
+            encoding |= shared
+            plans.append(p)
+        yield plans
+        pending = later
+
+
+def finish(p: Plan) -> dict:
+    """Finalize the dataset's cache if every input is committed; its summary."""
+    failed = sorted(set(p.todo) - p.cache.committed_inputs()) if p.todo else []
     if not failed:
-        cache.finalize(expected_inputs=inputs)
-    seconds = time.perf_counter() - start
-    processed = tally["embedded"] + sum(tally["skipped"].values())
+        p.cache.finalize(expected_inputs=p.inputs)
     return {
-        "dataset": name, "cache_id": cache.id, "cache_url": cache.url, "reused": not todo, "complete": cache.complete,
-        "inputs": len(inputs), "inputs_processed": len(todo), "failed_inputs": failed, "embedded": tally["embedded"],
-        "failures": {url: failures[url] for url in failed if url in failures},
-        "inputs_reused": len(reused), "reused_from": sorted(set(reused.values())),
-        "skipped": sum(tally["skipped"].values()), "skipped_by_reason": dict(tally["skipped"]),
-        "rows_in_cache": cache.num_rows, "seconds": round(seconds, 2),
-        "images_per_s": round(processed / seconds, 1) if todo else None,
+        "dataset": p.name, "cache_id": p.cache.id, "cache_url": p.cache.url, "reused": not p.todo,
+        "complete": p.cache.complete, "inputs": len(p.inputs), "inputs_processed": len(p.todo), "failed_inputs": failed,
+        "embedded": p.embedded, "failures": {url: p.failures[url] for url in failed if url in p.failures},
+        "inputs_reused": len(p.adopted), "reused_from": sorted(set(p.adopted.values())),
+        "skipped": sum(p.skipped.values()), "skipped_by_reason": dict(p.skipped), "rows_in_cache": p.cache.num_rows,
+        "encoded_by": sorted(p.actors),
     }
 
 
-def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder, cache: EmbeddingCache,
-                   todo: dict[str, set[int]]):
-    """Ray Data, one line per stage; yields one summary per committed part (dicts of plain values).
+def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: Encoder):
+    """Ray Data, one line per stage, over the parts of every plan; yields one summary per committed
+    part (dicts of plain values, each naming its dataset).
 
     A read task that still fails after `precompute.read_retries` retries errors its block; the
     job goes on with the other shards (`max_errored_blocks`) and the caller finds that shard
@@ -98,21 +163,22 @@ def part_summaries(cfg: PipelineConfig, dataset: DatasetConfig, encoder: Encoder
     pre = cfg.precompute
     use_gpu = encoder_uses_gpu(cfg.encoder, ray)
     runtime_env = worker_runtime_env()
+    inputs = [{"dataset": p.name, "input": url, "skip": sorted(skip)} for p in plans for url, skip in p.todo.items()]
     # Task retries have no named parameter yet: max_retries and retry_exceptions are still remote args.
     warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
     stream = (
-        ray.data.from_items([{"input": url, "skip": sorted(skip)} for url, skip in todo.items()],
-                            override_num_blocks=len(todo))
+        ray.data.from_items(inputs, override_num_blocks=len(inputs))
         .map_batches(read_parts, batch_size=1, batch_format="pyarrow",
-                     fn_kwargs={"dataset": dataset, "pixels": encoder.pixels.cpu_step, "max_pixels": pre.max_image_pixels,
-                                "rows_per_commit": cache.rows_per_commit,
+                     fn_kwargs={"datasets": {p.name: p.dataset for p in plans},
+                                "rows_per_commit": {p.name: p.cache.rows_per_commit for p in plans},
+                                "pixels": encoder.pixels.cpu_step, "max_pixels": pre.max_image_pixels,
                                 "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu), "yield_cpu": not use_gpu},
                      compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=runtime_env,
                      max_retries=pre.read_retries, retry_exceptions=[TransientReadError])
         .map_batches(PartEncoder, batch_size=1, batch_format="pyarrow",
                      fn_constructor_kwargs={"encoder_cfg": cfg.encoder, "weights_sha256": encoder.fingerprint["weights_sha256"],
-                                            "cache_url": cache.url, "batch_size": pre.batch_size,
-                                            "max_pixels": pre.max_image_pixels,
+                                            "cache_urls": {p.name: p.cache.url for p in plans},
+                                            "batch_size": pre.batch_size, "max_pixels": pre.max_image_pixels,
                                             "threads": pre.encoder_threads},
                      compute=ray.data.ActorPoolStrategy(size=pre.encoder_actors), num_gpus=1 if use_gpu else 0,
                      runtime_env=runtime_env)
@@ -145,7 +211,7 @@ class PartEncoder:
     """Holds the locked encoder on its device (a GPU when the actor has one); embeds, writes and
     commits one part per call, and returns only its summary."""
 
-    def __init__(self, encoder_cfg: EncoderConfig, weights_sha256: str, cache_url: str, batch_size: int,
+    def __init__(self, encoder_cfg: EncoderConfig, weights_sha256: str, cache_urls: dict[str, str], batch_size: int,
                  max_pixels: int, threads: int | None):
         if threads or not torch.cuda.is_available():  # Ray sets OMP_NUM_THREADS to the actor's CPUs (1):
             torch.set_num_threads(threads or os.cpu_count())  # a CPU encoder wants its node's cores
@@ -154,15 +220,17 @@ class PartEncoder:
             raise RuntimeError("encoder actor loaded different weights than the driver fingerprinted "
                                f"({self.encoder.fingerprint['weights_sha256'][:12]} vs {weights_sha256[:12]}); "
                                "make encoder.pretrained resolve to the same file on every node")
-        self.cache = EmbeddingCache.open(cache_url)
+        self.caches = {name: EmbeddingCache.open(url) for name, url in cache_urls.items()}  # by dataset
         self.batch_size, self.max_pixels = batch_size, max_pixels
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> dict:
-        summaries = [self.commit(url.as_py(), part.as_py(), last.as_py(), pickle.loads(payload.as_buffer()))
-                     for url, part, last, payload in zip(*(batch[c] for c in ("input", "part", "last", "payload")))]
+        summaries = [self.commit(name.as_py(), url.as_py(), part.as_py(), last.as_py(), pickle.loads(payload.as_buffer()))
+                     for name, url, part, last, payload in zip(*(batch[c] for c in ("dataset", "input", "part", "last",
+                                                                                    "payload")))]
         return {key: [s[key] for s in summaries] for key in summaries[0]}
 
-    def commit(self, input_url: str, part: int, last: bool, decoded: dict) -> dict:
+    def commit(self, dataset: str, input_url: str, part: int, last: bool, decoded: dict) -> dict:
         """Embed a part batch by batch (JPEGs still encoded are decoded per batch, bounding device
         memory), then write and commit it; its summary."""
         done = {column: [] for column in (*TEXT_COLUMNS, "errors")}
@@ -180,11 +248,11 @@ class PartEncoder:
         errors = [{**e, "input": input_url} for e in done["errors"]]
         failure = ""
         try:
-            record = self.cache.commit_shard(input_url, part_table(done, embeddings), errors, part=part, last=last)
+            record = self.caches[dataset].commit_shard(input_url, part_table(done, embeddings), errors, part=part, last=last)
         except OSError as err:  # the store's retries are spent, or its disk is full: this part stays uncommitted
             record, failure = None, f"{type(err).__name__}: {err}"
         reasons = Counter(e["reason"].split(":")[0] for e in errors)
-        return {"input": input_url, "part": part, "last": last, "committed": record is not None, "failure": failure,
+        return {"dataset": dataset, "actor": self.name, "input": input_url, "part": part, "last": last, "committed": record is not None, "failure": failure,
                 "rows": 0 if failure else len(embeddings), "num_skipped": 0 if failure else len(errors),
                 "skipped": json.dumps({} if failure else reasons)}
 

@@ -19,10 +19,10 @@ from litpipe.sources import SHARD_ERROR_KEY, Sample, read_shard
 from .decode import decode_part
 
 
-def read_parts(batch: pa.Table, dataset: DatasetConfig, pixels: CpuPixels, max_pixels: int,
-               rows_per_commit: int | None, jpeg_on_device: bool, yield_cpu: bool):
-    """One input shard (a batch of one row) -> one table per part not yet committed: a row holding
-    its decoded samples, pickled.
+def read_parts(batch: pa.Table, datasets: dict[str, DatasetConfig], rows_per_commit: dict[str, int | None],
+               pixels: CpuPixels, max_pixels: int, jpeg_on_device: bool, yield_cpu: bool):
+    """One input shard (a batch of one row, naming its dataset) -> one table per part not yet
+    committed: a row holding its decoded samples, pickled.
 
     Part k is samples [k * rows_per_commit, (k + 1) * rows_per_commit) in input order, so every
     run cuts the same parts; an empty shard is one part holding one error. Each part is yielded as
@@ -35,15 +35,15 @@ def read_parts(batch: pa.Table, dataset: DatasetConfig, pixels: CpuPixels, max_p
     """
     if yield_cpu and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    url, skip = batch["input"][0].as_py(), set(batch["skip"][0].as_py())
-    samples = read_shard(dataset, url) or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")]
-    step = rows_per_commit or len(samples)
+    name, url, skip = batch["dataset"][0].as_py(), batch["input"][0].as_py(), set(batch["skip"][0].as_py())
+    samples = read_shard(datasets[name], url) or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")]
+    step = rows_per_commit[name] or len(samples)
     count = -(-len(samples) // step)
     for part in range(count):
         if part not in skip:
             decoded = decode_part(samples[part * step:(part + 1) * step], pixels, max_pixels, jpeg_on_device)
             payload = pickle.dumps(decoded, protocol=5)
-            yield pa.table({"input": [url], "part": [part], "last": [part == count - 1],
+            yield pa.table({"dataset": [name], "input": [url], "part": [part], "last": [part == count - 1],
                             "payload": pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets(len(payload)),
                                                                                   pa.py_buffer(payload)])})
 

@@ -7,7 +7,7 @@ from litpipe.errors import UserError
 from litpipe.files import check_reachable
 from litpipe.models.image_encoder import load_encoder
 
-from .job import precompute_dataset
+from .job import precompute
 
 
 class PrecomputeIncomplete(UserError):
@@ -30,8 +30,12 @@ def run(cfg: PipelineConfig, datasets: list[str] | None = None) -> dict:
                         "from its Ray workers; use a local folder or an object store")
     check_reachable(cfg.store.root, "store.root")
     encoder = load_encoder(cfg.encoder, device="cpu")  # the driver only fingerprints; actors encode
-    results = {name: precompute_dataset(cfg, name, encoder) for name in names}
-    return {"datasets": results, "report": [report_line(r) for r in results.values()]}
+    summary = precompute(cfg, names, encoder)
+    summary["report"] = [report_line(r) for r in summary["datasets"].values()]
+    if summary["images_per_s"] is not None:
+        summary["report"].append(f"{sum(r['embedded'] + r['skipped'] for r in summary['datasets'].values())} images "
+                                 f"in {summary['seconds']} s ({summary['images_per_s']} images/s)")
+    return summary
 
 
 def raise_if_incomplete(summary: dict) -> None:
@@ -53,5 +57,5 @@ def report_line(result: dict) -> str:
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(result["skipped_by_reason"].items())) or "none"
     failed = f", {len(result['failed_inputs'])} FAILED after retries (not committed)" if result["failed_inputs"] else ""
     return (f"{result['dataset']}: cache {result['cache_id']}: embedded {result['embedded']}, skipped {result['skipped']} "
-            f"({skipped}) from {result['inputs_processed']}/{result['inputs']} input shards{failed} in "
-            f"{result['seconds']} s ({result['images_per_s']} images/s) -> {result['cache_url']}{shared}")
+            f"({skipped}) from {result['inputs_processed']}/{result['inputs']} input shards{failed} -> "
+            f"{result['cache_url']}{shared}")

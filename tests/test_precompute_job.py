@@ -83,6 +83,26 @@ def test_second_run_with_same_encoder_and_data_encodes_nothing(planted):
     assert "nothing encoded" in again["report"][0]
 
 
+def test_the_datasets_of_a_run_share_one_encoder_actor_and_a_later_one_adopts_what_an_earlier_one_embedded(
+        planted, tmp_path):
+    """`first` and `second` go through one job (one actor loads the encoder once); `both` reads
+    their shards, so it waits for them and adopts both shards instead of encoding them again."""
+    data = planted["base"] / "data"
+    raw = planted_config(data, str(tmp_path / "store"), train={"dataset": "first"})
+    raw["data"] = {"first": {"format": "webdataset", "urls": str(data / "train-000000.tar")},
+                   "second": {"format": "webdataset", "urls": str(data / "train-000001.tar")},
+                   "both": {"format": "webdataset", "urls": str(data / "train-{000000..000001}.tar")}}
+    summary = stage.run(validate_config(raw))["datasets"]
+    first, second, both = summary["first"], summary["second"], summary["both"]
+    assert len(first["encoded_by"]) == 1 and second["encoded_by"] == first["encoded_by"]
+    assert (both["inputs_reused"], both["embedded"], both["encoded_by"]) == (2, 0, [])
+    assert both["reused_from"] == sorted([first["cache_id"], second["cache_id"]])
+    caches = {name: cache_rows(EmbeddingCache.open(result["cache_url"])) for name, result in summary.items()}
+    assert caches["both"].keys() == caches["first"].keys() | caches["second"].keys()
+    reference = cache_rows(planted["cache"])
+    assert all(row["embedding"].tobytes() == reference[key]["embedding"].tobytes() for key, row in caches["both"].items())
+
+
 def test_parquet_and_folder_datasets_are_precomputed_into_an_s3_store(ray_local, tmp_path, s3_root):
     table = pa.table({"image": [{"bytes": image_bytes(i), "path": None} for i in range(3)] + [{"bytes": b"bad", "path": None}],
                       "text": ["p0", "p1", "p2", "p3"], "label": [0, 1, 2, 3]})
@@ -383,8 +403,8 @@ def test_decoding_beside_a_cpu_encoder_takes_only_idle_cpu(tmp_path, cpu_encoder
     seen = {}
 
     def read_in_a_thread_of_its_own():  # the scheduling class is per thread: the test's own stays as it is
-        parts = list(read_parts(pa.table({"input": [str(tmp_path / "in-000000.tar")], "skip": [[]]}), cfg.data["train"],
-                                pixels, 10_000_000, None, False, yield_cpu=cpu_encoder))
+        row = pa.table({"dataset": ["train"], "input": [str(tmp_path / "in-000000.tar")], "skip": [[]]})
+        parts = list(read_parts(row, cfg.data, {"train": None}, pixels, 10_000_000, False, yield_cpu=cpu_encoder))
         seen["policy"], seen["parts"] = os.sched_getscheduler(0), len(parts)
 
     thread = threading.Thread(target=read_in_a_thread_of_its_own)

@@ -24,7 +24,7 @@ from precompute_samples import build_planted_dataset, planted_config
 
 pytestmark = pytest.mark.slow
 COMMIT_RECORD = "write_temp<EmbeddingCache._write_exclusive<EmbeddingCache.commit_shard open store/*/commits/train-*-*-p*.json.tmp-*"
-FINALIZE_MANIFEST = "write_atomic<EmbeddingCache.finalize<precompute_dataset replace store/*/manifest.json"
+FINALIZE_MANIFEST = "write_atomic<EmbeddingCache.finalize<finish replace store/*/manifest.json"
 QUICK = [KillPoint(COMMIT_RECORD, 3, "before"), KillPoint(FINALIZE_MANIFEST, 1, "before")]
 DRAWN, WORKER_KILLS, SEED = 20, 4, 16
 
