@@ -24,7 +24,7 @@ def overrides(root):
     return [f"store.root={root / 'store'}", f"encoder.pretrained={data / CHECKPOINT}",
             f"data.train.urls={data}/train-*.tar", f"data.heldout.urls={data}/heldout-*.tar",
             f"data.heldout.classnames={data}/kinds.txt", "eval.retrieval=[train, heldout]", "eval.zeroshot=[]",
-            "train.batch_size=128", "train.chunk_size=64", "train.epochs=15", "train.lr=0.003",
+            "train.batch_size=128", "train.chunk_size=128", "train.epochs=10", "train.lr=0.003",
             "precompute.batch_size=64", "ray.num_cpus=2"]
 
 
