@@ -252,7 +252,8 @@ class PartEncoder:
         except OSError as err:  # the store's retries are spent, or its disk is full: this part stays uncommitted
             record, failure = None, f"{type(err).__name__}: {err}"
         reasons = Counter(e["reason"].split(":")[0] for e in errors)
-        return {"dataset": dataset, "actor": self.name, "input": input_url, "part": part, "last": last, "committed": record is not None, "failure": failure,
+        return {"dataset": dataset, "actor": self.name, "input": input_url, "part": part, "last": last,
+                "committed": record is not None, "failure": failure,
                 "rows": 0 if failure else len(embeddings), "num_skipped": 0 if failure else len(errors),
                 "skipped": json.dumps({} if failure else reasons)}
 
