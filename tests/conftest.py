@@ -79,6 +79,19 @@ def s3_root(s3_server):
     return f"s3://{s3_server['bucket']}/{uuid.uuid4().hex[:10]}"
 
 
+@pytest.fixture(scope="session")
+def planted_in_parts(ray_local, tmp_path_factory):
+    """The planted dataset (every kind of bad input) and its cache cut into parts of two samples, as
+    an uninterrupted run writes it: the reference of the mid-shard resume and the kill tests."""
+    from litpipe.precompute import stage
+    from precompute_samples import build_planted_dataset, planted_config
+
+    base = tmp_path_factory.mktemp("planted-in-parts")
+    build_planted_dataset(base / "data")
+    cfg = validate_config(planted_config(base / "data", str(base / "reference" / "store"), precompute={"rows_per_commit": 2}))
+    return {"base": base, "cache": EmbeddingCache.open(stage.run(cfg)["datasets"]["train"]["cache_url"])}
+
+
 # --- a tiny trained-on cache for the trainer's tests ------------------------------------
 
 ROWS = 96

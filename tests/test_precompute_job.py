@@ -125,19 +125,18 @@ def test_parquet_and_folder_datasets_are_precomputed_into_an_s3_store(ray_local,
     assert len(folder_cache.shards()) == 2
 
 
-def test_shards_cut_into_parts_commit_each_part_once_and_resume_mid_shard_bit_identically(planted):
+def test_shards_cut_into_parts_commit_each_part_once_and_resume_mid_shard_bit_identically(planted, planted_in_parts,
+                                                                                         tmp_path):
     """rows_per_commit=2: every shard is several parts; a cache holding only the first part of a
     shard is finished by the next run, bit for bit as an uninterrupted run writes it."""
-    base = planted["base"]
-    whole = validate_config(planted_config(base / "data", str(base / "parts-whole"), precompute={"rows_per_commit": 2}))
-    reference = EmbeddingCache.open(stage.run(whole)["datasets"]["train"]["cache_url"])
+    base, reference = planted_in_parts["base"], planted_in_parts["cache"]
     assert max(r.get("part", 0) for r in reference.shards()) >= 2 and reference.rows_per_commit == 2
     assert list(cache_rows(reference)) == list(cache_rows(planted["cache"]))  # same keys, same order as one part a shard
 
     # What a kill right after part 0 of a multi-part shard commits leaves: the parts after it taken
     # out again (tests/faults/ kills real runs at many such points).
-    shutil.copytree(base / "parts-whole", base / "parts-cut")
-    cfg = validate_config(planted_config(base / "data", str(base / "parts-cut"), precompute={"rows_per_commit": 2}))
+    shutil.copytree(base / "reference" / "store", tmp_path / "parts-cut")
+    cfg = validate_config(planted_config(base / "data", str(tmp_path / "parts-cut"), precompute={"rows_per_commit": 2}))
     partial = EmbeddingCache.open(reference.id, root=cfg.store.root)
     cut = next(r["input"] for r in reference.shards() if r["part"] == 2)
     for record in reference.shards():

@@ -20,7 +20,7 @@ from litpipe.store.cache import EmbeddingCache
 
 from checks import assert_same_cache, record
 from harness import KillPoint, draw_points, kill_session, python_command, run_killed, trace
-from precompute_samples import build_planted_dataset, planted_config
+from precompute_samples import planted_config
 
 pytestmark = pytest.mark.slow
 COMMIT_RECORD = "write_temp<EmbeddingCache._write_exclusive<EmbeddingCache.commit_shard open store/*/commits/train-*-*-p*.json.tmp-*"
@@ -30,11 +30,9 @@ DRAWN, WORKER_KILLS, SEED = 20, 4, 16
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, tmp_path_factory):
-    base = tmp_path_factory.mktemp("precompute-kills")
-    build_planted_dataset(base / "data")
-    cfg = validate_config(config(base, base / "reference"))
-    return {"base": base, "cache": EmbeddingCache.open(stage.run(cfg)["datasets"]["train"]["cache_url"])}
+def reference(planted_in_parts):
+    """The uninterrupted run every killed one is compared with; its data folder is every run's input."""
+    return planted_in_parts
 
 
 @pytest.fixture(scope="module")
