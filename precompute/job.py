@@ -69,7 +69,7 @@ def precompute(cfg: PipelineConfig, names: list[str], encoder: Encoder, on_commi
             results[p.name] = finish(p)
             processed += p.embedded + sum(p.skipped.values())
     seconds = time.perf_counter() - start
-    return {"datasets": {name: results[name] for name in names}, "seconds": round(seconds, 2),
+    return {"datasets": {name: results[name] for name in names}, "images": processed, "seconds": round(seconds, 2),
             "images_per_s": round(processed / seconds, 1) if encoded_any else None}
 
 

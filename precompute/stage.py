@@ -33,8 +33,8 @@ def run(cfg: PipelineConfig, datasets: list[str] | None = None) -> dict:
     summary = precompute(cfg, names, encoder)
     summary["report"] = [report_line(r) for r in summary["datasets"].values()]
     if summary["images_per_s"] is not None:
-        summary["report"].append(f"{sum(r['embedded'] + r['skipped'] for r in summary['datasets'].values())} images "
-                                 f"in {summary['seconds']} s ({summary['images_per_s']} images/s)")
+        summary["report"].append(f"{summary['images']} images in {summary['seconds']} s "
+                                 f"({summary['images_per_s']} images/s)")
     return summary
 
 

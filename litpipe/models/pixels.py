@@ -52,7 +52,7 @@ class PixelSteps:
 
     def to_device(self, images: list, device: torch.device) -> torch.Tensor:
         """The encoder's float32 input [B, 3, *size] on `device`, in input order, from uint8 images:
-        [H, W, 3] numpy arrays from `cpu`, or [3, H, W] tensors already decoded on the device
+        [H, W, 3] numpy arrays from `cpu_step`, or [3, H, W] tensors already decoded on the device
         (sizes may differ on `tensor`)."""
         out = torch.empty((len(images), 3, *self.size), dtype=torch.float32, device=device)
         by_shape: dict[tuple, list[int]] = {}
