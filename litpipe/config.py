@@ -42,6 +42,9 @@ class DatasetConfig(Section):
     )
     image_column: str | None = Field(None, description="parquet: image bytes column; webdataset: extension")
     caption_column: str | None = Field(None, description="caption column (or webdataset extension)")
+    caption_split: Literal["none", "lines"] = Field(
+        "none", description="none = a caption string (a .txt, a Parquet string) is one caption, as img2dataset and "
+        "open_clip read it; lines = one caption per line. A list column is several captions either way")
     key_column: str | None = Field(None, description="unique key column; default: derived")
     label_column: str | None = Field(None, description="optional integer class label column (webdataset: its "
                                      "extension; default cls); a sample without one is left out of zero-shot eval")
@@ -103,8 +106,9 @@ class PrecomputeConfig(Section):
     max_image_pixels: int = Field(89_478_485, ge=1, description="larger images are skipped as bombs")
     rows_per_commit: int = Field(4096, ge=1, description="samples per committed part of an input shard: the unit of "
                                  "resume, and what a decode worker holds in memory (fixed when a cache is created)")
-    read_retries: int = Field(3, ge=0, description="times a read task is retried after a read failure (on top of the "
-                              "store client's own retries); a shard that still fails is reported, never skipped")
+    read_retries: int = Field(3, ge=0, description="times a read task reads its shard again after a read failure, "
+                              "pausing 1, 2, 4, ... s (on top of the store client's own retries); a shard that still "
+                              "fails is reported, never skipped. Lost workers and nodes are retried by Ray")
     encoder_threads: int | None = Field(None, ge=1, description="torch threads in a CPU encoder actor; none = the node's CPUs")
 
 

@@ -4,7 +4,8 @@ One definition of what a dataset's shards, samples and keys are: precompute read
 them, eval and serve read them back to show the image behind a cached key. Reading a shard never
 raises for bad data: a bad sample comes back with an `error`, a truncated tar keeps every sample
 before the cut plus one error for the cut, and bytes that are no shard at all are one error
-sample, so the caller can account for every sample. A failure to *read* bytes (network, store,
+sample, so the caller can account for every sample. Samples stream: a read holds one sample (one
+Parquet row group) whatever the shard's size. A failure to *read* bytes (network, store,
 disk) is another matter: it raises `TransientReadError`, to be retried, and is never recorded as
 bad data.
 """
@@ -19,6 +20,7 @@ import os
 import re
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -28,6 +30,7 @@ import pyarrow.parquet as pq
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
 from litpipe.files import expand_urls
+from litpipe.skips import duplicate_reason
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 PARQUET_IMAGE_COLUMNS = ("jpg", "image", "img", "png", "webp", "image_bytes")
@@ -87,6 +90,7 @@ class Sample:
     label: int | None = None
     metadata: dict | None = None
     error: str | None = None
+    legacy_text: bool = False  # its caption bytes were not UTF-8 and were read as cp1252/Latin-1
 
 
 def list_shards(dataset: DatasetConfig) -> list[str]:
@@ -97,24 +101,61 @@ def list_shards(dataset: DatasetConfig) -> list[str]:
         raise UserError("data: a `folder` dataset needs captions_file (JSONL or CSV with path, caption(s), label)")
     captions_url = _one_path(dataset.captions_file, "captions_file")
     _one_path(dataset.urls, "urls")  # image paths are relative to one folder
-    rows = len(_read_caption_rows(captions_url))
+    rows = len(_read_caption_rows(captions_url)[0])
     step = dataset.shard_rows
     return [f"{captions_url}{FOLDER_ROWS_MARK}{start}-{min(start + step, rows)}" for start in range(0, rows, step)]
 
 
 def read_shard(dataset: DatasetConfig, url: str) -> list[Sample]:
-    """Every sample of one input shard, in input order; never raises for bad data.
+    """Every sample of one input shard, in input order (`iter_shard` as a list)."""
+    return list(iter_shard(dataset, url))
+
+
+def iter_shard(dataset: DatasetConfig, url: str) -> Iterator[Sample]:
+    """The samples of one input shard in input order, streamed: memory holds one sample (one
+    Parquet row group), whatever the shard's size. Never raises for bad data; a key seen earlier in
+    the shard is an error sample naming the shard ("duplicate key: first in URL").
 
     Raises TransientReadError when bytes could not be read, UserError for a configuration that
     does not fit the data (a column that is not there).
     """
     reader = {"webdataset": read_tar, "parquet": read_parquet, "folder": read_folder_rows}[dataset.format]
+    seen: set[str] = set()
     try:
-        return reader(dataset, url)
+        for sample in reader(dataset, url):
+            if sample.error is None:
+                if sample.key in seen:
+                    sample = Sample(sample.key, error=duplicate_reason(url))
+                seen.add(sample.key)
+            yield sample
     except (TransientReadError, UserError):
         raise
     except Exception as err:  # the bytes were read and are no shard: one record, the job goes on
-        return [Sample(SHARD_ERROR_KEY, error=f"unreadable shard: {type(err).__name__}: {err}")]
+        yield Sample(SHARD_ERROR_KEY, error=f"unreadable shard: {type(err).__name__}: {err}")
+
+
+def decode_caption(data: bytes) -> tuple[str, bool]:
+    """Caption bytes -> (text, whether a legacy encoding was needed).
+
+    Web alt-texts are mostly UTF-8, but crawls hold cp1252/Latin-1 too; decoding those with
+    "replace" would store U+FFFD for every accented letter. cp1252 leaves five bytes undefined,
+    which Latin-1 maps, so every byte string decodes.
+    """
+    try:
+        return data.decode("utf-8-sig"), False
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252"), True
+    except UnicodeDecodeError:
+        return data.decode("latin-1"), True
+
+
+def split_captions(text: str, split: str) -> list[str]:
+    """A caption string -> its captions: itself (`none`, img2dataset's and open_clip's reading of a
+    .txt), or one per line (`lines`, data.*.caption_split); blank ones dropped."""
+    parts = text.splitlines() if split == "lines" else [text]
+    return [part.strip() for part in parts if part.strip()]
 
 
 # --- WebDataset tar ----------------------------------------------------------------------
@@ -125,31 +166,32 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (match.group(1), match.group(2).lower()) if match else (name, "")
 
 
-def read_tar(dataset: DatasetConfig, url: str) -> list[Sample]:
-    groups: list[tuple[str, dict[str, bytes]]] = []
-    cut = None
+def read_tar(dataset: DatasetConfig, url: str) -> Iterator[Sample]:
+    """A tar's samples as its members stream by: a sample is yielded when the next key starts, so a
+    cut in the middle of a sample's files is recorded for that sample, not read as a smaller one."""
+    key, files = None, {}
     with open_input(url, compression="infer") as f:
         try:
             with tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
                     if not member.isfile():
                         continue
-                    key, ext = split_member_name(member.name)
-                    if not groups or groups[-1][0] != key:
-                        groups.append((key, {}))  # before reading, so a cut in this member names this key
+                    member_key, ext = split_member_name(member.name)
+                    if member_key != key:
+                        if key is not None:
+                            yield tar_sample(dataset, key, files)
+                        key, files = member_key, {}  # before reading, so a cut in this member names this key
                     data = tar.extractfile(member).read()
                     if len(data) != member.size:
                         raise tarfile.ReadError("unexpected end of data")
-                    groups[-1][1][ext] = data
+                    files[ext] = data
         except BAD_ARCHIVE_ERRORS as err:
-            if not groups:
+            if key is None:
                 raise
-            cut = err
-    samples = [tar_sample(dataset, key, files) for key, files in groups]
-    if cut is not None:  # the last sample may be missing files that were past the cut
-        last = samples.pop()
-        samples.append(Sample(last.key, error=f"truncated shard: cut in or after this sample ({cut})"))
-    return mark_duplicates(samples)
+            yield Sample(key, error=f"truncated shard: cut in or after this sample ({err})")
+            return
+    if key is not None:
+        yield tar_sample(dataset, key, files)
 
 
 def tar_sample(dataset: DatasetConfig, key: str, files: dict[str, bytes]) -> Sample:
@@ -171,15 +213,11 @@ def tar_sample(dataset: DatasetConfig, key: str, files: dict[str, bytes]) -> Sam
             label = int(files[label_ext].decode().strip())
         except ValueError:
             return Sample(key, error=f"label .{label_ext} is not an integer")
-    captions = caption_lines(files.get(caption_ext, b"").decode("utf-8", "replace"))
+    text, legacy = decode_caption(files.get(caption_ext, b""))
+    captions = split_captions(text, dataset.caption_split)
     if not captions:
         return Sample(key, error=f"no caption (.{caption_ext} missing or empty)")
-    return Sample(key, image, captions, label, metadata)
-
-
-def caption_lines(text: str) -> list[str]:
-    """Several captions per image are one per line."""
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return Sample(key, image, captions, label, metadata, legacy_text=legacy)
 
 
 # --- Parquet -----------------------------------------------------------------------------
@@ -204,40 +242,54 @@ def parquet_columns(dataset: DatasetConfig, names: list[str], url: str) -> tuple
     return image_col, caption_col, key_col, label_col
 
 
-def read_parquet(dataset: DatasetConfig, url: str) -> list[Sample]:
+def read_parquet(dataset: DatasetConfig, url: str) -> Iterator[Sample]:
+    """A Parquet file's rows, one row group in memory at a time, turned into samples in slices."""
     with open_input(url) as f:
         parquet = pq.ParquetFile(f)
         image_col, caption_col, key_col, label_col = parquet_columns(dataset, parquet.schema_arrow.names, url)
         stem = os.path.basename(url).split(".")[0]
-        samples, row = [], 0
+        row = 0
         for group in range(parquet.num_row_groups):
             try:
                 table = parquet.read_row_group(group)
             except (OSError, pa.ArrowException) as err:  # TransientReadError is neither: it propagates
-                if not samples:
+                if not row:
                     raise
-                samples.append(Sample(f"{stem}/{row}", error=f"truncated shard: row group {group} unreadable ({err})"))
-                break
-            for record in table.to_pylist():
-                key = str(record.pop(key_col)) if key_col else f"{stem}/{row}"
-                samples.append(parquet_sample(record, key, image_col, caption_col, label_col))
-                row += 1
-    return mark_duplicates(samples)
+                yield Sample(f"{stem}/{row}", error=f"truncated shard: row group {group} unreadable ({err})")
+                return
+            for batch in table.to_batches(max_chunksize=256):  # Python objects for 256 rows at a time
+                for record in batch.to_pylist():
+                    key = str(record.pop(key_col)) if key_col else f"{stem}/{row}"
+                    yield parquet_sample(dataset, record, key, image_col, caption_col, label_col)
+                    row += 1
 
 
-def parquet_sample(record: dict, key: str, image_col: str, caption_col: str, label_col: str | None) -> Sample:
+def parquet_sample(dataset: DatasetConfig, record: dict, key: str, image_col: str, caption_col: str,
+                   label_col: str | None) -> Sample:
     image = record.pop(image_col)
     if isinstance(image, dict):  # Hugging Face datasets' Image feature: {bytes, path}
         image = image.get("bytes")
-    captions = record.pop(caption_col)
-    captions = [c.strip() for c in captions if c and c.strip()] if isinstance(captions, list) else caption_lines(captions or "")
+    captions, legacy = caption_list(record.pop(caption_col), dataset.caption_split)
     label = record.pop(label_col, None) if label_col else None
     metadata = {k: v for k, v in record.items() if isinstance(v, (str, int, float, bool)) or v is None}
     if image is None:
         return Sample(key, error="no image (null)")
     if not captions:
         return Sample(key, error="no caption")
-    return Sample(key, image, captions, None if label is None else int(label), metadata or None)
+    return Sample(key, image, captions, None if label is None else int(label), metadata or None, legacy_text=legacy)
+
+
+def caption_list(value, split: str) -> tuple[list[str], bool]:
+    """A caption cell (string, bytes, a list of either, or null) -> (captions, whether a legacy
+    encoding was needed). A list is several captions already; a string is one unless `split`."""
+    items = value if isinstance(value, list) else [value]
+    captions, legacy = [], False
+    for item in items:
+        if isinstance(item, bytes):
+            item, was_legacy = decode_caption(item)
+            legacy |= was_legacy
+        captions += split_captions(item or "", "none" if isinstance(value, list) else split)
+    return captions, legacy
 
 
 def pick_column(configured: str | None, defaults: tuple[str, ...], names: list[str], option: str, url: str) -> str:
@@ -254,35 +306,32 @@ def pick_column(configured: str | None, defaults: tuple[str, ...], names: list[s
 
 # --- folder + captions file --------------------------------------------------------------
 
-def read_folder_rows(dataset: DatasetConfig, url: str) -> list[Sample]:
+def read_folder_rows(dataset: DatasetConfig, url: str) -> Iterator[Sample]:
     """One row range of the captions file; image paths are relative to the folder."""
     captions_url, _, span = url.partition(FOLDER_ROWS_MARK)
     start, end = (int(x) for x in span.split("-"))
     fs, root = fsspec.core.url_to_fs(_one_path(dataset.urls, "urls"))
-    samples = []
-    for index, row in enumerate(_read_caption_rows(captions_url)[start:end], start):
+    rows, legacy = _read_caption_rows(captions_url)
+    for index, row in enumerate(rows[start:end], start):
         path = row.get("path") or row.get("file") or row.get("image")
         if not path:
-            samples.append(Sample(f"row-{index}", error="captions file row has no path"))
+            yield Sample(f"row-{index}", error="captions file row has no path")
             continue
         key = str(row[dataset.key_column]) if dataset.key_column in row else os.path.splitext(path)[0]
-        captions = row.get("captions") or row.get("caption") or []
-        captions = [c.strip() for c in ([captions] if isinstance(captions, str) else captions) if c and c.strip()]
+        captions, _ = caption_list(row.get("captions") or row.get("caption"), dataset.caption_split)
         label = row.get(dataset.label_column or "label")
         try:
             label = None if label in (None, "") else int(label)
         except ValueError:
-            samples.append(Sample(key, error=f"label {label!r} is not an integer"))
+            yield Sample(key, error=f"label {label!r} is not an integer")
             continue
         image = _transient(f"{root.rstrip('/')}/{path}", _cat_or_none, fs, f"{root.rstrip('/')}/{path}")
         if image is None:
-            samples.append(Sample(key, error=f"image file missing: {path}"))
-            continue
-        if not captions:
-            samples.append(Sample(key, error="no caption"))
-            continue
-        samples.append(Sample(key, image, captions, label))
-    return mark_duplicates(samples)
+            yield Sample(key, error=f"image file missing: {path}")
+        elif not captions:
+            yield Sample(key, error="no caption")
+        else:
+            yield Sample(key, image, captions, label, legacy_text=legacy)
 
 
 def _cat_or_none(fs, path: str) -> bytes | None:
@@ -301,12 +350,13 @@ def _one_path(urls: str | list[str], option: str) -> str:
     return found[0]
 
 
-def _read_caption_rows(url: str) -> list[dict]:
-    """JSONL: {path, caption | captions, label?}; CSV: path, caption (repeatable column), label."""
+def _read_caption_rows(url: str) -> tuple[list[dict], bool]:
+    """(rows, whether the file was not UTF-8 and was read as cp1252/Latin-1). JSONL: {path, caption
+    | captions, label?}; CSV: path, caption (repeatable column), label."""
     with open_input(url) as f:
-        text = f.read().decode("utf-8")
+        text, legacy = decode_caption(f.read())
+    rows = []
     if url.lower().endswith((".jsonl", ".json")):
-        rows = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
@@ -314,10 +364,9 @@ def _read_caption_rows(url: str) -> list[dict]:
                 except ValueError as err:
                     raise UserError(f"{url}: line {number} is not valid JSON ({err}); captions_file needs one "
                                     f"JSON object per line") from None
-        return rows
+        return rows, legacy
     reader = csv.reader(io.StringIO(text))
     header = next(reader, [])
-    rows = []
     for values in reader:
         row: dict = {"captions": []}
         for name, value in zip(header, values):
@@ -326,15 +375,4 @@ def _read_caption_rows(url: str) -> list[dict]:
             else:
                 row[name] = value
         rows.append(row)
-    return rows
-
-
-def mark_duplicates(samples: list[Sample]) -> list[Sample]:
-    """Keys are unique in a cache: a repeated key in one shard keeps its first sample only."""
-    seen = set()
-    for i, sample in enumerate(samples):
-        if sample.error is None:
-            if sample.key in seen:
-                samples[i] = Sample(sample.key, error="duplicate key in this shard")
-            seen.add(sample.key)
-    return samples
+    return rows, legacy

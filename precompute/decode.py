@@ -14,6 +14,7 @@ import io
 import json
 import re
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -89,7 +90,45 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_part(samples: list, pixels, max_pixels: int, jpeg_on_device: bool = False) -> dict:
+@dataclass
+class Part:
+    """One part of an input shard, from its read task to its commit: the good samples' columns, in
+    input order, and the bad ones' errors.
+
+    `pixels` holds what the encoder still has to finish: uint8 [H, W, 3] arrays decoded on the CPU,
+    uint8 [n] JPEG bytes that travelled encoded (`device_decode.finish_decoding` turns them into
+    tensors on the encoder's device), then nothing once embedded.
+    """
+
+    keys: list[str] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    labels: list[int | None] = field(default_factory=list)
+    metadata: list[str | None] = field(default_factory=list)  # JSON objects
+    pixels: list = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)  # {"key", "reason"}
+    legacy_captions: int = 0  # samples whose caption bytes were not UTF-8 (read as cp1252/Latin-1)
+
+    SAMPLE_COLUMNS = ("keys", "captions", "labels", "metadata", "pixels")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self, start: int, stop: int) -> Part:
+        """Samples [start, stop), without errors."""
+        return Part(**{column: getattr(self, column)[start:stop] for column in self.SAMPLE_COLUMNS})
+
+    def without(self, dropped: set[int]) -> Part:
+        """The part less the samples at `dropped` (their errors are the caller's to add)."""
+        return Part(**{column: [v for i, v in enumerate(getattr(self, column)) if i not in dropped]
+                       for column in self.SAMPLE_COLUMNS}, errors=self.errors, legacy_captions=self.legacy_captions)
+
+    def extend(self, other: Part) -> None:
+        for column in (*self.SAMPLE_COLUMNS, "errors"):
+            getattr(self, column).extend(getattr(other, column))
+        self.legacy_captions += other.legacy_captions
+
+
+def decode_part(samples: list, pixels, max_pixels: int, jpeg_on_device: bool = False) -> Part:
     """One part of an input shard, ready for the encoder: the good samples' uint8 pixels (what
     `pixels.cpu` (a `CpuPixels`) makes of them on this CPU) with their text, and a reason per bad one.
 
@@ -97,22 +136,23 @@ def decode_part(samples: list, pixels, max_pixels: int, jpeg_on_device: bool = F
     With `jpeg_on_device`, JPEGs the device can decode travel still encoded (smaller yet) and are
     decoded by `device_decode.finish_decoding` in the encoder.
     """
-    part = {"keys": [], "captions": [], "labels": [], "metadata": [], "pixels": [], "errors": []}
+    part = Part()
     for sample in samples:
         error = sample.error
         if error is None:
             try:
                 encoded = device_jpeg(sample.image, max_pixels) if jpeg_on_device else None
-                part["pixels"].append(encoded if encoded is not None else pixels.cpu(decode_image(sample.image, max_pixels)))
+                part.pixels.append(encoded if encoded is not None else pixels.cpu(decode_image(sample.image, max_pixels)))
             except DecodeError as err:
                 error = stable_reason(str(err))
         if error is not None:
-            part["errors"].append({"key": sample.key, "reason": error})
+            part.errors.append({"key": sample.key, "reason": error})
             continue
-        part["keys"].append(sample.key)
-        part["captions"].append(sample.captions)
-        part["labels"].append(sample.label)
-        part["metadata"].append(None if sample.metadata is None else json.dumps(sample.metadata, sort_keys=True, default=str))
+        part.keys.append(sample.key)
+        part.captions.append(sample.captions)
+        part.labels.append(sample.label)
+        part.metadata.append(None if sample.metadata is None else json.dumps(sample.metadata, sort_keys=True, default=str))
+        part.legacy_captions += sample.legacy_text
     return part
 
 

@@ -20,25 +20,25 @@ import os
 import pickle
 import socket
 import time
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
-from ray.util.annotations import RayDeprecationWarning
 from tqdm import tqdm
 
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
 from litpipe.devices import keep_freed_memory_env
 from litpipe.models.image_encoder import Encoder, load_encoder
 from litpipe.ray_cluster import init_ray
-from litpipe.sources import TransientReadError, check_columns, list_shards
+from litpipe.skips import DUPLICATE_KEY, reason_kind
+from litpipe.sources import check_columns, list_shards
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.fingerprint import dataset_fingerprint
 from litpipe.store.sharing import adopt_from_other_caches, shard_identities
 
+from .decode import Part
 from .device_decode import finish_decoding
 from .read import read_parts
 
@@ -52,17 +52,17 @@ def precompute(cfg: PipelineConfig, names: list[str], encoder: Encoder, on_commi
     """
     start, results, processed, encoded_any = time.perf_counter(), {}, 0, False
     for plans in waves(cfg, names, encoder):
-        todo = [p for p in plans if p.todo]
-        if todo:
+        encoding = [p for p in plans if p.to_encode]
+        if encoding:
             encoded_any = True
-            with tqdm(desc="precompute " + ", ".join(f"{p.name} -> {p.cache.id}" for p in todo), unit="img",
+            with tqdm(desc="precompute " + ", ".join(f"{p.name} -> {p.cache.id}" for p in encoding), unit="img",
                       dynamic_ncols=True, mininterval=1.0) as progress:
-                by_name = {p.name: p for p in todo}
-                for summary in part_summaries(cfg, todo, encoder):
+                by_name = {p.name: p for p in encoding}
+                for summary in part_summaries(cfg, encoding, encoder):
                     by_name[summary["dataset"]].count(summary)
                     progress.update(summary["rows"] + summary["num_skipped"])
-                    progress.set_postfix(parts=sum(p.parts for p in todo),
-                                         skipped=sum(sum(p.skipped.values()) for p in todo))
+                    progress.set_postfix(parts=sum(p.parts for p in encoding),
+                                         skipped=sum(sum(p.skipped.values()) for p in encoding))
                     if on_commit is not None and summary["committed"]:
                         on_commit(summary)
         for p in plans:
@@ -75,28 +75,34 @@ def precompute(cfg: PipelineConfig, names: list[str], encoder: Encoder, on_commi
 
 @dataclass
 class Plan:
-    """One dataset's share of a job: its cache, the inputs adopted from other caches, the parts still
-    to encode ({input: its parts committed already}), and the tally of what came back."""
+    """One dataset's share of a job: its cache, the inputs adopted from other caches, the inputs
+    still to encode with the parts of each committed already ({input: part numbers}), and the tally
+    of what came back."""
 
     name: str
     dataset: DatasetConfig
     inputs: list[str]
     cache: EmbeddingCache
     adopted: dict[str, str]
-    todo: dict[str, set[int]]
+    to_encode: dict[str, set[int]]
     embedded: int = 0
+    legacy_captions: int = 0
     parts: int = 0
     skipped: Counter = field(default_factory=Counter)
     failures: dict[str, str] = field(default_factory=dict)  # input -> why a part of it could not be written
     actors: set[str] = field(default_factory=set)  # host:pid of each encoder actor that wrote a part
+    committed: set[tuple[str, int]] = field(default_factory=set)  # (input, part) committed by this run
 
     def count(self, summary: dict) -> None:
         if summary["failure"]:
             self.failures.setdefault(summary["input"], summary["failure"])
         self.embedded += summary["rows"]
         self.skipped.update(json.loads(summary["skipped"]))
+        self.legacy_captions += summary["legacy_captions"]
         self.parts += 1
         self.actors.add(summary["actor"])
+        if summary["committed"]:
+            self.committed.add((summary["input"], summary["part"]))
 
 
 def plan(cfg: PipelineConfig, name: str, encoder: Encoder) -> Plan:
@@ -109,9 +115,9 @@ def plan(cfg: PipelineConfig, name: str, encoder: Encoder) -> Plan:
                                           dataset_name=name)
     adopted = {} if cache.complete else adopt_from_other_caches(cache, inputs)
     done = set(inputs) if cache.complete else cache.committed_inputs()  # one listing of commits/
-    todo = [url for url in inputs if url not in done]
-    parts = cache.committed_parts() if todo else {}
-    return Plan(name, dataset, inputs, cache, adopted, {url: parts.get(url, set()) for url in todo})
+    missing = [url for url in inputs if url not in done]
+    parts = cache.committed_parts() if missing else {}
+    return Plan(name, dataset, inputs, cache, adopted, {url: parts.get(url, set()) for url in missing})
 
 
 def waves(cfg: PipelineConfig, names: list[str], encoder: Encoder):
@@ -123,7 +129,7 @@ def waves(cfg: PipelineConfig, names: list[str], encoder: Encoder):
         for name in pending:
             p = plan(cfg, name, encoder)
             identities = shard_identities(p.cache)
-            shared = {identities.get(url, url) for url in p.todo}
+            shared = {identities.get(url, url) for url in p.to_encode}
             if shared & encoding:
                 later.append(name)
                 continue
@@ -135,16 +141,22 @@ def waves(cfg: PipelineConfig, names: list[str], encoder: Encoder):
 
 def finish(p: Plan) -> dict:
     """Finalize the dataset's cache if every input is committed; its summary."""
-    failed = sorted(set(p.todo) - p.cache.committed_inputs()) if p.todo else []
-    if not failed:
-        p.cache.finalize(expected_inputs=p.inputs)
+    failed = sorted(set(p.to_encode) - p.cache.committed_inputs()) if p.to_encode else []
+    if not failed and not p.cache.complete:
+        manifest = p.cache.finalize(expected_inputs=p.inputs)
+        # Keys repeated across input shards are resolved over every committed part: the copies this
+        # run embedded and finalize dropped count as skipped, not embedded.
+        dropped = sum(r.get("duplicates_dropped", 0) for r in manifest["shards"] if (r["input"], r["part"]) in p.committed)
+        if dropped:
+            p.embedded -= dropped
+            p.skipped[DUPLICATE_KEY] += dropped
     return {
-        "dataset": p.name, "cache_id": p.cache.id, "cache_url": p.cache.url, "reused": not p.todo,
-        "complete": p.cache.complete, "inputs": len(p.inputs), "inputs_processed": len(p.todo), "failed_inputs": failed,
+        "dataset": p.name, "cache_id": p.cache.id, "cache_url": p.cache.url, "reused": not p.to_encode,
+        "complete": p.cache.complete, "inputs": len(p.inputs), "inputs_processed": len(p.to_encode), "failed_inputs": failed,
         "embedded": p.embedded, "failures": {url: p.failures[url] for url in failed if url in p.failures},
         "inputs_reused": len(p.adopted), "reused_from": sorted(set(p.adopted.values())),
         "skipped": sum(p.skipped.values()), "skipped_by_reason": dict(p.skipped), "rows_in_cache": p.cache.num_rows,
-        "encoded_by": sorted(p.actors),
+        "legacy_captions": p.legacy_captions, "encoded_by": sorted(p.actors),
     }
 
 
@@ -152,9 +164,9 @@ def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: Encoder):
     """Ray Data, one line per stage, over the parts of every plan; yields one summary per committed
     part (dicts of plain values, each naming its dataset).
 
-    A read task that still fails after `precompute.read_retries` retries errors its block; the
-    job goes on with the other shards (`max_errored_blocks`) and the caller finds that shard
-    uncommitted.
+    A read task that still fails after `precompute.read_retries` retries (its own, `read_parts`)
+    errors its block; the job goes on with the other shards (`max_errored_blocks`) and the caller
+    finds that shard uncommitted. Ray's task retries stay Ray Data's, for workers and nodes lost.
     """
     ray = init_ray(cfg.ray)
     context = ray.data.DataContext.get_current()
@@ -163,18 +175,16 @@ def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: Encoder):
     pre = cfg.precompute
     use_gpu = encoder_uses_gpu(cfg.encoder, ray)
     runtime_env = worker_runtime_env()
-    inputs = [{"dataset": p.name, "input": url, "skip": sorted(skip)} for p in plans for url, skip in p.todo.items()]
-    # Task retries have no named parameter yet: max_retries and retry_exceptions are still remote args.
-    warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
+    inputs = [{"dataset": p.name, "input": url, "skip": sorted(skip)} for p in plans for url, skip in p.to_encode.items()]
     stream = (
         ray.data.from_items(inputs, override_num_blocks=len(inputs))
         .map_batches(read_parts, batch_size=1, batch_format="pyarrow",
                      fn_kwargs={"datasets": {p.name: p.dataset for p in plans},
                                 "rows_per_commit": {p.name: p.cache.rows_per_commit for p in plans},
                                 "pixels": encoder.pixels.cpu_step, "max_pixels": pre.max_image_pixels,
-                                "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu), "yield_cpu": not use_gpu},
-                     compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=runtime_env,
-                     max_retries=pre.read_retries, retry_exceptions=[TransientReadError])
+                                "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu), "yield_cpu": not use_gpu,
+                                "read_retries": pre.read_retries},
+                     compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=runtime_env)
         .map_batches(PartEncoder, batch_size=1, batch_format="pyarrow",
                      fn_constructor_kwargs={"encoder_cfg": cfg.encoder, "weights_sha256": encoder.fingerprint["weights_sha256"],
                                             "cache_urls": {p.name: p.cache.url for p in plans},
@@ -204,9 +214,6 @@ def jpeg_on_device(encoder_cfg: EncoderConfig, use_gpu: bool) -> bool:
     return encoder_cfg.jpeg_decode == "device"
 
 
-TEXT_COLUMNS = ("keys", "captions", "labels", "metadata")  # a decoded part's per-sample columns beside its pixels
-
-
 class PartEncoder:
     """Holds the locked encoder on its device (a GPU when the actor has one); embeds, writes and
     commits one part per call, and returns only its summary."""
@@ -230,42 +237,41 @@ class PartEncoder:
                                                                                     "payload")))]
         return {key: [s[key] for s in summaries] for key in summaries[0]}
 
-    def commit(self, dataset: str, input_url: str, part: int, last: bool, decoded: dict) -> dict:
+    def commit(self, dataset: str, input_url: str, part: int, last: bool, decoded: Part) -> dict:
         """Embed a part batch by batch (JPEGs still encoded are decoded per batch, bounding device
         memory), then write and commit it; its summary."""
-        done = {column: [] for column in (*TEXT_COLUMNS, "errors")}
-        done["errors"] = decoded["errors"]
+        done = Part(errors=decoded.errors, legacy_captions=decoded.legacy_captions)
         vectors = []
-        for start in range(0, len(decoded["pixels"]), self.batch_size):
-            batch = {column: decoded[column][start:start + self.batch_size] for column in (*TEXT_COLUMNS, "pixels")}
-            batch = finish_decoding({**batch, "errors": done["errors"]}, self.encoder.pixels.cpu_step, self.encoder.device,
-                                    self.max_pixels)
-            if batch["pixels"]:
-                vectors.append(self.encoder.embed_pixels(batch["pixels"]))
-            for column in TEXT_COLUMNS:
-                done[column] += batch[column]
+        for start in range(0, len(decoded), self.batch_size):
+            batch = finish_decoding(decoded.rows(start, start + self.batch_size), self.encoder.pixels.cpu_step,
+                                    self.encoder.device, self.max_pixels)
+            if batch.pixels:
+                vectors.append(self.encoder.embed_pixels(batch.pixels))
+            batch.pixels = []  # embedded: the part's record needs no pixels
+            done.extend(batch)
         embeddings = torch.cat(vectors).numpy() if vectors else np.zeros((0, self.encoder.dim), np.float32)
-        errors = [{**e, "input": input_url} for e in done["errors"]]
+        errors = [{**e, "input": input_url} for e in done.errors]
         failure = ""
         try:
             record = self.caches[dataset].commit_shard(input_url, part_table(done, embeddings), errors, part=part, last=last)
         except OSError as err:  # the store's retries are spent, or its disk is full: this part stays uncommitted
             record, failure = None, f"{type(err).__name__}: {err}"
-        reasons = Counter(e["reason"].split(":")[0] for e in errors)
+        reasons = Counter(reason_kind(e["reason"]) for e in errors)
         return {"dataset": dataset, "actor": self.name, "input": input_url, "part": part, "last": last,
                 "committed": record is not None, "failure": failure,
                 "rows": 0 if failure else len(embeddings), "num_skipped": 0 if failure else len(errors),
-                "skipped": json.dumps({} if failure else reasons)}
+                "skipped": json.dumps({} if failure else reasons),
+                "legacy_captions": 0 if failure else done.legacy_captions}
 
 
-def part_table(decoded: dict, embeddings: np.ndarray) -> pa.Table:
+def part_table(decoded: Part, embeddings: np.ndarray) -> pa.Table:
     """The store's shard schema; `label` only when the part's samples have labels."""
     columns = {
-        "key": pa.array(decoded["keys"], pa.string()),
-        "captions": pa.array(decoded["captions"], pa.list_(pa.string())),
+        "key": pa.array(decoded.keys, pa.string()),
+        "captions": pa.array(decoded.captions, pa.list_(pa.string())),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.astype(np.float32).reshape(-1)), embeddings.shape[1]),
     }
-    if any(label is not None for label in decoded["labels"]):
-        columns["label"] = pa.array(decoded["labels"], pa.int64())
-    columns["metadata"] = pa.array(decoded["metadata"], pa.string())
+    if any(label is not None for label in decoded.labels):
+        columns["label"] = pa.array(decoded.labels, pa.int64())
+    columns["metadata"] = pa.array(decoded.metadata, pa.string())
     return pa.table(columns)

@@ -56,6 +56,8 @@ def report_line(result: dict) -> str:
                 f"{result['cache_url']}, nothing encoded{shared}")
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(result["skipped_by_reason"].items())) or "none"
     failed = f", {len(result['failed_inputs'])} FAILED after retries (not committed)" if result["failed_inputs"] else ""
+    legacy = (f"; {result['legacy_captions']} caption(s) were not UTF-8 and were read as cp1252/Latin-1"
+              if result["legacy_captions"] else "")
     return (f"{result['dataset']}: cache {result['cache_id']}: embedded {result['embedded']}, skipped {result['skipped']} "
             f"({skipped}) from {result['inputs_processed']}/{result['inputs']} input shards{failed} -> "
-            f"{result['cache_url']}{shared}")
+            f"{result['cache_url']}{shared}{legacy}")

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import litpipe
 from litpipe.errors import UserError
 from litpipe.files import TEMP_MARK, is_local, ls_or_empty, naming, to_url, write_atomic, write_temp
+from litpipe.store.duplicates import drop_later_duplicates
 from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
 
 FORMAT_VERSION = 2  # 2: a commit record may name another cache's data file (`owner`); v1 caches read as they are
@@ -102,6 +103,7 @@ class EmbeddingCache:
         self.url = url
         self.manifest = manifest
         self.fs, self.path = fsspec.core.url_to_fs(url)
+        self._read_records: dict[str, list[dict]] = {}  # commit record file -> its records, as read
 
     # --- finding and opening -------------------------------------------------------------
 
@@ -251,18 +253,20 @@ class EmbeddingCache:
             return self.manifest["shards"]
         return sorted(self._commit_records(), key=lambda r: (r["input"], r.get("part", 0)))
 
-    def committed_parts(self) -> dict[str, set[int]]:
-        """{input shard URL: its committed part numbers}: what a resumed writer skips."""
+    def committed_parts(self, records: list[dict] | None = None) -> dict[str, set[int]]:
+        """{input shard URL: its committed part numbers} (of `records`, default `shards()`): what a
+        resumed writer skips."""
         parts: dict[str, set[int]] = {}
-        for record in self.shards():
+        for record in self.shards() if records is None else records:
             parts.setdefault(record["input"], set()).add(record.get("part", 0))
         return parts
 
     def committed_inputs(self) -> set[str]:
         """Input shard URLs whose every part is committed: the last part and all before it."""
         done = set()
-        parts = self.committed_parts()
-        for record in self.shards():
+        records = self.shards()
+        parts = self.committed_parts(records)
+        for record in records:
             last = record.get("part", 0)
             if record.get("last", True) and parts[record["input"]] >= set(range(last + 1)):
                 done.add(record["input"])
@@ -280,12 +284,15 @@ class EmbeddingCache:
         return [e for s in self.shards() for e in s["errors"]]
 
     def _commit_records(self) -> list[dict]:
+        """The records under commits/: one listing, and a GET only for the record files this object
+        has not read yet. Record files are written once (`rewrite_part`, which replaces one, updates
+        what was read), so a run that looks at commits/ several times reads each record once: at
+        100,000 parts, a plan/finish cycle is a listing page per 1,000 parts a look, not a GET per part."""
         commits = _join(self.path, "commits")
         self.fs.invalidate_cache(commits)
         paths = [p for p in ls_or_empty(self.fs, commits) if p.endswith(".json")]
-        blobs = self.fs.cat(paths, on_error="return") if paths else {}
-        by_name: dict[str, dict] = {}
-        for path, blob in sorted(blobs.items(), key=lambda item: (_is_batch(item[0]), item[0])):  # part records first
+        unread = [p for p in paths if p not in self._read_records]
+        for path, blob in (self.fs.cat(unread, on_error="return") if unread else {}).items():
             if isinstance(blob, FileNotFoundError):
                 continue
             if isinstance(blob, Exception):
@@ -295,7 +302,11 @@ class EmbeddingCache:
             except ValueError:
                 raise CacheError(f"{to_url(self.fs, path)}: corrupt commit record; delete it and re-run "
                                  f"`litpipe precompute` to recompute that shard") from None
-            for record in loaded["adopted"] if _is_batch(path) else [loaded]:
+            self._read_records[path] = loaded["adopted"] if _is_batch(path) else [loaded]
+        self._read_records = {p: self._read_records[p] for p in paths if p in self._read_records}  # removed ones go
+        by_name: dict[str, dict] = {}
+        for path in sorted(self._read_records, key=lambda p: (_is_batch(p), p)):  # part records first
+            for record in self._read_records[path]:
                 by_name.setdefault(record["name"], record)  # a part committed twice counts once
         return list(by_name.values())
 
@@ -317,6 +328,25 @@ class EmbeddingCache:
             raise CacheError(f"{self.url}: cache is complete (finalized) and takes no more shards; "
                              f"a changed dataset gets a new cache from `litpipe precompute`")
         table, dim = self._conform(table, input_url)
+        record = {
+            "name": name,
+            "input": input_url,
+            "part": part,
+            "last": last,
+            **self._write_data(name, table),
+            "dim": dim,
+            "committed": _now(),
+            "errors": [{"key": str(e["key"]), "input": e.get("input", input_url), "reason": str(e["reason"])}
+                       for e in errors],
+        }
+        self.fs.makedirs(_join(self.path, "commits"), exist_ok=True)
+        if not self._write_exclusive(commit_path, _dumps(record)):
+            self.fs.rm_file(_join(self.path, record["path"]))  # lost the race: the winner's shard stands
+            return None
+        return record
+
+    def _write_data(self, name: str, table: pa.Table) -> dict:
+        """Write a part's data file under a writer-unique name; the record's fields that describe it."""
         data_path = f"shards/{name}.{uuid.uuid4().hex[:12]}.parquet"
         blob = _parquet_bytes(table, self.manifest["row_group_rows"])
         self.fs.makedirs(_join(self.path, "shards"), exist_ok=True)
@@ -326,27 +356,27 @@ class EmbeddingCache:
             with contextlib.suppress(OSError):
                 self.fs.rm_file(_join(self.path, data_path))
             raise naming(err, _join(self.url, data_path)) from err
-        record = {
-            "name": name,
-            "path": data_path,
-            "input": input_url,
-            "part": part,
-            "last": last,
-            "rows": table.num_rows,
-            "bytes": len(blob),
-            "sha256": hashlib.sha256(blob).hexdigest(),
-            "dim": dim,
-            "columns": table.column_names,
-            "row_groups": _row_group_rows(blob),
-            "committed": _now(),
-            "errors": [{"key": str(e["key"]), "input": e.get("input", input_url), "reason": str(e["reason"])}
-                       for e in errors],
-        }
+        return {"path": data_path, "rows": table.num_rows, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                "columns": table.column_names, "row_groups": _row_group_rows(blob)}
+
+    def rewrite_part(self, record: dict, rows: list[int], reasons: list[str]) -> dict:
+        """A committed part's record, its data file written again (in this cache's folder) without
+        `rows`, each recorded as skipped with its reason; the old file is the caller's to delete."""
+        table = self.read_part(self.open_shard(record), record, record["columns"])
+        keys = table.column("key").to_pylist()
+        keep = np.ones(table.num_rows, bool)
+        keep[rows] = False
+        skipped = [{"key": keys[row], "input": record["input"], "reason": reason} for row, reason in zip(rows, reasons)]
+        rewritten = {k: v for k, v in record.items() if k != "owner"}
+        rewritten.update(self._write_data(record["name"], table.filter(keep)), duplicates_dropped=len(rows),
+                         errors=record.get("errors", []) + skipped)
+        # The part's own record names the new file from now on (taking over an adopted one), so the
+        # cache reads the same if it becomes partial again (`uncommit`).
         self.fs.makedirs(_join(self.path, "commits"), exist_ok=True)
-        if not self._write_exclusive(commit_path, _dumps(record)):
-            self.fs.rm_file(_join(self.path, data_path))  # lost the race: the winner's shard stands
-            return None
-        return record
+        commit_path = _join(self.path, "commits", f"{record['name']}.json")
+        write_atomic(self.fs, commit_path, _dumps(rewritten))
+        self._read_records[commit_path] = [rewritten]
+        return rewritten
 
     def adopt(self, parts: list[tuple[dict, EmbeddingCache, list[dict]]]) -> None:
         """Commit parts other caches of the same encoder already embedded from the same input bytes,
@@ -425,7 +455,8 @@ class EmbeddingCache:
         return table.add_column(table.schema.get_field_index("captions") + 1, field, stored), emb_type.list_size
 
     def finalize(self, expected_inputs=None) -> dict:
-        """Fold the commit records into the manifest (complete=True) and write errors.jsonl.
+        """Fold the commit records into the manifest (complete=True) and write errors.jsonl; a key
+        repeated across parts stays in the first only (`duplicates.py`).
 
         With `expected_inputs`, refuse while any of them is not committed yet.
         """
@@ -437,6 +468,7 @@ class EmbeddingCache:
             if missing:
                 raise CacheError(f"{self.url}: cannot finalize, {len(missing)} input shard(s) not committed "
                                  f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")
+        records, replaced = drop_later_duplicates(self, records)
         errors = [e for r in records for e in r["errors"]]
         errors_blob = "".join(json.dumps(e) + "\n" for e in errors).encode()
         write_atomic(self.fs, _join(self.path, ERRORS_FILE), errors_blob)
@@ -453,6 +485,10 @@ class EmbeddingCache:
         )
         write_atomic(self.fs, _join(self.path, MANIFEST), _dumps(manifest))
         self.manifest = manifest
+        named = referenced_files(list_caches(to_url(self.fs, self.root))) if replaced else {}
+        for record in replaced:  # the files of parts rewritten without their duplicates, unless a cache names them
+            if (self.owner(record), record["path"]) not in named:
+                self.fs.rm_file(self.file_path(record))
         return manifest
 
     def _write_exclusive(self, path: str, data: bytes) -> bool:
@@ -524,7 +560,8 @@ class EmbeddingCache:
     # --- checking and removing -----------------------------------------------------------
 
     def verify(self) -> list[str]:
-        """Re-read every shard; each problem names its file. Empty = good."""
+        """Re-read every shard; each problem names its file. Empty = good. A key in several parts is
+        one only in a complete cache: a partial one keeps every copy until `finalize` drops the later."""
         problems = []
         records = self.shards()
         seen_keys: dict[str, str] = {}
@@ -554,7 +591,7 @@ class EmbeddingCache:
             bad = int(table.num_rows - np.isfinite(vectors).all(axis=1).sum())
             if bad:
                 problems.append(f"{url}: {bad} embedding(s) with NaN or inf")
-            for key in table.column("key").to_pylist():
+            for key in table.column("key").to_pylist() if self.complete else []:  # a partial cache's wait for finalize
                 if key in seen_keys:
                     problems.append(f"{url}: key {key!r} also in {seen_keys[key]} (duplicate key)")
                 else:

@@ -52,6 +52,8 @@ def adopt_from_other_caches(cache: EmbeddingCache, inputs: list[str]) -> dict[st
         skipped = _errors_by_input(donor) if donor.complete and by_input else {}
         donor_identities = shard_identities(donor)
         for donor_input, records in by_input.items():
+            if any(r.get("duplicates_dropped") for r in records):
+                continue  # its rows depend on the donor's other shards (`duplicates.py`): not this input's alone
             url = wanted.pop(donor_identities.get(donor_input), None)
             if url is not None:
                 jobs += [(record, donor, _part_errors(record, skipped)) for record in records]

@@ -71,7 +71,8 @@ BAD_IMAGES = {
     "bad/truncated": image_bytes(7, size=(64, 64))[:200],
     "bad/bomb": encode_image(Image.new("L", (3000, 2000)), "PNG"),
 }
-PLANTED_ERRORS = len(BAD_IMAGES) + 3  # + a sample without caption, a truncated tar's cut, an unreadable shard
+PLANTED_ERRORS = len(BAD_IMAGES) + 4  # + a sample without caption, a key of an earlier shard, a truncated tar's cut,
+# an unreadable shard
 
 
 def build_planted_dataset(folder: Path) -> list[str]:
@@ -81,7 +82,8 @@ def build_planted_dataset(folder: Path) -> list[str]:
                                             for m in sample_members(key, image_bytes(i), f"caption {i}\nalt {i}", label=i)])
     odd = [m for key, data in ODD_MODES.items() for m in sample_members(key, data, f"odd {key}")]
     bad = [m for key, data in BAD_IMAGES.items() for m in sample_members(key, data, f"bad {key}")]
-    write_tar(folder / "train-000001.tar", odd + bad + sample_members("bad/no-caption", image_bytes(8), None))
+    again = sample_members("plain/2", image_bytes(20), "a later copy of plain/2")  # kept in train-000000.tar only
+    write_tar(folder / "train-000001.tar", odd + bad + sample_members("bad/no-caption", image_bytes(8), None) + again)
     cut_members = [m for i in range(3) for m in sample_members(f"cut/{i}", image_bytes(10 + i, size=(64, 64)), f"cut {i}")]
     write_tar(folder / "train-000002.tar", cut_members)
     data = (folder / "train-000002.tar").read_bytes()
@@ -91,7 +93,8 @@ def build_planted_dataset(folder: Path) -> list[str]:
 
 
 def planted_config(data_dir: Path, root: str, **sections) -> dict:
-    raw = tiny_config({"train": {"format": "webdataset", "urls": str(data_dir / "train-*.tar")}}, root, **sections)
+    raw = tiny_config({"train": {"format": "webdataset", "urls": str(data_dir / "train-*.tar"), "caption_split": "lines"}},
+                      root, **sections)
     raw["precompute"].update(max_image_pixels=1_000_000, batch_size=4)
     return raw
 

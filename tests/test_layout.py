@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("litpipe.precompute", "litpipe.train_text", "litpipe.eval")
-CORE_FOR_THE_STORE = ("litpipe", "litpipe.config", "litpipe.errors", "litpipe.files", "litpipe.prefetch")
+CORE_FOR_THE_STORE = ("litpipe", "litpipe.config", "litpipe.errors", "litpipe.files", "litpipe.prefetch", "litpipe.skips")
 
 
 def modules() -> dict[str, Path]:

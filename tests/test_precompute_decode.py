@@ -115,14 +115,14 @@ def test_jpegs_decoded_on_the_device_match_the_cpu_path_and_what_it_cannot_take_
                Sample("png", encode_image(Image.new("RGB", (50, 40), (9, 99, 199)), "PNG"), ["e"]), Sample("cut", cut, ["f"])]
     on_cpu = decode_part(samples, enc.pixels.cpu_step, MAX)
     travelled = decode_part(samples, enc.pixels.cpu_step, MAX, jpeg_on_device=True)
-    assert [p.ndim for p in travelled["pixels"]] == [1, 1, 3, 1, 3, 1]  # JPEG bytes, except CMYK and PNG
+    assert [p.ndim for p in travelled.pixels] == [1, 1, 3, 1, 3, 1]  # JPEG bytes, except CMYK and PNG
     device = finish_decoding(travelled, enc.pixels.cpu_step, torch.device("cpu"), MAX)
-    assert device["keys"] == on_cpu["keys"] == ["rgb", "grey", "cmyk", "rotated", "png"]
-    assert device["errors"] == on_cpu["errors"] and on_cpu["errors"][0]["key"] == "cut"
-    assert on_cpu["errors"][0]["reason"].startswith("truncated image")
-    assert tuple(device["pixels"][3].shape) == (3, 96, 64)  # EXIF orientation applied, as on the CPU path
-    ours = enc.pixels.to_device(device["pixels"], torch.device("cpu"))
-    reference = enc.pixels.to_device(on_cpu["pixels"], torch.device("cpu"))
+    assert device.keys == on_cpu.keys == ["rgb", "grey", "cmyk", "rotated", "png"]
+    assert device.errors == on_cpu.errors and on_cpu.errors[0]["key"] == "cut"
+    assert on_cpu.errors[0]["reason"].startswith("truncated image")
+    assert tuple(device.pixels[3].shape) == (3, 96, 64)  # EXIF orientation applied, as on the CPU path
+    ours = enc.pixels.to_device(device.pixels, torch.device("cpu"))
+    reference = enc.pixels.to_device(on_cpu.pixels, torch.device("cpu"))
     assert (ours - reference).abs().max() < 0.05  # libjpeg builds may differ by a level here and there
 
 

@@ -52,6 +52,8 @@ def test_planted_bad_inputs_are_recorded_and_every_good_sample_kept(planted):
     assert reasons["bad/bomb"].startswith("decompression bomb")
     assert reasons["bad/no-caption"].startswith("no caption")
     assert reasons["cut/2"].startswith("truncated shard")
+    assert reasons["plain/2"] == f"duplicate key: first in {planted['base'] / 'data' / 'train-000000.tar'}"
+    assert summary["skipped_by_reason"]["duplicate key"] == 1
     assert [e["input"].endswith("train-000003.tar") for e in errors if e["reason"].startswith("unreadable shard")] == [True]
     assert summary["embedded"] == len(planted["good"])
 
@@ -101,6 +103,58 @@ def test_the_datasets_of_a_run_share_one_encoder_actor_and_a_later_one_adopts_wh
     assert caches["both"].keys() == caches["first"].keys() | caches["second"].keys()
     reference = cache_rows(planted["cache"])
     assert all(row["embedding"].tobytes() == reference[key]["embedding"].tobytes() for key, row in caches["both"].items())
+
+
+def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_every_actor_reader_and_resume(
+        ray_local, tmp_path):
+    """Merged crawls repeat keys across shards. Two actors commit parts in any order; the first copy
+    in input order stays, each later one is skipped naming that shard, whichever order the parts were
+    committed in (a part taken out and encoded again commits last), and verify, the reader and the
+    export see each key once. A cache adopting only a later shard keeps that shard's copy."""
+    from litpipe.store.export import export_cache
+    from litpipe.store.reader import StreamingReader, load_all
+
+    shards = {0: ["a", "b", "c", "d"], 1: ["e", "a", "f", "b"], 2: ["a", "g", "c", "h"]}
+    for shard, keys in shards.items():
+        write_tar(tmp_path / f"in-{shard:06d}.tar",
+                  [m for i, key in enumerate(keys) for m in sample_members(key, image_bytes(10 * shard + i), f"{key} in {shard}")])
+    urls = {shard: str(tmp_path / f"in-{shard:06d}.tar") for shard in shards}
+    raw = tiny_config({"all": {"format": "webdataset", "urls": str(tmp_path / "in-*.tar")},
+                       "later": {"format": "webdataset", "urls": urls[1]}}, str(tmp_path / "store"),
+                      train={"dataset": "all"})
+    raw["precompute"].update(rows_per_commit=2, encoder_actors=2, batch_size=2)
+    cfg = validate_config(raw)
+    summary = stage.run(cfg, ["all"])["datasets"]["all"]
+    cache = EmbeddingCache.open(summary["cache_url"])
+    first_copies = {"a": 0, "b": 0, "c": 0, "d": 0, "e": 1, "f": 1, "g": 2, "h": 2}
+    rows = cache_rows(cache)  # asserts each key once
+    assert {key: row["captions"] for key, row in rows.items()} == {k: [f"{k} in {s}"] for k, s in first_copies.items()}
+    expected_errors = sorted([("a", urls[1], urls[0]), ("b", urls[1], urls[0]), ("a", urls[2], urls[0]), ("c", urls[2], urls[0])])
+    assert sorted((e["key"], e["input"], e["reason"].split("first in ")[1]) for e in cache.errors()) == expected_errors
+    assert summary["skipped_by_reason"] == {"duplicate key": 4} and summary["rows_in_cache"] == 8
+    assert cache.verify() == []
+    assert sorted(load_all(cache).keys) == sorted(first_copies)
+    reader = StreamingReader(cache, batch_size=8, shuffle=False)
+    assert sorted(key for batch in reader for key in batch.keys) == sorted(first_copies)
+    export_cache(cache, str(tmp_path / "export"), "arrow")
+    exported = [key for f in sorted((tmp_path / "export").rglob("*.parquet")) for key in pq.read_table(f)["key"].to_pylist()]
+    assert sorted(exported) == sorted(first_copies)
+
+    # Resume: the part of in-000000 holding "a" goes back out and is committed after the others.
+    (part,) = [r["name"] for r in cache.shards() if r["input"] == urls[0] and r["part"] == 0]
+    remove_part(cache, part)
+    again = stage.run(cfg, ["all"])["datasets"]["all"]
+    assert again["embedded"] == 2 and again["skipped"] == 0  # the first copies of a and b: nothing of them dropped
+    resumed = EmbeddingCache.open(again["cache_url"])
+    assert {k: r["embedding"].tobytes() for k, r in cache_rows(resumed).items()} == \
+        {k: r["embedding"].tobytes() for k, r in rows.items()}
+    assert sorted((e["key"], e["input"], e["reason"]) for e in resumed.errors()) == \
+        sorted((e["key"], e["input"], e["reason"]) for e in cache.errors())
+
+    # A dataset of in-000001 alone: its "a" and "b" are first there; the rewritten part is not adopted.
+    later = stage.run(cfg, ["later"])["datasets"]["later"]
+    assert later["inputs_reused"] == 0 and later["embedded"] == 4 and later["skipped"] == 0
+    assert sorted(cache_rows(EmbeddingCache.open(later["cache_url"]))) == ["a", "b", "e", "f"]
 
 
 def test_parquet_and_folder_datasets_are_precomputed_into_an_s3_store(ray_local, tmp_path, s3_root):
@@ -281,7 +335,9 @@ def test_s3_faults_are_retried_and_a_shard_that_stays_unreadable_fails_without_a
     got, want = cache_rows(cache), cache_rows(planted["cache"])
     assert cache.complete and list(got) == list(want)
     assert all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
-    assert [(e["key"], e["reason"]) for e in cache.errors()] == [(e["key"], e["reason"]) for e in planted["cache"].errors()]
+    # A duplicate's reason names the shard of its first copy: here on S3, there on disk.
+    assert [(e["key"], e["reason"].rsplit("/", 1)[-1]) for e in cache.errors()] == \
+        [(e["key"], e["reason"].rsplit("/", 1)[-1]) for e in planted["cache"].errors()]
 
 
 def test_a_bit_flipped_in_a_shard_at_rest_fails_every_read_naming_the_file_and_rm_shard_then_precompute_mends_it(
@@ -404,7 +460,8 @@ def test_decoding_beside_a_cpu_encoder_takes_only_idle_cpu(tmp_path, cpu_encoder
 
     def read_in_a_thread_of_its_own():  # the scheduling class is per thread: the test's own stays as it is
         row = pa.table({"dataset": ["train"], "input": [str(tmp_path / "in-000000.tar")], "skip": [[]]})
-        parts = list(read_parts(row, cfg.data, {"train": None}, pixels, 10_000_000, False, yield_cpu=cpu_encoder))
+        parts = list(read_parts(row, cfg.data, {"train": None}, pixels, 10_000_000, False, yield_cpu=cpu_encoder,
+                                      read_retries=0))
         seen["policy"], seen["parts"] = os.sched_getscheduler(0), len(parts)
 
     thread = threading.Thread(target=read_in_a_thread_of_its_own)

@@ -11,7 +11,9 @@ import pytest
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
 from litpipe.sources import SHARD_ERROR_KEY, TransientReadError, list_shards, read_shard
-from precompute_samples import image_bytes, sample_members, write_tar
+from precompute_samples import encode_image, image_bytes, sample_members, write_tar
+
+from litpipe.precompute.read import read_parts
 
 
 def webdataset(urls, **kw):
@@ -24,7 +26,7 @@ def test_tar_in_img2dataset_layout_gives_key_image_captions_label_metadata(tmp_p
     ds = webdataset(str(tmp_path / "*.tar"))
     (url,) = list_shards(ds)
     first, second = read_shard(ds, url)
-    assert (first.key, first.captions, first.label, first.metadata) == ("a/000", ["one", "two"], 3, {"source": "test"})
+    assert (first.key, first.captions, first.label, first.metadata) == ("a/000", ["one\ntwo"], 3, {"source": "test"})
     assert first.image == image_bytes(0) and first.error is None
     assert (second.key, second.label, second.image) == ("a/001", None, image_bytes(1))
 
@@ -194,3 +196,111 @@ def test_parquet_and_folder_read_failures_are_transient(tmp_path, failing_fs):
     failing_fs.fail_cat = True
     with pytest.raises(TransientReadError, match="TimeoutError"):
         read_shard(folder, shard)
+
+
+def test_a_caption_with_line_breaks_is_one_caption_unless_caption_split_is_lines(tmp_path):
+    """img2dataset and open_clip read one .txt (one Parquet string) as one caption; web alt-texts hold
+    newlines. Several captions per image come from a list column or `caption_split: lines`."""
+    alt = "A red bicycle\nleaning on a wall\r\n"
+    write_tar(tmp_path / "s.tar", sample_members("k", image_bytes(0), alt))
+    pq.write_table(pa.table({"jpg": [image_bytes(0)], "caption": [alt], "key": ["p"]}), tmp_path / "p.parquet")
+    pq.write_table(pa.table({"jpg": [image_bytes(0)], "caption": [["one\nline", "two"]], "key": ["q"]}), tmp_path / "l.parquet")
+    tar, table, listed = (webdataset(str(tmp_path / "s.tar")), DatasetConfig(format="parquet", urls=str(tmp_path / "p.parquet")),
+                          DatasetConfig(format="parquet", urls=str(tmp_path / "l.parquet")))
+    assert read_shard(tar, str(tmp_path / "s.tar"))[0].captions == ["A red bicycle\nleaning on a wall"]
+    assert read_shard(table, str(tmp_path / "p.parquet"))[0].captions == ["A red bicycle\nleaning on a wall"]
+    assert read_shard(listed, str(tmp_path / "l.parquet"))[0].captions == ["one\nline", "two"]  # a list: its items
+    lines = {"caption_split": "lines"}
+    assert read_shard(tar.model_copy(update=lines), str(tmp_path / "s.tar"))[0].captions == ["A red bicycle", "leaning on a wall"]
+    assert read_shard(table.model_copy(update=lines), str(tmp_path / "p.parquet"))[0].captions == ["A red bicycle",
+                                                                                                  "leaning on a wall"]
+
+
+def test_captions_that_are_not_utf8_are_read_as_cp1252_kept_and_flagged(tmp_path):
+    members = [("lat.png", image_bytes(0)), ("lat.txt", "café crème".encode("latin-1")),
+               ("win.png", image_bytes(1)), ("win.txt", "\u201cquoted\u201d \u2013 50\u20ac".encode("cp1252")),
+               ("utf.png", image_bytes(2)), ("utf.txt", "naïve 😀".encode("utf-8-sig")),
+               ("odd.png", image_bytes(3)), ("odd.txt", b"x\x81y")]  # undefined in cp1252: Latin-1 takes it
+    write_tar(tmp_path / "s.tar", members)
+    samples = read_shard(webdataset(str(tmp_path / "s.tar")), str(tmp_path / "s.tar"))
+    assert [(s.key, s.captions, s.legacy_text) for s in samples] == [
+        ("lat", ["café crème"], True), ("win", ["\u201cquoted\u201d \u2013 50\u20ac"], True), ("utf", ["naïve 😀"], False),
+        ("odd", ["x\x81y"], True)]
+    pq.write_table(pa.table({"jpg": [image_bytes(0)], "caption": pa.array(["café".encode("latin-1")], pa.binary())}),
+                   tmp_path / "b.parquet")
+    (sample,) = read_shard(DatasetConfig(format="parquet", urls="x"), str(tmp_path / "b.parquet"))
+    assert (sample.captions, sample.legacy_text) == (["café"], True)
+
+
+def test_a_key_repeated_in_a_shard_keeps_its_first_sample_and_names_the_shard(tmp_path):
+    write_tar(tmp_path / "s.tar", sample_members("a", image_bytes(0), "first") + sample_members("b", image_bytes(1), "b")
+              + sample_members("a", image_bytes(2), "again"))
+    samples = read_shard(webdataset(str(tmp_path / "s.tar")), str(tmp_path / "s.tar"))
+    assert [(s.key, s.captions, s.error) for s in samples] == [
+        ("a", ["first"], None), ("b", ["b"], None), ("a", [], f"duplicate key: first in {tmp_path / 's.tar'}")]
+
+
+class CountingReads(fsspec.implementations.local.LocalFileSystem):
+    """Local files that count the bytes read from them."""
+
+    protocol = "counting"
+    read_bytes = 0
+
+    def _open(self, path, mode="rb", **kwargs):
+        file = super()._open(path, mode, **kwargs)
+
+        def read(*args, _read=file.read):
+            data = _read(*args)
+            CountingReads.read_bytes += len(data)
+            return data
+
+        file.read = read
+        return file
+
+
+def test_a_read_task_streams_its_shard_holding_about_one_part(tmp_path, monkeypatch):
+    """The task yields part 0 having read about one part of a 10 MB shard, not the whole shard."""
+    import numpy as np
+    from PIL import Image
+
+    from litpipe.models.cpu_pixels import CpuPixels
+
+    fsspec.register_implementation("counting", CountingReads, clobber=True)
+    monkeypatch.setattr(CountingReads, "read_bytes", 0)
+    noise = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (128, 128, 3), np.uint8)) for i in range(4)]
+    images = [encode_image(image, "PNG") for image in noise]  # ~50 kB each: noise does not compress
+    members = [m for i in range(200) for m in sample_members(f"k{i:03d}", images[i % 4], f"c{i}")]
+    write_tar(tmp_path / "big.tar", members)
+    size, per_part = (tmp_path / "big.tar").stat().st_size, 10
+    url = f"counting://{tmp_path}/big.tar"
+    row = pa.table({"dataset": ["d"], "input": [url], "skip": [[]]})
+    parts = read_parts(row, {"d": webdataset(url)}, {"d": per_part}, CpuPixels("tensor", (32, 32), []), 10**8, False,
+                       yield_cpu=False, read_retries=0)
+    next(parts)
+    part_bytes = size / 200 * per_part
+    assert CountingReads.read_bytes < 2 * part_bytes, (CountingReads.read_bytes, part_bytes, size)
+    assert 1 + sum(1 for _ in parts) == 20
+
+
+def test_a_read_task_retries_a_failed_read_itself_and_skips_the_parts_it_already_yielded(tmp_path, failing_fs, monkeypatch):
+    from litpipe.models.cpu_pixels import CpuPixels
+    from litpipe.precompute import read
+
+    monkeypatch.setattr(read, "RETRY_BACKOFF_S", 0.01)
+    members = [m for i in range(20) for m in sample_members(f"k{i:02d}", image_bytes(i, size=(64, 64)), f"c{i}")]
+    write_tar(tmp_path / "s.tar", members)
+    url = f"failing://{tmp_path}/s.tar"
+    row = pa.table({"dataset": ["d"], "input": [url], "skip": [[]]})
+    args = ({"d": webdataset(url)}, {"d": 5}, CpuPixels("tensor", (32, 32), []), 10**8, False)
+    failing_fs.ok_reads = 12  # the first connection drops after part 0, in part 1
+
+    def connection_back_after(parts):
+        for table in parts:
+            failing_fs.ok_reads = 10**6  # the next open reads the whole shard
+            yield table
+
+    got = [t["part"][0].as_py() for t in connection_back_after(read_parts(row, *args, yield_cpu=False, read_retries=1))]
+    assert got == [0, 1, 2, 3]  # part 0 once: the second reading skipped it
+    failing_fs.ok_reads = 12
+    with pytest.raises(TransientReadError):
+        list(read_parts(row, *args, yield_cpu=False, read_retries=2))  # every reading drops in part 1
