@@ -161,8 +161,8 @@ def encoder_config(args) -> EncoderConfig:
 def run_pipeline(args) -> dict:
     """(b), in this fresh process as the job's driver: real tar shards in a temp folder -> a fresh
     cache, timed from the job's start (Ray is started before); the driver's CPU time over the same
-    span and its peak RSS (which includes the encoder it loads to fingerprint)."""
-    from litpipe.precompute.job import precompute
+    span and its peak RSS (the encoder is fingerprinted by a Ray worker, as `litpipe precompute` does)."""
+    from litpipe.precompute.job import describe_encoder, precompute
     from litpipe.ray_cluster import init_ray
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -181,7 +181,7 @@ def run_pipeline(args) -> dict:
                                               **({"rows_per_commit": args.rows_per_commit} if args.rows_per_commit else {})}})
         ray = init_ray(cfg.ray)
         cpus = int(ray.cluster_resources().get("CPU", 0))
-        encoder = load_encoder(cfg.encoder, device="cpu")
+        encoder = describe_encoder(cfg)
         commits = []
         cpu_before, start = time.process_time(), time.perf_counter()
         summary = precompute(cfg, ["train"], encoder,

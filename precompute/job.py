@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
 from litpipe.devices import keep_freed_memory_env
-from litpipe.models.image_encoder import Encoder, load_encoder
+from litpipe.models.image_encoder import EncoderDescription, load_encoder
 from litpipe.ray_cluster import init_ray
 from litpipe.skips import DUPLICATE_KEY, reason_kind
 from litpipe.sources import check_columns, list_shards
@@ -43,7 +43,7 @@ from .device_decode import finish_decoding
 from .read import read_parts
 
 
-def precompute(cfg: PipelineConfig, names: list[str], encoder: Encoder, on_commit=None) -> dict:
+def precompute(cfg: PipelineConfig, names: list[str], encoder: EncoderDescription, on_commit=None) -> dict:
     """Fill (or reuse) the caches of datasets `names`; `on_commit(summary)` is called after each part.
 
     The datasets share one Ray Data job, so the encoder actors start once and go from one
@@ -105,7 +105,7 @@ class Plan:
             self.committed.add((summary["input"], summary["part"]))
 
 
-def plan(cfg: PipelineConfig, name: str, encoder: Encoder) -> Plan:
+def plan(cfg: PipelineConfig, name: str, encoder: EncoderDescription) -> Plan:
     """List the dataset's inputs, open (or create) its cache, adopt what other caches hold."""
     dataset = cfg.data[name]
     inputs = list_shards(dataset)
@@ -120,7 +120,7 @@ def plan(cfg: PipelineConfig, name: str, encoder: Encoder) -> Plan:
     return Plan(name, dataset, inputs, cache, adopted, {url: parts.get(url, set()) for url in missing})
 
 
-def waves(cfg: PipelineConfig, names: list[str], encoder: Encoder):
+def waves(cfg: PipelineConfig, names: list[str], encoder: EncoderDescription):
     """The datasets' plans, cut into jobs whose datasets encode no input shard in common; each job's
     plans are made after the one before has run, so a shard it embedded is adopted, not encoded again."""
     pending = list(names)
@@ -160,7 +160,7 @@ def finish(p: Plan) -> dict:
     }
 
 
-def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: Encoder):
+def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: EncoderDescription):
     """Ray Data, one line per stage, over the parts of every plan; yields one summary per committed
     part (dicts of plain values, each naming its dataset).
 
@@ -181,7 +181,7 @@ def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: Encoder):
         .map_batches(read_parts, batch_size=1, batch_format="pyarrow",
                      fn_kwargs={"datasets": {p.name: p.dataset for p in plans},
                                 "rows_per_commit": {p.name: p.cache.rows_per_commit for p in plans},
-                                "pixels": encoder.pixels.cpu_step, "max_pixels": pre.max_image_pixels,
+                                "pixels": encoder.cpu_step, "max_pixels": pre.max_image_pixels,
                                 "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu), "yield_cpu": not use_gpu,
                                 "read_retries": pre.read_retries},
                      compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=runtime_env)
@@ -195,6 +195,19 @@ def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: Encoder):
     )
     for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # each as it lands
         yield from batch.to_pylist()
+
+
+def describe_encoder(cfg: PipelineConfig) -> EncoderDescription:
+    """The encoder's fingerprint and CPU pixel step, from a Ray worker that builds the tower once and
+    exits: the driver never holds the model (a ViT-bigG is about 10 GB). The encoder actors build it
+    again and check its weights against this fingerprint."""
+    ray = init_ray(cfg.ray)
+    remote = ray.remote(num_cpus=1, max_calls=1)(_describe)  # max_calls: the worker exits and frees the model
+    return ray.get(remote.options(runtime_env=worker_runtime_env()).remote(cfg.encoder))
+
+
+def _describe(encoder_cfg: EncoderConfig) -> EncoderDescription:
+    return load_encoder(encoder_cfg, device="cpu").describe()
 
 
 def encoder_uses_gpu(encoder_cfg: EncoderConfig, ray) -> bool:
@@ -224,7 +237,7 @@ class PartEncoder:
             torch.set_num_threads(threads or os.cpu_count())  # a CPU encoder wants its node's cores
         self.encoder = load_encoder(encoder_cfg)
         if self.encoder.fingerprint["weights_sha256"] != weights_sha256:
-            raise RuntimeError("encoder actor loaded different weights than the driver fingerprinted "
+            raise RuntimeError("encoder actor loaded different weights than the fingerprint of this job "
                                f"({self.encoder.fingerprint['weights_sha256'][:12]} vs {weights_sha256[:12]}); "
                                "make encoder.pretrained resolve to the same file on every node")
         self.caches = {name: EmbeddingCache.open(url) for name, url in cache_urls.items()}  # by dataset

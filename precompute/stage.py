@@ -5,9 +5,7 @@ from __future__ import annotations
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
 from litpipe.files import check_reachable
-from litpipe.models.image_encoder import load_encoder
-
-from .job import precompute
+from .job import describe_encoder, precompute
 
 
 class PrecomputeIncomplete(UserError):
@@ -29,8 +27,7 @@ def run(cfg: PipelineConfig, datasets: list[str] | None = None) -> dict:
         raise UserError(f"store.root {cfg.store.root}: a memory:// store lives in one process, but precompute writes "
                         "from its Ray workers; use a local folder or an object store")
     check_reachable(cfg.store.root, "store.root")
-    encoder = load_encoder(cfg.encoder, device="cpu")  # the driver only fingerprints; actors encode
-    summary = precompute(cfg, names, encoder)
+    summary = precompute(cfg, names, describe_encoder(cfg))
     summary["report"] = [report_line(r) for r in summary["datasets"].values()]
     if summary["images_per_s"] is not None:
         summary["report"].append(f"{summary['images']} images in {summary['seconds']} s "

@@ -157,6 +157,25 @@ def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_e
     assert sorted(cache_rows(EmbeddingCache.open(later["cache_url"]))) == ["a", "b", "e", "f"]
 
 
+def test_the_driver_never_builds_the_image_tower_and_names_the_cache_as_the_tower_does(ray_local, tmp_path, monkeypatch):
+    """A ViT-bigG is about 10 GB: a Ray worker builds the tower to fingerprint it, then exits."""
+    import open_clip
+
+    write_tar(tmp_path / "in-000000.tar", sample_members("a", image_bytes(1), "one"))
+    cfg = validate_config(tiny_config({"train": {"format": "webdataset", "urls": str(tmp_path / "in-*.tar")}},
+                                      str(tmp_path / "store")))
+    fingerprint = load_encoder(cfg.encoder, device="cpu").fingerprint
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the driver built the image tower")
+
+    for factory in ("create_model", "create_model_and_transforms"):  # Ray workers import open_clip afresh
+        monkeypatch.setattr(open_clip, factory, refuse)
+    summary = stage.run(cfg)["datasets"]["train"]
+    assert summary["complete"] and summary["embedded"] == 1
+    assert EmbeddingCache.open(summary["cache_url"]).manifest["encoder"] == json.loads(json.dumps(fingerprint))
+
+
 def test_parquet_and_folder_datasets_are_precomputed_into_an_s3_store(ray_local, tmp_path, s3_root):
     table = pa.table({"image": [{"bytes": image_bytes(i), "path": None} for i in range(3)] + [{"bytes": b"bad", "path": None}],
                       "text": ["p0", "p1", "p2", "p3"], "label": [0, 1, 2, 3]})

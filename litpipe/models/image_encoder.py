@@ -71,6 +71,19 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 
 @dataclass
+class EncoderDescription:
+    """What a driver needs of the locked tower without holding it: the fingerprint that names its
+    caches and the CPU pixel step its read tasks run (`Encoder.describe`)."""
+
+    fingerprint: dict
+    cpu_step: Any  # a CpuPixels
+
+    @property
+    def dim(self) -> int:
+        return self.fingerprint["dim"]
+
+
+@dataclass
 class Encoder:
     """A frozen, eval-mode open_clip model with its eval transform; `encode` gives float32 embeddings."""
 
@@ -86,6 +99,9 @@ class Encoder:
     @property
     def dim(self) -> int:
         return self.fingerprint["dim"]
+
+    def describe(self) -> EncoderDescription:
+        return EncoderDescription(self.fingerprint, self.pixels.cpu_step)
 
     @property
     def image_size(self) -> tuple[int, int]:
