@@ -39,6 +39,7 @@ if rows:
     for table in read_parts(task, {"d": dataset}, {"d": rows}, CpuPixels("tensor", (224, 224), []), 10**9, False,
                             yield_cpu=False, read_retries=0):
         count += 1
+        del table  # as Ray does once the part is in its object store
 else:
     count = len(list(iter_shard(dataset, url)))  # every sample of the shard held at once
 peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import socket
 import warnings
 from dataclasses import dataclass, field
 
@@ -107,6 +109,7 @@ class Part:
     pixels: list = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)  # {"key", "reason"}
     legacy_captions: int = 0  # samples whose caption bytes were not UTF-8 (read as cp1252/Latin-1)
+    decoded_by: str = ""  # host:pid of the process that decoded it
 
     SAMPLE_COLUMNS = ("keys", "captions", "labels", "metadata", "pixels")
 
@@ -136,7 +139,7 @@ def decode_part(samples: list, pixels, max_pixels: int, jpeg_on_device: bool = F
     With `jpeg_on_device`, JPEGs the device can decode travel still encoded (smaller yet) and are
     decoded by `device_decode.finish_decoding` in the encoder.
     """
-    part = Part()
+    part = Part(decoded_by=f"{socket.gethostname()}:{os.getpid()}")
     for sample in samples:
         error = sample.error
         if error is None:

@@ -20,16 +20,19 @@ import os
 import pickle
 import socket
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
+from ray.util.annotations import RayDeprecationWarning
 from tqdm import tqdm
 
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
 from litpipe.devices import keep_freed_memory_env
+from litpipe.errors import UserError
 from litpipe.models.image_encoder import EncoderDescription, load_encoder
 from litpipe.ray_cluster import init_ray
 from litpipe.skips import DUPLICATE_KEY, reason_kind
@@ -91,6 +94,7 @@ class Plan:
     skipped: Counter = field(default_factory=Counter)
     failures: dict[str, str] = field(default_factory=dict)  # input -> why a part of it could not be written
     actors: set[str] = field(default_factory=set)  # host:pid of each encoder actor that wrote a part
+    readers: set[str] = field(default_factory=set)  # host:pid of each read task's worker that decoded one
     committed: set[tuple[str, int]] = field(default_factory=set)  # (input, part) committed by this run
 
     def count(self, summary: dict) -> None:
@@ -101,6 +105,7 @@ class Plan:
         self.legacy_captions += summary["legacy_captions"]
         self.parts += 1
         self.actors.add(summary["actor"])
+        self.readers.add(summary["decoded_by"])
         if summary["committed"]:
             self.committed.add((summary["input"], summary["part"]))
 
@@ -156,7 +161,7 @@ def finish(p: Plan) -> dict:
         "embedded": p.embedded, "failures": {url: p.failures[url] for url in failed if url in p.failures},
         "inputs_reused": len(p.adopted), "reused_from": sorted(set(p.adopted.values())),
         "skipped": sum(p.skipped.values()), "skipped_by_reason": dict(p.skipped), "rows_in_cache": p.cache.num_rows,
-        "legacy_captions": p.legacy_captions, "encoded_by": sorted(p.actors),
+        "legacy_captions": p.legacy_captions, "encoded_by": sorted(p.actors), "decoded_by": sorted(p.readers),
     }
 
 
@@ -173,9 +178,19 @@ def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: EncoderDescr
     context.enable_progress_bars = False  # ours counts images, with images/s
     context.max_errored_blocks = -1
     pre = cfg.precompute
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if pre.encoder_actors >= cpus:  # each actor holds a CPU: read tasks would wait forever
+        raise UserError(f"precompute.encoder_actors ({pre.encoder_actors}) takes every CPU of the Ray cluster "
+                        f"({cpus:g}), leaving none for the read tasks; lower precompute.encoder_actors or give Ray "
+                        "more CPUs (ray.num_cpus, or more nodes)")
     use_gpu = encoder_uses_gpu(cfg.encoder, ray)
     runtime_env = worker_runtime_env()
     inputs = [{"dataset": p.name, "input": url, "skip": sorted(skip)} for p in plans for url, skip in p.to_encode.items()]
+    # Ray Data fuses a task map into the actor map after it when their remote args agree: the reads
+    # would then decode inside the encoder actor, serially with its forward. The read op states Ray
+    # Data's own default for its tasks (max_retries=-1: retried whenever a worker or node is lost),
+    # which keeps it a pool of tasks of its own. Remote args have no named parameter for this yet.
+    warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", RayDeprecationWarning)
     stream = (
         ray.data.from_items(inputs, override_num_blocks=len(inputs))
         .map_batches(read_parts, batch_size=1, batch_format="pyarrow",
@@ -184,7 +199,8 @@ def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: EncoderDescr
                                 "pixels": encoder.cpu_step, "max_pixels": pre.max_image_pixels,
                                 "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu), "yield_cpu": not use_gpu,
                                 "read_retries": pre.read_retries},
-                     compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=runtime_env)
+                     compute=ray.data.TaskPoolStrategy(size=pre.decode_workers), runtime_env=runtime_env,
+                     max_retries=-1)
         .map_batches(PartEncoder, batch_size=1, batch_format="pyarrow",
                      fn_constructor_kwargs={"encoder_cfg": cfg.encoder, "weights_sha256": encoder.fingerprint["weights_sha256"],
                                             "cache_urls": {p.name: p.cache.url for p in plans},
@@ -253,7 +269,7 @@ class PartEncoder:
     def commit(self, dataset: str, input_url: str, part: int, last: bool, decoded: Part) -> dict:
         """Embed a part batch by batch (JPEGs still encoded are decoded per batch, bounding device
         memory), then write and commit it; its summary."""
-        done = Part(errors=decoded.errors, legacy_captions=decoded.legacy_captions)
+        done = Part(errors=decoded.errors, legacy_captions=decoded.legacy_captions, decoded_by=decoded.decoded_by)
         vectors = []
         for start in range(0, len(decoded), self.batch_size):
             batch = finish_decoding(decoded.rows(start, start + self.batch_size), self.encoder.pixels.cpu_step,
@@ -270,7 +286,8 @@ class PartEncoder:
         except OSError as err:  # the store's retries are spent, or its disk is full: this part stays uncommitted
             record, failure = None, f"{type(err).__name__}: {err}"
         reasons = Counter(reason_kind(e["reason"]) for e in errors)
-        return {"dataset": dataset, "actor": self.name, "input": input_url, "part": part, "last": last,
+        return {"dataset": dataset, "actor": self.name, "decoded_by": decoded.decoded_by, "input": input_url, "part": part,
+                "last": last,
                 "committed": record is not None, "failure": failure,
                 "rows": 0 if failure else len(embeddings), "num_skipped": 0 if failure else len(errors),
                 "skipped": json.dumps({} if failure else reasons),

@@ -48,10 +48,9 @@ def read_parts(batch: pa.Table, datasets: dict[str, DatasetConfig], rows_per_com
         try:
             for number, samples, last in cut_parts(iter_shard(datasets[name], url), rows_per_commit[name]):
                 if number not in done:
-                    payload = pickle.dumps(decode_part(samples, pixels, max_pixels, jpeg_on_device), protocol=5)
-                    yield pa.table({"dataset": [name], "input": [url], "part": [number], "last": [last],
-                                    "payload": pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets(len(payload)),
-                                                                                          pa.py_buffer(payload)])})
+                    # No local holds the part or its row: while the next part is decoded, this one's pixels
+                    # are gone and its pickle is held by its consumer alone.
+                    yield part_row(name, url, number, last, decode_part(samples, pixels, max_pixels, jpeg_on_device))
                     done.add(number)
             return
         except TransientReadError:
@@ -72,6 +71,9 @@ def cut_parts(samples, step: int | None):
     yield number, part or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")], True
 
 
-def offsets(size: int) -> pa.Buffer:
-    """The offsets of a one-value large_binary array, so its bytes are wrapped and not copied."""
-    return pa.py_buffer(np.array([0, size], np.int64))
+def part_row(name: str, url: str, number: int, last: bool, part) -> pa.Table:
+    """A one-row table naming the part and holding it pickled; the pickle's bytes are wrapped, not copied."""
+    payload = pickle.dumps(part, protocol=5)
+    offsets = pa.py_buffer(np.array([0, len(payload)], np.int64))
+    return pa.table({"dataset": [name], "input": [url], "part": [number], "last": [last],
+                     "payload": pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(payload)])})

@@ -26,7 +26,8 @@ def ray_local(s3_server):
     after the S3 server, so its workers inherit the server's endpoint and credentials."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    # 3 logical CPUs on the 2-core machine: room for two encoder actors (a CPU each) and a read task.
+    ray.init(num_cpus=3, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from litpipe.config import validate_config
+from litpipe.errors import UserError
 from litpipe.precompute import stage
 from litpipe.precompute.job import worker_runtime_env
 from litpipe.precompute.decode import decode_image
@@ -107,7 +108,8 @@ def test_the_datasets_of_a_run_share_one_encoder_actor_and_a_later_one_adopts_wh
 
 def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_every_actor_reader_and_resume(
         ray_local, tmp_path):
-    """Merged crawls repeat keys across shards. Two actors commit parts in any order; the first copy
+    """Merged crawls repeat keys across shards. Two actors commit parts in any order (Ray Data gives
+    them work as they are ready: one may take every part); the first copy
     in input order stays, each later one is skipped naming that shard, whichever order the parts were
     committed in (a part taken out and encoded again commits last), and verify, the reader and the
     export see each key once. A cache adopting only a later shard keeps that shard's copy."""
@@ -116,8 +118,9 @@ def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_e
 
     shards = {0: ["a", "b", "c", "d"], 1: ["e", "a", "f", "b"], 2: ["a", "g", "c", "h"]}
     for shard, keys in shards.items():
-        write_tar(tmp_path / f"in-{shard:06d}.tar",
-                  [m for i, key in enumerate(keys) for m in sample_members(key, image_bytes(10 * shard + i), f"{key} in {shard}")])
+        members = [m for i, key in enumerate(keys) for m in sample_members(key, image_bytes(10 * shard + i), f"{key} in {shard}")]
+        write_tar(tmp_path / f"in-{shard:06d}.tar", [(name, "h in 2, café".encode("latin-1")) if name == "h.txt" else (name, data)
+                                                     for name, data in members])
     urls = {shard: str(tmp_path / f"in-{shard:06d}.tar") for shard in shards}
     raw = tiny_config({"all": {"format": "webdataset", "urls": str(tmp_path / "in-*.tar")},
                        "later": {"format": "webdataset", "urls": urls[1]}}, str(tmp_path / "store"),
@@ -128,7 +131,10 @@ def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_e
     cache = EmbeddingCache.open(summary["cache_url"])
     first_copies = {"a": 0, "b": 0, "c": 0, "d": 0, "e": 1, "f": 1, "g": 2, "h": 2}
     rows = cache_rows(cache)  # asserts each key once
-    assert {key: row["captions"] for key, row in rows.items()} == {k: [f"{k} in {s}"] for k, s in first_copies.items()}
+    assert {key: row["captions"] for key, row in rows.items()} == {**{k: [f"{k} in {s}"] for k, s in first_copies.items()},
+                                                                   "h": ["h in 2, café"]}
+    assert summary["legacy_captions"] == 1 and "1 caption(s) were not UTF-8" in stage.report_line(summary)
+    assert not set(summary["decoded_by"]) & set(summary["encoded_by"])  # read tasks decode apart from the actors
     expected_errors = sorted([("a", urls[1], urls[0]), ("b", urls[1], urls[0]), ("a", urls[2], urls[0]), ("c", urls[2], urls[0])])
     assert sorted((e["key"], e["input"], e["reason"].split("first in ")[1]) for e in cache.errors()) == expected_errors
     assert summary["skipped_by_reason"] == {"duplicate key": 4} and summary["rows_in_cache"] == 8
@@ -174,6 +180,15 @@ def test_the_driver_never_builds_the_image_tower_and_names_the_cache_as_the_towe
     summary = stage.run(cfg)["datasets"]["train"]
     assert summary["complete"] and summary["embedded"] == 1
     assert EmbeddingCache.open(summary["cache_url"]).manifest["encoder"] == json.loads(json.dumps(fingerprint))
+
+
+def test_encoder_actors_that_would_take_every_cpu_stop_the_run_naming_the_key(ray_local, tmp_path):
+    """Each actor holds a CPU: with none left the read tasks would wait forever, and the job with them."""
+    write_tar(tmp_path / "in-000000.tar", sample_members("a", image_bytes(1), "one"))
+    raw = tiny_config({"train": {"format": "webdataset", "urls": str(tmp_path / "in-*.tar")}}, str(tmp_path / "store"))
+    raw["precompute"]["encoder_actors"] = int(ray_local.cluster_resources()["CPU"])
+    with pytest.raises(UserError, match=r"precompute.encoder_actors \(3\) takes every CPU of the Ray cluster \(3\)"):
+        stage.run(validate_config(raw))
 
 
 def test_parquet_and_folder_datasets_are_precomputed_into_an_s3_store(ray_local, tmp_path, s3_root):
