@@ -213,13 +213,22 @@ def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: EncoderDescr
         yield from batch.to_pylist()
 
 
+_DESCRIBED: dict[str, EncoderDescription] = {}  # this process's descriptions, by encoder section and checkpoint file
+
+
 def describe_encoder(cfg: PipelineConfig) -> EncoderDescription:
     """The encoder's fingerprint and CPU pixel step, from a Ray worker that builds the tower once and
     exits: the driver never holds the model (a ViT-bigG is about 10 GB). The encoder actors build it
-    again and check its weights against this fingerprint."""
-    ray = init_ray(cfg.ray)
-    remote = ray.remote(num_cpus=1, max_calls=1)(_describe)  # max_calls: the worker exits and frees the model
-    return ray.get(remote.options(runtime_env=worker_runtime_env()).remote(cfg.encoder))
+    again and check its weights against this fingerprint. Asked again in this process (the ablation
+    runs three pipelines) for the same section and checkpoint file, it answers from memory."""
+    pretrained = cfg.encoder.pretrained
+    stat = os.stat(pretrained) if pretrained and os.path.isfile(pretrained) else None
+    key = json.dumps([cfg.encoder.model_dump(mode="json"), stat and [stat.st_size, stat.st_mtime_ns]], sort_keys=True)
+    if key not in _DESCRIBED:
+        ray = init_ray(cfg.ray)
+        remote = ray.remote(num_cpus=1, max_calls=1)(_describe)  # max_calls: the worker exits and frees the model
+        _DESCRIBED[key] = ray.get(remote.options(runtime_env=worker_runtime_env()).remote(cfg.encoder))
+    return _DESCRIBED[key]
 
 
 def _describe(encoder_cfg: EncoderConfig) -> EncoderDescription:
