@@ -123,7 +123,8 @@ class Part:
     def without(self, dropped: set[int]) -> Part:
         """The part less the samples at `dropped` (their errors are the caller's to add)."""
         return Part(**{column: [v for i, v in enumerate(getattr(self, column)) if i not in dropped]
-                       for column in self.SAMPLE_COLUMNS}, errors=self.errors, legacy_captions=self.legacy_captions)
+                       for column in self.SAMPLE_COLUMNS}, errors=self.errors, legacy_captions=self.legacy_captions,
+                    decoded_by=self.decoded_by)
 
     def extend(self, other: Part) -> None:
         for column in (*self.SAMPLE_COLUMNS, "errors"):

@@ -35,7 +35,7 @@ def read_parts(batch: pa.Table, datasets: dict[str, DatasetConfig], rows_per_com
 
     A read failure (TransientReadError) is retried here, `read_retries` times with a growing pause,
     reading the shard again and skipping the parts already yielded; then it is raised and the shard
-    is reported uncommitted. Ray's own task retries are left as Ray sets them, for lost nodes.
+    is reported uncommitted. Ray's own task retries stay Ray Data's default, for lost workers and nodes.
 
     With `yield_cpu` (the encoder computes on the CPU) decoding runs only when the encoder leaves a
     core idle: a CPU forward uses every core, and a decode that takes one of them stalls all its
