@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from litpipe.config import add_config_args, config_from_args, defaults_yaml
-from litpipe.errors import UserError
+import litpipe
+from litpipe.config import DEFAULT_CONFIG, add_config_args, config_from_args, defaults_yaml
+from litpipe.errors import INTERRUPTED, UserError
 from litpipe.eval import cli as eval_cli
 from litpipe.precompute import cli as precompute_cli
 from litpipe.store import cli as store_cli
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="litpipe",
         description="LiT in two stages: embed images once with a locked open_clip tower, then train text towers on the cache.",
     )
+    parser.add_argument("--version", action="version", version=f"litpipe {litpipe.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run every stage of pipeline.yaml end to end, then summarise",
@@ -88,13 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parser`'s arguments, the config path also after options (`cache export ID --out DIR
+    pipeline.yaml`): argparse fills positionals only up to the first option and leaves it over."""
+    args, extra = parser.parse_known_args(argv)
+    if len(extra) == 1 and not extra[0].startswith("-") and getattr(args, "config", None) == DEFAULT_CONFIG:
+        args.config = extra[0]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Exit codes (litpipe/errors.py): 0 done, 2 a user error, 75 rerun to finish, 130 interrupted."""
+    args = parse(build_parser(), argv)
     try:
         return args.func(args) or 0
     except UserError as err:
         print(f"litpipe: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("litpipe: interrupted; a rerun resumes where this one stopped", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
+import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -346,12 +347,19 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> PipelineConfig:
-    """Read, override (`dotted.key=value`, the value parsed as YAML) and validate a pipeline.yaml."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; pass the path of a pipeline.yaml")
+    """Read (a path or any fsspec URL), override (`dotted.key=value`, the value parsed as YAML) and
+    validate a pipeline.yaml."""
+    path = str(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        with fsspec.open(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(f"{path}: no such config file; pass the path or URL of a pipeline.yaml") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config ({type(err).__name__}: {err}); check the URL and its "
+                          "credentials") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

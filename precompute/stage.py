@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from litpipe.config import PipelineConfig
-from litpipe.errors import UserError
+from litpipe.errors import RerunToFinish, UserError
 from litpipe.files import check_reachable
 from .job import describe_encoder, precompute
 
 
-class PrecomputeIncomplete(UserError):
+class PrecomputeIncomplete(RerunToFinish):
     """Input shards that could not be read after the retries: nothing of them was committed."""
 
 

@@ -86,3 +86,53 @@ def test_user_errors_exit_2_with_a_message(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("litpipe: ") and message in err
+
+
+def test_python_m_litpipe_and_version_answer_as_the_console_script_does():
+    module = subprocess.run([sys.executable, "-m", "litpipe", "--version"], capture_output=True, text=True)
+    script = subprocess.run([str(CONSOLE_SCRIPT), "--version"], capture_output=True, text=True)
+    import litpipe
+
+    assert module.returncode == script.returncode == 0
+    assert module.stdout == script.stdout == f"litpipe {litpipe.__version__}\n"
+
+
+def test_the_config_may_follow_the_options(tmp_path, capsys):
+    """`litpipe cache ls --json CONFIG`, as `cache export ID --out DIR CONFIG` is typed."""
+    config = tmp_path / "elsewhere.yaml"
+    config.write_text(REPO_CONFIG.read_text().replace("root: litpipe-store", f"root: {tmp_path / 'store'}"))
+    assert main(["cache", "ls", "--json", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == "[]"  # its own empty store, not the repository's
+    with pytest.raises(SystemExit) as exit_:
+        main(["cache", "ls", "--json", str(config), "surplus"])
+    assert exit_.value.code == 2
+
+
+def test_rerun_to_finish_exits_75_and_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
+    """A scheduler tells "fix the config" (2) from "retry" (75); Ctrl-C is 128 + SIGINT."""
+    from litpipe import cli
+    from litpipe.precompute.stage import PrecomputeIncomplete
+
+    def incomplete(args):
+        raise PrecomputeIncomplete("1 input shard(s) failed after retries")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_config", incomplete)
+    assert main(["config", str(REPO_CONFIG)]) == 75
+    monkeypatch.setattr(cli, "_config", interrupted)
+    assert main(["config", str(REPO_CONFIG)]) == 130
+    err = capsys.readouterr().err
+    assert "failed after retries" in err and "interrupted" in err and "Traceback" not in err
+
+
+def test_the_config_is_read_from_any_fsspec_url(capsys):
+    import fsspec
+
+    with fsspec.open("memory://configs/pipeline.yaml", "w") as f:
+        f.write(REPO_CONFIG.read_text().replace("batch_size: 1024", "batch_size: 2048"))
+    assert main(["config", "memory://configs/pipeline.yaml"]) == 0
+    assert '"batch_size": 2048' in capsys.readouterr().out
+    assert main(["config", "memory://configs/missing.yaml"]) == 2
+    assert "memory://configs/missing.yaml: no such config file" in capsys.readouterr().err

@@ -337,7 +337,7 @@ def test_jpegs_decoded_by_the_encoder_give_the_cache_the_cpu_decoder_gives(ray_l
 def test_s3_faults_are_retried_and_a_shard_that_stays_unreadable_fails_without_a_commit(planted, tmp_path, s3_root):
     """Real faults between the job and a real S3 protocol server: throttling and a reset connection
     are retried and leave no trace; a shard whose reads keep failing is committed by no one, counted
-    as failed (exit code 2), never recorded as bad data, and the rerun finishes it."""
+    as failed (exit code 75: rerun to finish), never recorded as bad data, and the rerun finishes it."""
     from fault_proxy import FaultProxy
 
     fs = fsspec.filesystem("s3")
@@ -354,7 +354,7 @@ def test_s3_faults_are_retried_and_a_shard_that_stays_unreadable_fails_without_a
         broken = proxy.add_rule("GET", "train-000002.tar", "503", count=10_000)
         command = [sys.executable, "-m", "litpipe.cli", "precompute", str(tmp_path / "pipeline.yaml")]
         first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-        assert first.returncode == 2, first.stderr[-3000:]
+        assert first.returncode == 75, first.stderr[-3000:]
         assert "1 input shard(s) failed after retries and were not committed" in first.stderr
         assert throttled.fired == 2 and reset.fired == 1 and broken.fired > 3
         cache = next(c for c in list_caches(str(tmp_path / "store")))
