@@ -364,9 +364,60 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) ->
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, encoder, ...)")
+    resolve_relative_paths(raw, path)
     for item in overrides:
         apply_override(raw, item)
     return validate_config(raw, source=str(path))
+
+
+# Keys whose value is always a path (made relative to the config file when relative), and keys whose
+# value may be a path or a name (a pretrained tag, a hub id, `openai`): a path only where the file is.
+PATH_KEYS = [("workdir",), ("store", "root"), ("train", "checkpoint_dir"), ("data", "*", "urls"),
+             ("data", "*", "captions_file")]
+PATH_OR_NAME_KEYS = [("encoder", "pretrained"), ("data", "*", "classnames"), ("train", "tower", "hf_model"),
+                     ("train", "tower", "init"), ("train", "tokenizer"), ("train", "cache"), ("eval", "checkpoint"),
+                     ("eval", "zeroshot", "*", "templates")]
+
+
+def resolve_relative_paths(raw: dict, config: str) -> None:
+    """Relative paths in a config mean relative to its file, as in docker-compose or a Makefile:
+    `litpipe run experiments/a/pipeline.yaml` finds `experiments/a/data/`, from any folder. A config
+    in the working folder is left as it is. Overrides given with --set stay relative to the working folder."""
+    base = config.rsplit("/", 1)[0] if "/" in config else ""
+    if base in ("", "."):
+        return
+    for keys, always in [(k, True) for k in PATH_KEYS] + [(k, False) for k in PATH_OR_NAME_KEYS]:
+        for node, key in _at(raw, keys):
+            value = node[key]
+            if isinstance(value, list) and keys[-1] == "urls":
+                node[key] = [_relative_to(base, v, always) for v in value]
+            elif isinstance(value, str):
+                node[key] = _relative_to(base, value, always)
+
+
+def _at(node, keys: tuple):
+    """(mapping, key) pairs where `keys` lead in `node`; `*` is every entry of a mapping or list."""
+    head, rest = keys[0], keys[1:]
+    if head == "*":
+        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else []:
+            yield from _at(child, rest)
+    elif isinstance(node, dict) and head in node:
+        yield from _at(node[head], rest) if rest else [(node, head)]
+
+
+def _relative_to(base: str, value: str, always: bool) -> str:
+    """`value` joined to the config's folder when it is a relative local path (and, unless `always`,
+    names a file or folder that is there)."""
+    if not value or "://" in value or value.startswith(("/", "~")) or ":" in value.split("/")[0]:
+        return value  # a URL, an absolute path, or a hf-hub:/local-dir: name
+    joined = f"{base}/{value}"
+    if always:
+        return joined
+    try:
+        fs, target = fsspec.core.url_to_fs(joined)
+        return joined if fs.exists(target) else value
+    except (OSError, ValueError):
+        return value
 
 
 def apply_override(raw: dict, item: str) -> None:

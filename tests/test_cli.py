@@ -136,3 +136,33 @@ def test_the_config_is_read_from_any_fsspec_url(capsys):
     assert '"batch_size": 2048' in capsys.readouterr().out
     assert main(["config", "memory://configs/missing.yaml"]) == 2
     assert "memory://configs/missing.yaml: no such config file" in capsys.readouterr().err
+
+
+def test_relative_paths_in_a_config_mean_relative_to_its_file_from_any_folder(tmp_path, monkeypatch, capsys):
+    import json
+
+    experiment = tmp_path / "experiments" / "a"
+    (experiment / "data").mkdir(parents=True)
+    (experiment / "tower.pt").write_bytes(b"weights")
+    (experiment / "kinds.txt").write_text("cat\ndog\n")
+    (experiment / "pipeline.yaml").write_text(
+        "workdir: runs/a\n"
+        "data:\n  train: {format: webdataset, urls: data/train-*.tar}\n"
+        "  pets: {format: webdataset, urls: [data/p-0.tar, s3://bucket/p-1.tar], classnames: kinds.txt}\n"
+        "encoder: {model: ViT-B-32, pretrained: tower.pt}\n"
+        "store: {root: store}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["config", "../experiments/a/pipeline.yaml", "--set", "train.checkpoint_dir=ckpt"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    a = "../experiments/a"
+    assert (cfg["workdir"], cfg["store"]["root"], cfg["encoder"]["pretrained"]) == (f"{a}/runs/a", f"{a}/store", f"{a}/tower.pt")
+    assert cfg["data"]["train"]["urls"] == f"{a}/data/train-*.tar"
+    assert cfg["data"]["pets"]["urls"] == [f"{a}/data/p-0.tar", "s3://bucket/p-1.tar"]
+    assert cfg["data"]["pets"]["classnames"] == f"{a}/kinds.txt"
+    assert cfg["train"]["checkpoint_dir"] == "ckpt"  # --set speaks from the working folder
+    (experiment / "tower.pt").unlink()  # a name that is no file there is a pretrained tag
+    (experiment / "pipeline.yaml").write_text((experiment / "pipeline.yaml").read_text().replace("tower.pt", "laion2b_s34b_b79k"))
+    assert main(["config", "../experiments/a/pipeline.yaml"]) == 0
+    assert json.loads(capsys.readouterr().out)["encoder"]["pretrained"] == "laion2b_s34b_b79k"
