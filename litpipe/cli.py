@@ -7,11 +7,13 @@ here in pipeline order.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import litpipe
 from litpipe.config import DEFAULT_CONFIG, add_config_args, config_from_args, defaults_yaml
 from litpipe.errors import INTERRUPTED, UserError
+from litpipe.ray_cluster import VERBOSE_ENV
 from litpipe.eval import cli as eval_cli
 from litpipe.precompute import cli as precompute_cli
 from litpipe.store import cli as store_cli
@@ -54,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="LiT in two stages: embed images once with a locked open_clip tower, then train text towers on the cache.",
     )
     parser.add_argument("--version", action="version", version=f"litpipe {litpipe.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's own log lines too")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run every stage of pipeline.yaml end to end, then summarise",
@@ -104,6 +108,10 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
 def main(argv: list[str] | None = None) -> int:
     """Exit codes (litpipe/errors.py): 0 done, 2 a user error, 75 rerun to finish, 130 interrupted."""
     args = parse(build_parser(), argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch, for every bar that does not set `disable` itself
     try:
         return args.func(args) or 0
     except UserError as err:

@@ -166,3 +166,19 @@ def test_relative_paths_in_a_config_mean_relative_to_its_file_from_any_folder(tm
     (experiment / "pipeline.yaml").write_text((experiment / "pipeline.yaml").read_text().replace("tower.pt", "laion2b_s34b_b79k"))
     assert main(["config", "../experiments/a/pipeline.yaml"]) == 0
     assert json.loads(capsys.readouterr().out)["encoder"]["pretrained"] == "laion2b_s34b_b79k"
+
+
+def test_a_clean_run_prints_litpipes_lines_and_ray_keeps_its_own_in_its_logs(tmp_path):
+    import yaml
+    from precompute_samples import image_bytes, sample_members, tiny_config, write_tar
+
+    write_tar(tmp_path / "in-000000.tar", sample_members("a", image_bytes(1), "one"))
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(tiny_config({"train": {"format": "webdataset", "urls": str(tmp_path / "in-*.tar")}},
+                                                 str(tmp_path / "store"), ray={"num_cpus": 2})))
+    result = subprocess.run([str(CONSOLE_SCRIPT), "precompute", str(config)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: cache " in result.stdout and "embedded 1" in result.stdout
+    for chatter in ("Token authentication", "Started a local Ray instance", "Starting execution of Dataset",
+                    "Progress bars disabled"):
+        assert chatter not in result.stderr, result.stderr
