@@ -151,7 +151,8 @@ def finish(p: Plan) -> dict:
         manifest = p.cache.finalize(expected_inputs=p.inputs)
         # Keys repeated across input shards are resolved over every committed part: the copies this
         # run embedded and finalize dropped count as skipped, not embedded.
-        dropped = sum(r.get("duplicates_dropped", 0) for r in manifest["shards"] if (r["input"], r["part"]) in p.committed)
+        dropped = sum(r.get("duplicates_dropped", 0) for r in manifest["shards"]
+                      if (r["input"], r.get("part", 0)) in p.committed)
         if dropped:
             p.embedded -= dropped
             p.skipped[DUPLICATE_KEY] += dropped
