@@ -26,7 +26,7 @@ import pyarrow as pa
 import litpipe.store.cache as cache_module
 from litpipe.models.tokenizer import clip_tokenizer
 from litpipe.store import EmbeddingCache, StreamingReader, load_all
-from litpipe.store.tokens import pick_captions
+from litpipe.store.tokens import file_name, pick_captions
 from litpipe.train_text.token_cache import ensure_token_cache
 
 
@@ -114,7 +114,7 @@ def main() -> None:
         tokenise_s = time.perf_counter() - start
         paths = [cache.file_path(s) for s in cache.shards()]
         total = sum(s["bytes"] for s in cache.shards())
-        token_paths = [f"{tokens.path}/{s['name']}.parquet" for s in cache.shards()]
+        token_paths = [f"{tokens.path}/{file_name(s)}" for s in cache.shards()]
         with_tokens = total + sum(os.path.getsize(p) for p in token_paths)
         raw_read(paths + token_paths, with_tokens)  # warm the page cache for everyone alike
         tenth = StreamingReader(cache, args.batch_size).num_batches // 10

@@ -53,7 +53,7 @@ class TokenCache:
         self.fs.invalidate_cache(self.path)
         present = set(self.fs.ls(self.path, detail=False)) if self.fs.exists(self.path) else set()
         names = {p.rsplit("/", 1)[-1] for p in present}
-        return [r for r in self.cache.shards() if f"{r['name']}.parquet" not in names]
+        return [r for r in self.cache.shards() if file_name(r) not in names]
 
     def write(self, record: dict, ids: np.ndarray, counts: np.ndarray) -> None:
         """One shard file's token ids: `ids` [captions, context] int32 in row order, `counts`
@@ -74,7 +74,7 @@ class TokenCache:
             start += rows
         writer.close()
         self.fs.makedirs(self.path, exist_ok=True)
-        write_atomic(self.fs, f"{self.path}/{record['name']}.parquet", sink.getvalue())
+        write_atomic(self.fs, f"{self.path}/{file_name(record)}", sink.getvalue())
 
     def finalize(self) -> None:
         if self.missing():
@@ -84,13 +84,19 @@ class TokenCache:
                      json.dumps({"tokenizer": self.fingerprint, "complete": True}, indent=1).encode())
 
     def open_file(self, record: dict) -> pq.ParquetFile:
-        path = f"{self.path}/{record['name']}.parquet"
+        path = f"{self.path}/{file_name(record)}"
         local = is_local(self.fs)
         try:
             return pq.ParquetFile(path if local else pa.BufferReader(self.fs.cat_file(path)), memory_map=local)
         except FileNotFoundError:
             raise CacheError(f"{self.url}: no token file for {record['path']}; rebuild the token cache "
                              "(litpipe train builds what is missing)") from None
+
+
+def file_name(record: dict) -> str:
+    """A shard file's token file: named by the part and its data file's sha256, so a part written
+    again (finalize drops a repeated key from it) gets token rows of its own, never stale ones."""
+    return f"{record['name']}.{record['sha256'][:16]}.parquet"
 
 
 def token_rows(parquet: pq.ParquetFile, group: int) -> tuple[np.ndarray, np.ndarray]:

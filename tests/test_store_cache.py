@@ -348,3 +348,27 @@ def test_a_format_1_cache_reads_as_it_is_and_lends_its_shards(tmp_path):
     assert load_all(reopened).keys == [f"s{i}/{j}" for i in range(2) for j in range(3)]
     grown = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
     assert adopt_from_other_caches(grown, INPUTS) == {INPUTS[0]: old.id, INPUTS[1]: old.id}
+
+
+def test_finalize_keeps_a_key_repeated_across_parts_in_the_first_and_the_token_cache_follows(tmp_path):
+    """The store's side of the duplicate rule: parts committed in any order, the first copy in input
+    order stays; a token cache built while the cache was partial rebuilds the rewritten part's rows."""
+    from litpipe.models.tokenizer import clip_tokenizer
+    from litpipe.store.reader import load_all
+    from litpipe.train_text.token_cache import ensure_token_cache
+
+    cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET)
+    later = shard_table("s1", 3, seed=1)
+    later = later.set_column(0, "key", pa.array(["s1/0", "s0/2", "s1/2"]))  # s0/2 is in-0's too
+    cache.commit_shard(INPUTS[1], later)  # committed first, but in-1 comes after in-0
+    cache.commit_shard(INPUTS[0], shard_table("s0", 3))
+    tokens = ensure_token_cache(cache, clip_tokenizer(8))
+    stale = {r["name"]: r["sha256"] for r in cache.shards()}
+    manifest = cache.finalize()
+    assert [(r["input"], r["rows"], r.get("duplicates_dropped", 0)) for r in manifest["shards"]] == [
+        (INPUTS[0], 3, 0), (INPUTS[1], 2, 1)]
+    assert cache.errors() == [{"key": "s0/2", "input": INPUTS[1], "reason": f"duplicate key: first in {INPUTS[0]}"}]
+    assert load_all(cache).keys == ["s0/0", "s0/1", "s0/2", "s1/0", "s1/2"] and cache.verify() == []
+    rewritten = [r for r in cache.shards() if r["sha256"] != stale[r["name"]]]
+    assert [r["input"] for r in tokens.missing()] == [r["input"] for r in rewritten] == [INPUTS[1]]
+    assert ensure_token_cache(cache, clip_tokenizer(8)).missing() == []

@@ -156,13 +156,13 @@ def test_throughput_counts_the_time_spent_waiting_for_data(tiny_cache, monkeypat
 
 def test_a_token_cache_built_before_more_shards_were_committed_is_completed(tiny_cache, tmp_path):
     from litpipe.models.tokenizer import clip_tokenizer
-    from litpipe.store.tokens import TokenCache
+    from litpipe.store.tokens import TokenCache, file_name
     from litpipe.train_text.token_cache import ensure_token_cache
 
     cache = resolve_cache(validate_config(config(tiny_cache, "tokens-grow")), "train")
     tokens = ensure_token_cache(cache, clip_tokenizer(16))
     first = cache.shards()[0]
-    Path(tokens.path, f"{first['name']}.parquet").unlink()  # as if this shard file came after the build
+    Path(tokens.path, file_name(first)).unlink()  # as if this shard file came after the build
     assert tokens.complete and [r["name"] for r in tokens.missing()] == [first["name"]]
     assert ensure_token_cache(cache, clip_tokenizer(16)).missing() == []
     assert TokenCache(cache, clip_tokenizer(16).fingerprint()).open_file(first) is not None
