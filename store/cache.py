@@ -470,7 +470,8 @@ class EmbeddingCache:
                                  f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")
         records, replaced = drop_later_duplicates(self, records)
         errors = [e for r in records for e in r["errors"]]
-        errors_blob = "".join(json.dumps(e) + "\n" for e in errors).encode()
+        # Keys sorted: a record read back from its file and one made in this process write the same line.
+        errors_blob = "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode()
         write_atomic(self.fs, _join(self.path, ERRORS_FILE), errors_blob)
         manifest = dict(self.manifest)
         manifest.update(
@@ -488,7 +489,8 @@ class EmbeddingCache:
         named = referenced_files(list_caches(to_url(self.fs, self.root))) if replaced else {}
         for record in replaced:  # the files of parts rewritten without their duplicates, unless a cache names them
             if (self.owner(record), record["path"]) not in named:
-                self.fs.rm_file(self.file_path(record))
+                with contextlib.suppress(FileNotFoundError):  # a finalize running beside this one took it
+                    self.fs.rm_file(self.file_path(record))
         return manifest
 
     def _write_exclusive(self, path: str, data: bytes) -> bool:
