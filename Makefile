@@ -10,30 +10,31 @@ DEMO_DATA ?= data/openmoji
 
 .PHONY: run ablation test test-faults venv clean
 
-$(VENV)/.installed-%: pyproject.toml
+$(VENV)/.installed-%: pyproject.toml tests/requirements-no-deps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/pip install -q $(TORCH_SPEC)
 	$(BIN)/pip install -q -e ".[$*]"
+	@case "$*" in *test*) $(BIN)/pip install -q --no-deps -r tests/requirements-no-deps.txt;; esac
 	@touch $@
 
-# The stamp's suffix is the extras installed: `demo` (the demo data builder), `serve`, `test`.
-venv: $(VENV)/.installed-demo,serve
+# The stamp's suffix is the extras installed: `cpu` (faiss on CPU), `demo` (the demo data builder), `serve`, `test`.
+venv: $(VENV)/.installed-cpu,demo,serve
 
-run: $(VENV)/.installed-demo,serve
+run: $(VENV)/.installed-cpu,demo,serve
 	$(BIN)/litpipe demo-data --out $(DEMO_DATA)
 	$(BIN)/litpipe run pipeline.yaml
 
 # LiT's ablation on the demo: L (locked pretrained tower) vs u (random tower) vs shuffled captions.
-ablation: $(VENV)/.installed-demo,serve
+ablation: $(VENV)/.installed-cpu,demo,serve
 	$(BIN)/litpipe demo-data --out $(DEMO_DATA)
 	$(BIN)/litpipe ablation pipeline.yaml
 
-test: $(VENV)/.installed-demo,test
+test: $(VENV)/.installed-cpu,demo,test
 	$(BIN)/python -m pytest -q
 
 # The whole fault-injection suite (tests/faults/; `make test` runs its quick subset): seeded SIGKILLs at
 # 24+ points per stage, object-store faults, a full disk. Its tally is the table in docs/reliability.md.
-test-faults: $(VENV)/.installed-demo,test
+test-faults: $(VENV)/.installed-cpu,demo,test
 	@mkdir -p runs && rm -f runs/faults.jsonl
 	LITPIPE_FAULT_REPORT=$(CURDIR)/runs/faults.jsonl $(BIN)/python -m pytest -q -m "faults or not faults" tests/faults
 	$(BIN)/python tests/faults/tally.py runs/faults.jsonl

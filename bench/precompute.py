@@ -12,6 +12,12 @@ counts: the goal is < 1 s). `--encoder-only` skips Ray and the pipeline, for a G
     python bench/precompute.py                                          # CPU, ViT-B-32, 2,048 JPEGs
     python bench/precompute.py --model litpipe-tiny-vit --images 4096   # the demo's tiny encoder
     python bench/precompute.py --encoder-only --precision bf16 --batch-size 256
+    python bench/precompute.py --source timm --model vit_base_patch16_224 --images 256 --batch-size 32
+    python bench/precompute.py --source hf --model dinov2-small --images 256 --batch-size 32
+
+Weights are random (none can be downloaded here): throughput does not depend on them. `--source hf
+--model dinov2-small` saves a random DINOv2-S (ViT-S/14, 224 px after a 256 px resize, as
+facebook/dinov2-small) to a temp folder first.
 """
 
 from __future__ import annotations
@@ -85,7 +91,9 @@ def decode_per_cpu(encoder, samples: list[bytes]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ViT-B-32", help="open_clip model, or litpipe-tiny-vit (the demo's)")
+    parser.add_argument("--source", default="open_clip", choices=["open_clip", "timm", "hf"])
+    parser.add_argument("--model", default="ViT-B-32", help="open_clip model, or litpipe-tiny-vit (the demo's); a timm "
+                        "model; a Hugging Face folder or `dinov2-small` (a random DINOv2-S)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--preprocess", default="tensor", choices=["tensor", "pil"])
@@ -154,8 +162,24 @@ def child(flags: list[str], env: dict | None = None) -> dict:
 
 
 def encoder_config(args) -> EncoderConfig:
-    return EncoderConfig(model=args.model, architecture=DEMO_ARCHITECTURE if args.model == "litpipe-tiny-vit" else None,
-                         precision=args.precision, device=args.device, preprocess=args.preprocess)
+    if args.source == "hf" and args.model == "dinov2-small":
+        args.model = random_dinov2_small()
+    return EncoderConfig(source=args.source, model=args.model, precision=args.precision, device=args.device,
+                         preprocess=args.preprocess,
+                         architecture=DEMO_ARCHITECTURE if args.model == "litpipe-tiny-vit" else None)
+
+
+def random_dinov2_small() -> str:
+    """facebook/dinov2-small's architecture and processor settings, random weights, in a temp folder."""
+    import transformers
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-dinov2-small-"))
+    transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=384, num_attention_heads=6, num_hidden_layers=12,
+                                                       image_size=518, patch_size=14)).save_pretrained(folder)
+    transformers.BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                   do_center_crop=True, resample=3, image_mean=[0.485, 0.456, 0.406],
+                                   image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return str(folder)
 
 
 def run_pipeline(args) -> dict:

@@ -21,7 +21,7 @@ def evaluate(cfg: PipelineConfig, checkpoint: str | None = None) -> dict:
     url = chosen_checkpoint(cfg, checkpoint)
     device = resolve_device(cfg.eval.device, "eval.device")
     tower, tokenizer, meta = load_text_tower(url, device=str(device))
-    results = {"checkpoint": url, "checkpoint_meta": meta, "encoder": cfg.encoder.model_dump(exclude={"device"})}
+    results = {"checkpoint": url, "checkpoint_meta": meta, "encoder": cfg.encoder.spec()}
     return {**results, **EvalSuite(cfg).evaluate(tower, tokenizer, device)}
 
 

@@ -56,11 +56,17 @@ class DatasetConfig(Section):
 
 
 class EncoderConfig(Section):
-    """The locked open_clip image tower whose outputs are cached."""
+    """The locked image tower whose outputs are cached: an open_clip, timm or Hugging Face model."""
 
+    source: Literal["open_clip", "timm", "hf"] = Field(
+        "open_clip", description="which library builds encoder.model: open_clip (a CLIP's image tower), timm (any "
+        "timm model, e.g. LiT's vit_base_patch16_224.augreg_in21k) or hf (a transformers vision model: DINOv2, "
+        "SigLIP, CLIP vision; encoder.model is its hub id or folder)")
     model: str = "ViT-B-32"
     pretrained: str | None = Field(
-        None, description="a pretrained tag, a local checkpoint path or an hf-hub: id; none = random init"
+        None, description="open_clip: a pretrained tag, a local checkpoint path or an hf-hub: id; timm: `timm` (timm's "
+        "own weights for the tag in encoder.model) or a local checkpoint; hf: unused (the weights are encoder.model's); "
+        "none = random init"
     )
     architecture: dict[str, Any] | None = Field(
         None, description="an open_clip model config (embed_dim, vision_cfg, text_cfg) registered under "
@@ -72,8 +78,11 @@ class EncoderConfig(Section):
     jpeg_decode: Literal["auto", "cpu", "device"] = Field(
         "auto", description="device = JPEGs travel encoded and the encoder decodes them in batches (nvjpeg on a GPU; "
         "what it cannot decode falls back to the CPU); auto = device when the encoder runs on a GPU with preprocess: tensor")
-    output: Literal["projected", "pooled"] = Field(
-        "projected", description="projected = the CLIP embedding; pooled = the tower's features before its projection")
+    output: Literal["projected", "pooled", "cls_patch_mean"] | None = Field(
+        None, description="none = projected for open_clip, pooled otherwise. "
+        "projected = the model's projected embedding (a CLIP's; timm models have none); "
+        "pooled = the features before any projection (timm: pre-logits, as LiT caches; hf: the pooler output); "
+        "cls_patch_mean = the CLS token concatenated with the mean of the patch tokens, registers excluded (ViTs)")
     normalize: bool = Field(False, description="store L2-normalised vectors; training and eval normalise either way")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = a GPU when the encoder actor has one")
@@ -85,6 +94,26 @@ class EncoderConfig(Section):
         None, description="override the resize interpolation; none = the model's own")
     image_resize_mode: Literal["shortest", "longest", "squash"] | None = Field(
         None, description="override how images are fitted to the input size; none = the model's own")
+
+    def spec(self) -> dict:
+        """What names this encoder in a cache's fingerprint: every setting but the device. An open_clip
+        encoder's has no `source`, as before other sources existed, so its caches are still found."""
+        return self.model_dump(exclude={"device", "source"} if self.source == "open_clip" else {"device"})
+
+    @model_validator(mode="after")
+    def _options_of_the_source(self) -> EncoderConfig:
+        if self.output is None:
+            self.output = "projected" if self.source == "open_clip" else "pooled"
+        if self.source != "open_clip":
+            given = [k for k in ("architecture", "image_size", "image_mean", "image_std", "image_interpolation",
+                                 "image_resize_mode") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: open_clip options; a {self.source} model brings its own "
+                                 "architecture and preprocessing; remove them")
+        if self.source == "hf" and self.pretrained is not None:
+            raise ValueError("pretrained: a Hugging Face model's weights are encoder.model's (a hub id or folder); "
+                             "set encoder.pretrained: null")
+        return self
 
     @model_validator(mode="after")
     def _device_jpeg_needs_tensor_preprocessing(self) -> EncoderConfig:

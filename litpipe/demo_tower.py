@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from litpipe.config import DatasetConfig
-from litpipe.models.image_encoder import register_architecture
+from litpipe.models.image_towers import register_architecture
 from litpipe.sources import read_tar
 
 MODEL = "litpipe-demo-vit"  # pipeline.yaml's encoder.model and encoder.architecture must be these two

@@ -11,12 +11,14 @@ from pathlib import Path
 
 from litpipe.config import PipelineConfig
 from litpipe.eval import stage as eval_stage
+from litpipe.evaluation.search_index import require_faiss
 from litpipe.precompute import stage as precompute_stage
 from litpipe.train_text import stage as train_stage
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Each stage's `run(cfg) -> dict` in order; write and print the summary."""
+    require_faiss()  # the eval stage needs it: say so before hours of precompute and training
     summary = {"precompute": precompute_stage.run(cfg)}
     precompute_stage.raise_if_incomplete(summary["precompute"])  # never train on a cache with holes
     summary["train"] = train_stage.run(cfg)

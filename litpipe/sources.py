@@ -330,8 +330,10 @@ def read_folder_rows(dataset: DatasetConfig, url: str) -> Iterator[Sample]:
             yield Sample(key, error=f"image file missing: {path}")
         elif not captions:
             yield Sample(key, error="no caption")
-        else:
-            yield Sample(key, image, captions, label, legacy_text=legacy)
+        else:  # the row's other fields travel as metadata, its image path under `path` (exports show it)
+            extra = {k: v for k, v in row.items() if k not in ("caption", "captions", dataset.label_column or "label")
+                     and (isinstance(v, (str, int, float, bool)) or v is None)}
+            yield Sample(key, image, captions, label, {**extra, "path": path}, legacy_text=legacy)
 
 
 def _cat_or_none(fs, path: str) -> bytes | None:

@@ -716,7 +716,7 @@ def resolve_cache(cfg, dataset_name: str, explicit: str | None = None) -> Embedd
     if explicit:
         return EmbeddingCache.open(explicit, root=cfg.store.root)
     dataset_fp = json.loads(canonical_json(dataset_fingerprint(cfg.data[dataset_name])))
-    spec = json.loads(canonical_json(cfg.encoder.model_dump(exclude={"device"})))
+    spec = json.loads(canonical_json(cfg.encoder.spec()))
     matches = [c for c in list_caches(cfg.store.root)
                if json.loads(canonical_json(c.manifest["encoder"].get("spec"))) == spec
                and json.loads(canonical_json(c.manifest["dataset"])) == dataset_fp]

@@ -52,7 +52,10 @@ def register(commands) -> None:
     add_config_args(export)
     export.add_argument("--format", required=True, choices=("npy", "arrow"), help="the layout to write")
     export.add_argument("--out", required=True, help="output folder (any fsspec URL)")
-    export.add_argument("--dtype", choices=("float16", "float32"), help="npy only: default = the cache's stored dtype")
+    export.add_argument("--dtype", choices=("float16", "float32"),
+                        help="npy only: default float16 (clip-retrieval's), or the stored dtype with --raw")
+    export.add_argument("--raw", action="store_true",
+                        help="npy only: the cache's vectors as they are, not L2-normalised (clip-retrieval normalises)")
     export.set_defaults(func=_export)
 
     rm = actions.add_parser("rm", help="delete a cache and the data files no other cache names (or with --orphans "
@@ -174,8 +177,11 @@ def _verify(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from litpipe.store.export import export_cache
 
-    summary = export_cache(_open(args), args.out, args.format, args.dtype)
-    print(f"exported cache {summary['cache_id']}: {summary['rows']:,} rows x {summary['dim']} ({summary['dtype']}) "
+    if args.raw and args.format != "npy":
+        raise UserError("cache export: --raw is for --format npy (arrow keeps the cache's vectors already)")
+    summary = export_cache(_open(args), args.out, args.format, args.dtype, raw=args.raw)
+    kind = f"{summary['dtype']}{', L2-normalised' if summary['normalised'] else ''}"
+    print(f"exported cache {summary['cache_id']}: {summary['rows']:,} rows x {summary['dim']} ({kind}) "
           f"in {len(summary['files'])} file(s) as {args.format} to {args.out} (export.json records what)")
     return 0
 

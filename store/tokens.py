@@ -9,7 +9,8 @@ row-aligned with it (the same row groups), so the reader serves fixed-width inte
                                                       fixed_size_binary(context x 4): int32 ids per caption
 
 The tokenizer id is 16 hex of sha256 over its fingerprint (vocabulary and merges, special tokens,
-context length, text cleaning), so a changed tokenizer never reads another's ids. Each file is
+context length, and the text cleaning that runs before it: open_clip's cleaning code and the ftfy it
+calls), so a changed tokenizer, or a newer open_clip that cleans differently, never reads another's ids. Each file is
 written whole and published by one atomic replace; a missing one is built again.
 """
 

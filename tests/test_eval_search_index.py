@@ -1,6 +1,7 @@
 """litpipe/evaluation/search_index.py: faiss search against a float64 reference."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -39,3 +40,11 @@ def test_asking_for_more_neighbours_than_the_gallery_holds_pads_with_minus_one()
 def test_unknown_index_kind_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="auto, flat, ivf"):
         build_index(_unit(3, 4, 0), "hnsw")
+
+
+def test_without_faiss_the_error_names_the_extra_to_install(monkeypatch):
+    from litpipe.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # what `import faiss` meets where neither extra is installed
+    with pytest.raises(UserError, match=r"pip install 'litpipe\[cpu\]', or 'litpipe\[gpu\]'"):
+        build_index(torch.randn(4, 3))

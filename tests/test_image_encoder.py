@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import TINY_ARCHITECTURE
 from litpipe.config import EncoderConfig
-from litpipe.models.image_encoder import EncoderError, load_encoder
+from litpipe.models.image_encoder import load_encoder
+from litpipe.models.image_towers import EncoderError
 from precompute_samples import TINY_MODEL, image_bytes
 
 

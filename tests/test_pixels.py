@@ -90,5 +90,5 @@ def test_the_path_is_in_the_encoder_fingerprint_so_caches_never_mix():
 
 
 def test_the_tensor_path_refuses_open_clips_pad_to_square_mode_with_the_fix():
-    with pytest.raises(UserError, match="encoder.preprocess: tensor cannot do open_clip's `longest`.*preprocess: pil"):
+    with pytest.raises(UserError, match="encoder.preprocess: tensor cannot do the `longest` resize mode .open_clip's .*preprocess: pil"):
         encoder("tensor", image_resize_mode="longest")

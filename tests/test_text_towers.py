@@ -11,7 +11,7 @@ from conftest import tiny_train_config as config
 
 from litpipe.config import validate_config
 from litpipe.models.text_tower import build_text_tower, load_text_tower
-from litpipe.models.tokenizer import Tokenizer, hf_tokenizer, load_tokenizer, train_unigram
+from litpipe.models.tokenizer import Tokenizer, hf_tokenizer, load_tokenizer, train_bpe, train_unigram
 from litpipe.train_text.export import export_model
 from litpipe.train_text.trainer import build_run, train
 
@@ -124,6 +124,7 @@ TOWERS = {  # (tower section, what the setting promises of the language model's 
     "bert-LL": ({"hf_model": "bert", "lit": "LL"}, "pretrained and unchanged"),
     "mt5-LU": ({"hf_model": "mt5", "lit": "LU", "hf_pooler": "mean_pooler", "hf_proj": "mlp"}, "start pretrained, trained"),
     "clip-unigram-Lu": ({}, "start random, trained"),
+    "clip-bpe-Lu": ({}, "start random, trained"),  # a BPE fitted here: the export's open_clip tokenizer reads it
 }
 
 
@@ -135,11 +136,12 @@ def test_each_tower_kind_trains_exports_and_loads_in_plain_open_clip_with_equal_
     train_extra = {}
     if "hf_model" in tower:
         tower["hf_model"] = hf_models[tower["hf_model"]]
-    else:  # a CLIP-style tower reading a SentencePiece-style vocabulary: it pools at </s>
-        unigram = train_unigram(captions(500), vocab_size=300, context_length=16)
-        unigram.save(str(tmp_path / "unigram.json"))
-        tower["vocab_size"] = unigram.vocab_size
-        train_extra["tokenizer"] = str(tmp_path / "unigram.json")
+    else:  # a CLIP-style tower reading a vocabulary fitted here: SentencePiece-style (pools at </s>) or CLIP's BPE
+        fit = train_bpe if "bpe" in kind else train_unigram
+        fitted = fit(captions(500), vocab_size=800 if "bpe" in kind else 300, context_length=16)
+        fitted.save(str(tmp_path / "fitted.json"))
+        tower["vocab_size"] = fitted.vocab_size
+        train_extra["tokenizer"] = str(tmp_path / "fitted.json")
     cfg = validate_config(config(tiny_cache, f"tower-{kind}", steps=3, tower=tower, **train_extra))
     assert cfg.train.tower.setting == kind.rsplit("-", 1)[1]
     start = build_run(cfg).tower.state_dict()
@@ -158,15 +160,17 @@ def test_each_tower_kind_trains_exports_and_loads_in_plain_open_clip_with_equal_
         assert same(final, initial) == (promise == "pretrained and unchanged")
         assert not torch.equal(trained.text.proj.state_dict()[next(iter(trained.text.proj.state_dict()))],
                                start[f"text.proj.{next(iter(trained.text.proj.state_dict()))}"])  # the projection trains
-    else:
+    elif "unigram" in kind:
         assert trained.text_cfg["pool_type"] == "eos" and trained.text_cfg["eos_id"] == tokenizer.end_id == 1
 
     folder = export_model(cfg, str(tmp_path / "export"))
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     model.eval()
     open_clip_tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    texts = ["a red cat", "красный кот 東京", "smiling face rocket " * 6]
+    texts = ["a red cat!!", "красный кот 東京", "smiling face rocket " * 6, "Wow! &amp; café"]
     assert torch.equal(open_clip_tokenizer(texts), tokenizer(texts))
+    if "bpe" in kind:  # not CLIP's stock ids: open_clip read the export's own merges
+        assert not torch.equal(open_clip_tokenizer(texts), open_clip.tokenize(texts, 16))
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(tokenizer(texts), normalize=True), trained(tokenizer(texts)))
         from_export, _, _ = load_text_tower(str(folder))  # eval and serve read the export too

@@ -53,3 +53,49 @@ def test_trained_bpe_puts_end_token_at_the_highest_id_and_round_trips(tmp_path):
     assert tok.decode(ids[0].tolist()).strip() == "a red emoji of a cat"
     tok.save(str(tmp_path / "t.json"))
     assert torch.equal(Tokenizer.load(str(tmp_path / "t.json"), 16)(["rocket"]), ids[1:])
+
+
+def test_a_fitted_bpe_is_read_by_open_clips_own_simple_tokenizer_with_the_same_ids(tmp_path):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    captions = varied_captions(1500, seed=2)
+    tok = train_bpe(captions, vocab_size=900, context_length=24)
+    assert tok.vocab_size == 900  # the captions hold enough pairs: exactly the ids asked for
+    tok.save_merges(str(tmp_path / "bpe.txt.gz"))
+    theirs = SimpleTokenizer(bpe_path=str(tmp_path / "bpe.txt.gz"), context_length=24)
+    assert theirs.vocab_size == tok.vocab_size and theirs.eot_token_id == tok.end_id
+    held_out = varied_captions(600, seed=3)
+    expected, got = theirs(held_out), tok(held_out)
+    mismatched = [held_out[i] for i in range(len(held_out)) if not torch.equal(got[i], expected[i])]
+    assert not mismatched, mismatched[:5]
+    assert (got > 600).any()  # merges, not bytes alone, were compared
+
+    clip_tokenizer(24).save_merges(str(tmp_path / "clip.txt.gz"))  # CLIP's own merges round-trip to its ids
+    assert torch.equal(SimpleTokenizer(bpe_path=str(tmp_path / "clip.txt.gz"), context_length=24)(held_out),
+                       open_clip.tokenize(held_out, 24))
+
+
+def test_a_token_cache_key_follows_open_clips_cleaning_code_and_ftfy(monkeypatch):
+    import ftfy
+    import open_clip.tokenizer as open_clip_tokenizer
+
+    from litpipe.models.tokenizer import cleaning_fingerprint
+
+    before = clip_tokenizer(16).fingerprint()
+    try:
+        cleaning_fingerprint.cache_clear()
+        monkeypatch.setattr(ftfy, "__version__", "0.0-other")
+        assert clip_tokenizer(16).fingerprint() != before
+        monkeypatch.undo()
+        cleaning_fingerprint.cache_clear()
+        assert clip_tokenizer(16).fingerprint() == before
+
+        def whitespace_clean(text):  # a newer open_clip that folds whitespace differently
+            return " ".join(text.split(" "))
+
+        monkeypatch.setattr(open_clip_tokenizer, "whitespace_clean", whitespace_clean)
+        cleaning_fingerprint.cache_clear()
+        assert clip_tokenizer(16).fingerprint() != before
+    finally:
+        monkeypatch.undo()
+        cleaning_fingerprint.cache_clear()

@@ -44,7 +44,7 @@ class EvalWhileTraining:
             save_text_tower(self.best_dir, run.tower, run.tokenizer, {
                 "cache_id": run.cache.id, "step": step, "keep_best": name, "value": metrics[name],
                 "loss": self.cfg.train.loss, "dataset": self.cfg.train.dataset,
-                "encoder": self.cfg.encoder.model_dump(exclude={"device"})})
+                "encoder": self.cfg.encoder.spec()})
         return metrics
 
 

@@ -3,13 +3,15 @@
     DIR/open_clip_config.json       {"model_cfg": {embed_dim, vision_cfg, text_cfg, ...}, "preprocess_cfg"}
     DIR/open_clip_model.safetensors the CLIP state dict (visual.* from the encoder, text from the tower)
     DIR/tokenizer.json              the training tokenizer
+    DIR/bpe_vocab.txt.gz            a CLIP-style BPE (CLIP's own or one `litpipe tokenizer train` fitted): its merges,
+                                    which open_clip's SimpleTokenizer reads (text_cfg.tokenizer_kwargs.bpe_path)
     DIR/tokenizer_config.json       a native (non-CLIP) tokenizer: what open_clip's HFTokenizer needs to load it
     DIR/config.json                 an HF text tower: the language model's config (open_clip's CustomTextCLIP
                                     rebuilds it from DIR, the folder's absolute path: move the folder, edit it)
 
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads it; `open_clip.get_tokenizer("local-dir:DIR")`
-gives the training tokenizer: CLIP's (a custom CLIP-style BPE: `litpipe.models.tokenizer.Tokenizer.load(DIR/tokenizer.json)`),
-or the native one through open_clip's HFTokenizer.
+gives the training tokenizer's ids: a CLIP-style BPE through open_clip's SimpleTokenizer reading DIR's merges,
+a native one through open_clip's HFTokenizer. The paths inside are absolute: move the folder, edit them.
 """
 
 from __future__ import annotations
@@ -27,28 +29,22 @@ from litpipe.models.text_tower import load_text_tower
 
 def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -> Path:
     """Write the open_clip folder for `cfg.encoder` + the text tower at `checkpoint` (default: train's final)."""
-    import open_clip
-
-    if cfg.encoder.output != "projected":
-        raise UserError("export: encoder.output is `pooled`, which an open_clip CLIP cannot express; "
-                        "export models trained on a `projected` cache")
     tower, tokenizer, meta = load_text_tower(checkpoint or cfg.final_text_tower)
     encoder = load_encoder(cfg.encoder, device="cpu")
-    model_cfg = open_clip.get_model_config(encoder.fingerprint["pretrained"] if str(encoder.fingerprint["pretrained"]).startswith("hf-hub:")
-                                           else cfg.encoder.model)
-    if model_cfg is None:
-        raise UserError(f"export: open_clip has no config for encoder.model `{cfg.encoder.model}`; give encoder.architecture")
-    if model_cfg.get("quick_gelu"):
-        raise UserError(f"export: `{cfg.encoder.model}` uses QuickGELU for both towers in open_clip, the text tower was "
-                        "trained with GELU; export needs a GELU image tower")
+    if cfg.encoder.source == "timm":
+        model_cfg, visual_state = _timm_model_cfg(cfg, encoder)
+    elif cfg.encoder.source == "open_clip":
+        model_cfg, visual_state = _open_clip_model_cfg(cfg, encoder)
+    else:
+        raise UserError("export: open_clip cannot express a Hugging Face image tower (encoder.source: hf); the text "
+                        "tower is at " + (checkpoint or cfg.final_text_tower))
     if model_cfg["embed_dim"] != tower.embed_dim:
         raise UserError(f"export: the text tower projects to {tower.embed_dim} but the image tower gives "
                         f"{model_cfg['embed_dim']}; train on a cache of this encoder")
     folder = Path(out).absolute()
     folder.mkdir(parents=True, exist_ok=True)
-    model_cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "text_cfg", "init_logit_bias")}
     model_cfg["text_cfg"] = {k: v for k, v in tower.text_cfg.items() if v is not None}
-    state = {f"visual.{k}": v for k, v in encoder.model.visual.state_dict().items()}
+    state = dict(visual_state)
     if tower.hf_config is not None:  # open_clip's CustomTextCLIP: the language model rebuilt from this folder
         model_cfg["custom_text"] = True
         model_cfg["text_cfg"].update(hf_model_name=str(folder), hf_model_pretrained=False)
@@ -56,7 +52,10 @@ def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -
         state.update({f"text.{k}": v for k, v in tower.text.state_dict().items()})
     else:
         state.update(tower.text.state_dict())
-    if tokenizer.framing == "native":  # open_clip's HFTokenizer reads it from this folder (local-dir:)
+    if tokenizer.framing == "clip":  # SimpleTokenizer reads these merges; with CLIP's own, they are its own file's
+        tokenizer.save_merges(str(folder / "bpe_vocab.txt.gz"))
+        model_cfg["text_cfg"]["tokenizer_kwargs"] = {"bpe_path": str(folder / "bpe_vocab.txt.gz")}
+    else:  # open_clip's HFTokenizer reads it from this folder (local-dir:)
         model_cfg["text_cfg"]["hf_tokenizer_name"] = str(folder)
         (folder / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tower.context_length,
@@ -66,8 +65,50 @@ def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -
         model_cfg["init_logit_bias"] = float(tower.logit_bias)
         state["logit_bias"] = tower.logit_bias.detach().clone()
     (folder / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": model_cfg, "preprocess_cfg": dict(encoder.model.visual.preprocess_cfg),
+        {"model_cfg": model_cfg, "preprocess_cfg": _preprocess_cfg(encoder),
          "litpipe": {"text_tower": meta, "encoder": encoder.fingerprint}}, indent=2, default=str))
     save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors"))
     tokenizer.save(str(folder / "tokenizer.json"))
     return folder
+
+
+def _open_clip_model_cfg(cfg: PipelineConfig, encoder) -> tuple[dict, dict]:
+    """open_clip's own config of the encoder's model, and its image tower's weights."""
+    import open_clip
+
+    if cfg.encoder.output != "projected":
+        raise UserError(f"export: encoder.output is `{cfg.encoder.output}`, which an open_clip CLIP cannot express; "
+                        "export models trained on a `projected` cache")
+    pretrained = str(encoder.fingerprint["pretrained"])
+    model_cfg = open_clip.get_model_config(pretrained if pretrained.startswith("hf-hub:") else cfg.encoder.model)
+    if model_cfg is None:
+        raise UserError(f"export: open_clip has no config for encoder.model `{cfg.encoder.model}`; give encoder.architecture")
+    if model_cfg.get("quick_gelu"):
+        raise UserError(f"export: `{cfg.encoder.model}` uses QuickGELU for both towers in open_clip, the text tower was "
+                        "trained with GELU; export needs a GELU image tower")
+    model_cfg = {k: v for k, v in model_cfg.items() if k not in ("custom_text", "text_cfg", "init_logit_bias")}
+    return model_cfg, {f"visual.{k}": v for k, v in encoder.model.visual.state_dict().items()}
+
+
+def _timm_model_cfg(cfg: PipelineConfig, encoder) -> tuple[dict, dict]:
+    """open_clip's timm image tower (`vision_cfg.timm_model_name`) as litpipe ran it: the model without its
+    classifier, its own pooling, no projection added, so open_clip's image features are the cached ones."""
+    if cfg.encoder.output != "pooled":
+        raise UserError(f"export: encoder.output is `{cfg.encoder.output}`; open_clip's timm tower gives the pooled "
+                        "(pre-logits) features, so export models trained on a `pooled` cache")
+    model = encoder.model
+    vision_cfg = {"timm_model_name": cfg.encoder.model, "timm_model_pretrained": False,
+                  "timm_pool": getattr(model, "global_pool", "avg"), "timm_proj": "none",
+                  "image_size": list(encoder.image_size)}
+    return ({"embed_dim": encoder.dim, "vision_cfg": vision_cfg},
+            {f"visual.trunk.{k}": v for k, v in model.state_dict().items()})
+
+
+def _preprocess_cfg(encoder) -> dict:
+    """open_clip's preprocess_cfg for the tower: its size, mean, std, interpolation and resize mode. (open_clip's
+    transform has no crop_pct: a timm tower's images are resized to the input size before the crop there.)"""
+    if encoder.fingerprint.get("source", "open_clip") == "open_clip":
+        return dict(encoder.model.visual.preprocess_cfg)
+    pp = encoder.preprocess_cfg
+    return {"size": list(encoder.image_size), "mode": "RGB", "mean": list(pp["mean"]), "std": list(pp["std"]),
+            "interpolation": pp["interpolation"], "resize_mode": pp["resize_mode"], "fill_color": 0}

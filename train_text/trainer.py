@@ -190,7 +190,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
     if rank == 0:
         save_text_tower(cfg.final_text_tower, run.tower, run.tokenizer,
                         {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss, "dataset": t.dataset,
-                         "lit": t.tower.setting, "encoder": cfg.encoder.model_dump(exclude={"device"})})
+                         "lit": t.tower.setting, "encoder": cfg.encoder.spec()})
         log.close()
         summary.update(log.plot())
         if t.keep_best:

@@ -17,6 +17,17 @@ from litpipe.errors import UserError
 INDEX_KINDS = ("auto", "flat", "ivf")
 
 
+def require_faiss():
+    """faiss, or the install line: it comes from an extra, `cpu` or `gpu`, because faiss-cpu and faiss-gpu
+    both install the module `faiss` and must not sit side by side."""
+    try:
+        import faiss
+    except ImportError:
+        raise UserError("faiss is not installed: pip install 'litpipe[cpu]', or 'litpipe[gpu]' on a CUDA 12 machine "
+                        "(one of the two: both install the module `faiss`)") from None
+    return faiss
+
+
 def build_index(gallery: torch.Tensor, kind: str = "auto", nlist: int | None = None, nprobe: int = 16) -> FaissIndex:
     """An index over `gallery` [N, D]; `auto` is the exact `flat` index."""
     if kind not in INDEX_KINDS:
@@ -28,7 +39,7 @@ class FaissIndex:
     """faiss inner-product search; moved to GPU 0 when faiss's GPU build finds a GPU."""
 
     def __init__(self, gallery: torch.Tensor, ivf: bool = False, nlist: int | None = None, nprobe: int = 16):
-        import faiss
+        faiss = require_faiss()
 
         vectors = _as_faiss(gallery)
         num, dim = vectors.shape

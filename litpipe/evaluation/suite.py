@@ -16,6 +16,7 @@ import torch
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
 from litpipe.evaluation.retrieval import evaluate_retrieval, flatten_captions
+from litpipe.evaluation.search_index import require_faiss
 from litpipe.evaluation.text_features import encode_texts
 from litpipe.evaluation.zeroshot import build_classifier, evaluate_zeroshot, load_classnames, load_templates
 from litpipe.store import EmbeddingCache, load_all, resolve_cache
@@ -44,6 +45,7 @@ class EvalSuite:
     """Every eval set of `cfg.eval` with its cached image vectors in memory."""
 
     def __init__(self, cfg: PipelineConfig):
+        require_faiss()  # before any work, not at the first score
         self.cfg = cfg
         self.retrieval: dict[str, _RetrievalSet] = {}
         self.zeroshot: dict[str, _ZeroShotSet] = {}

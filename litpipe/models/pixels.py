@@ -33,16 +33,17 @@ class PixelSteps:
         steps = list(transform.transforms)
         cut = next(i for i, step in enumerate(steps) if "ToTensor" in type(step).__name__)
         pil_steps, normalize = steps[:cut], steps[-1]
-        self.mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(normalize.std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.mean = torch.as_tensor(normalize.mean, dtype=torch.float32).clone().view(1, 3, 1, 1)
+        self.std = torch.as_tensor(normalize.std, dtype=torch.float32).clone().view(1, 3, 1, 1)
         size = preprocess_cfg["size"]
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.interpolation = (InterpolationMode.BILINEAR if preprocess_cfg["interpolation"] == "bilinear"
                               else InterpolationMode.BICUBIC)
         self.resize_mode = preprocess_cfg["resize_mode"]
-        if mode == "tensor" and self.resize_mode == "longest":
-            raise UserError("encoder.preprocess: tensor cannot do open_clip's `longest` resize mode (resize, then pad "
-                            "to square); set encoder.preprocess: pil")
+        self.resize_to = preprocess_cfg.get("resize_to") or self.size[0]  # the shorter side before the crop
+        if mode == "tensor" and self.resize_mode not in ("shortest", "squash"):
+            raise UserError(f"encoder.preprocess: tensor cannot do the `{self.resize_mode}` resize mode (open_clip's "
+                            "`longest` pads to square; timm's non-centre crops); set encoder.preprocess: pil")
         self.mode = mode
         self.cpu_step = CpuPixels(mode, self.size, pil_steps if mode == "pil" else [])
 
@@ -70,11 +71,12 @@ class PixelSteps:
         return out
 
     def resize_and_crop(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [n, 3, h, w] -> uint8 [n, 3, *size]: open_clip's `shortest` or `squash` eval geometry."""
+        """uint8 [n, 3, h, w] -> uint8 [n, 3, *size]: the `shortest` (shorter side to `resize_to`, then a centre
+        crop: open_clip's, timm's with its crop_pct, a Hugging Face processor's) or `squash` eval geometry."""
         if self.resize_mode == "squash":
             return TF.resize(batch, list(self.size), interpolation=self.interpolation, antialias=True)
-        if self.size[0] == self.size[1]:  # torchvision's shorter-edge rule, as open_clip's Resize(int) uses
-            target = [self.size[0]]
+        if self.size[0] == self.size[1]:  # torchvision's shorter-edge rule, as open_clip's and timm's Resize(int) use
+            target = [self.resize_to]
         else:
             height, width = batch.shape[-2:]
             scale = max(self.size[0] / height, self.size[1] / width)

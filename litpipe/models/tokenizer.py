@@ -7,28 +7,35 @@ split regex, byte-level BPE with `</w>` word ends, start/end tokens, truncation 
 end token, and zero padding run in Rust, in batches. `hf_tokenizer()` takes a Hugging Face model's
 own tokenizer (WordPiece, SentencePiece, BPE) with its special tokens and padding. `Tokenizer.load(path)`
 reads any tokenizer.json, `save(path)` writes one; `train_bpe` and `train_unigram` fit a new vocabulary
-on captions.
+on captions. A BPE fitted here has CLIP's id layout, so open_clip's own `SimpleTokenizer` reads its
+merges file (`save_merges`) and gives the same ids.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import inspect
+import json
 from functools import lru_cache
 from typing import Iterable
 
 import numpy as np
 import regex
 import torch
-from open_clip.tokenizer import _clean_lower, _clean_whitespace, bytes_to_unicode, default_bpe
+from open_clip import tokenizer as open_clip_tokenizer
+from open_clip.tokenizer import bytes_to_unicode, default_bpe, get_clean_fn
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as RustTokenizer
 
 from litpipe.errors import UserError
 
 START, END = "<start_of_text>", "<end_of_text>"
-# bump if the Python-side cleaning changes: it changes every id
-CLEANING = {"clip": "open_clip._clean_lower/1", "native": "open_clip._clean_whitespace/1"}
+# open_clip's text cleaning, run before the tokenizer: CLIP's lower-cases, the native one only folds whitespace.
+CLEANING = {"clip": "lower", "native": "whitespace"}
+_clean_lower, _clean_whitespace = get_clean_fn("lower"), get_clean_fn("whitespace")
+# SimpleTokenizer reads at most this many merges (CLIP's 49,408 ids less the 512 byte tokens and 2 specials).
+MAX_CLIP_MERGES = 49152 - 256 - 2
 # open_clip's split pattern without its special-token alternatives (handled in `_split_specials`).
 CLIP_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 # open_clip's full pattern: only used to find where it reads a special token inside a caption.
@@ -86,7 +93,7 @@ class Tokenizer:
         """What decides the ids: the whole tokenizer.json (vocabulary, merges, special tokens,
         pipeline), the context length and the Python-side cleaning; keys a token cache."""
         return {"sha256": hashlib.sha256(self.rust.to_str().encode()).hexdigest(), "context_length": self.context_length,
-                "cleaning": CLEANING[self.framing]}
+                "cleaning": cleaning_fingerprint(CLEANING[self.framing])}
 
     def save(self, path: str) -> None:
         import fsspec
@@ -116,6 +123,26 @@ class Tokenizer:
             ids = ids[: ctx - 1] + [self.end_id]
             out[row, : len(ids)] = ids
         return torch.from_numpy(out)
+
+    def save_merges(self, path: str) -> None:
+        """The merges as open_clip's `SimpleTokenizer(bpe_path=...)` reads them (gzip, a header line, one
+        merge per line), for a BPE in CLIP's id layout: its byte tokens, the same with `</w>`, each merge's
+        token in merge order, then start and end. Every BPE `train_bpe` fits has that layout."""
+        model = json.loads(self.rust.to_str())["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        alphabet = list(bytes_to_unicode().values())
+        layout = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges] + [START, END]
+        vocab = {**model.get("vocab", {}), **{t.content: i for i, t in self.rust.get_added_tokens_decoder().items()}}
+        if self.framing != "clip" or vocab != {token: i for i, token in enumerate(layout)}:
+            raise TokenizerError("this tokenizer's ids are not laid out as open_clip's SimpleTokenizer reads a BPE file; "
+                                 "fit it again with `litpipe tokenizer train --model bpe`")
+        if len(merges) > MAX_CLIP_MERGES:
+            raise TokenizerError(f"{len(merges)} merges: open_clip's SimpleTokenizer reads at most {MAX_CLIP_MERGES}; "
+                                 f"fit a vocabulary of at most {MAX_CLIP_MERGES + 514} ids")
+        import fsspec
+
+        with fsspec.open(path, "wb") as f:  # no newline after the last merge: SimpleTokenizer would read it as one
+            f.write(gzip.compress(("#version: litpipe\n" + "\n".join(" ".join(m) for m in merges)).encode()))
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of one row, without its special tokens and padding."""
@@ -189,15 +216,28 @@ def _with_specials(rust: RustTokenizer) -> RustTokenizer:
 @lru_cache(maxsize=4)
 def _clip_rust() -> RustTokenizer:
     with gzip.open(default_bpe()) as f:
-        merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(m.split()) for m in merges]
+        merges = f.read().decode("utf-8").split("\n")[1 : MAX_CLIP_MERGES + 1]
+    return _with_specials(_clip_pipeline(_clip_bpe([tuple(m.split()) for m in merges])))
+
+
+def _clip_bpe(merges: list[tuple[str, str]]) -> models.BPE:
+    """A byte-level BPE with `</w>` word ends in CLIP's id layout: bytes, bytes + `</w>`, merges, start, end."""
     alphabet = list(bytes_to_unicode().values())
     vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges] + [START, END]
-    model = models.BPE(
-        vocab={tok: i for i, tok in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>",
-        continuing_subword_prefix="", fuse_unk=False,
-    )
-    return _with_specials(_clip_pipeline(model))
+    return models.BPE(vocab={tok: i for i, tok in enumerate(vocab)}, merges=merges, end_of_word_suffix="</w>",
+                      continuing_subword_prefix="", fuse_unk=False)
+
+
+@lru_cache(maxsize=2)
+def cleaning_fingerprint(kind: str) -> dict:
+    """What open_clip's cleaning runs (its source: the cleaning function and the helpers it calls) and the ftfy it
+    calls: a newer open_clip or ftfy that cleans differently gives new ids, so it keys the token cache."""
+    import ftfy
+
+    source = "".join(inspect.getsource(f) for f in (get_clean_fn(kind), open_clip_tokenizer.basic_clean,
+                                                    open_clip_tokenizer.whitespace_clean))
+    return {"open_clip_clean": kind, "source_sha256": hashlib.sha256(source.encode()).hexdigest()[:16],
+            "ftfy": ftfy.__version__}
 
 
 def clip_tokenizer(context_length: int = 77) -> Tokenizer:
@@ -238,22 +278,29 @@ def hf_tokenizer(source: str, context_length: int = 77) -> Tokenizer:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 77) -> Tokenizer:
-    """Fit a CLIP-style BPE (same cleaning and split) of `vocab_size` ids on captions.
+    """Fit a CLIP-style BPE (same cleaning and split) of `vocab_size` ids on captions, laid out as CLIP's.
 
-    Start/end take the two highest ids and the pad id is 0, as in CLIP: open_clip's text tower
-    pools at the argmax id, which must be the end token.
+    The ids are CLIP's layout (every byte token, the same with `</w>`, the merges in order, start, end), so
+    open_clip's SimpleTokenizer reads the merges alone and gives the same ids; end has the highest id (open_clip's
+    text tower pools at the argmax id) and the pad id is 0, as in CLIP. Fewer ids come back where the captions
+    hold fewer pairs to merge.
     """
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    if vocab_size < 2 * len(alphabet) + 2:
+    alphabet = list(bytes_to_unicode().values())
+    wanted = vocab_size - 2 * len(alphabet) - 2
+    if wanted < 0:
         raise TokenizerError(f"--vocab-size {vocab_size} is too small; the byte alphabet alone needs {2 * len(alphabet) + 2}")
-    rust = _clip_pipeline(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False))
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 2, initial_alphabet=alphabet, end_of_word_suffix="</w>",
+    if wanted > MAX_CLIP_MERGES:
+        raise TokenizerError(f"--vocab-size {vocab_size} is more than open_clip's SimpleTokenizer reads "
+                             f"({MAX_CLIP_MERGES + 514}); choose at most that")
+    fitted = _clip_pipeline(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix="", fuse_unk=False))
+    trainer = trainers.BpeTrainer(  # its vocabulary counts only the `</w>` bytes seen: it yields >= `wanted` merges
+        vocab_size=vocab_size - 2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>",
         show_progress=False, special_tokens=[],
     )
-    rust.train_from_iterator((_clean_lower(t) for t in texts), trainer=trainer)
-    rust.add_special_tokens([START, END])
-    return Tokenizer(_with_specials(rust), context_length)
+    fitted.train_from_iterator((_clean_lower(t) for t in texts), trainer=trainer)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(fitted.to_str())["model"]["merges"]][:wanted]  # the first merges rank highest
+    return Tokenizer(_with_specials(_clip_pipeline(_clip_bpe(merges))), context_length)
 
 
 def train_unigram(texts: Iterable[str], vocab_size: int, context_length: int = 77) -> Tokenizer:
