@@ -102,16 +102,19 @@ def test_a_timm_tower_caches_what_timms_own_transform_and_forward_give(ray_local
     assert cosines(tensor, expected).min() > 0.999
 
 
-@pytest.mark.parametrize("name", ["dinov2", "dinov2-reg"])
-def test_a_hugging_face_dinov2_caches_its_processor_and_forward_and_cls_with_the_patch_mean(ray_local, towers, name):
-    model, slow = hf_outputs(towers[name], towers["images"], use_fast=False)
-    pil, _ = precompute(towers, f"{name}-pil", {"source": "hf", "model": towers[name], "output": "pooled",
-                                                "preprocess": "pil"})
+def test_a_hugging_face_dinov2_caches_what_its_processor_and_forward_give(ray_local, towers):
+    _, slow = hf_outputs(towers["dinov2"], towers["images"], use_fast=False)
+    pil, _ = precompute(towers, "dinov2-pil", {"source": "hf", "model": towers["dinov2"], "output": "pooled",
+                                               "preprocess": "pil"})
     assert (pil - slow.pooler_output).abs().max() < 1e-5  # the processor's own PIL resize and crop
-    _, fast = hf_outputs(towers[name], towers["images"], use_fast=True)  # transformers' default, torch resize
-    tensor, _ = precompute(towers, f"{name}-tensor", {"source": "hf", "model": towers[name], "output": "pooled"})
+    _, fast = hf_outputs(towers["dinov2"], towers["images"], use_fast=True)  # transformers' default, torch resize
+    tensor, _ = precompute(towers, "dinov2-tensor", {"source": "hf", "model": towers["dinov2"], "output": "pooled"})
     assert cosines(tensor, fast.pooler_output).min() > 0.999
 
+
+@pytest.mark.parametrize("name", ["dinov2", "dinov2-reg"])
+def test_cls_with_the_patch_mean_is_computed_from_the_final_tokens_registers_excluded(ray_local, towers, name):
+    model, slow = hf_outputs(towers[name], towers["images"], use_fast=False)
     both, _ = precompute(towers, f"{name}-cls", {"source": "hf", "model": towers[name], "output": "cls_patch_mean",
                                                  "preprocess": "pil"})
     tokens = model.layernorm(slow.hidden_states[-1])  # the final tokens, from the hidden states
