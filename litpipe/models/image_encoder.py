@@ -98,11 +98,11 @@ class Encoder:
 def load_encoder(encoder_cfg: EncoderConfig, device: str | torch.device | None = None) -> Encoder:
     """Build the locked image tower of `encoder_cfg` on `device` (default: encoder.device)."""
     device = torch.device(device) if device is not None else resolve_device(encoder_cfg.device, "encoder.device")
-    if not encoder_cfg.pretrained and encoder_cfg.source != "hf":
+    if not encoder_cfg.pretrained and encoder_cfg.source != "hf":  # an hf model's weights are its folder's
+        choices = "`timm` or a checkpoint path" if encoder_cfg.source == "timm" else "a tag, checkpoint path or hf-hub: id"
         print(f"\n!!! litpipe: encoder `{encoder_cfg.model}` has NO pretrained weights: random init "
               f"(seed {encoder_cfg.seed}). Fine for tests and the demo, meaningless otherwise; "
-              f"set encoder.pretrained to {'`timm` or a checkpoint path' if encoder_cfg.source == 'timm' else 'a tag, checkpoint path or hf-hub: id'}. !!!\n",
-              file=sys.stderr)
+              f"set encoder.pretrained to {choices}. !!!\n", file=sys.stderr)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(encoder_cfg.seed)  # random init: the same weights in every process
         tower = build_tower(encoder_cfg)
