@@ -129,7 +129,7 @@ class Tokenizer:
         merge per line), for a BPE in CLIP's id layout: its byte tokens, the same with `</w>`, each merge's
         token in merge order, then start and end. Every BPE `train_bpe` fits has that layout."""
         model = json.loads(self.rust.to_str())["model"]
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        merges = _merges(model)
         alphabet = list(bytes_to_unicode().values())
         layout = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges] + [START, END]
         vocab = {**model.get("vocab", {}), **{t.content: i for i, t in self.rust.get_added_tokens_decoder().items()}}
@@ -220,6 +220,11 @@ def _clip_rust() -> RustTokenizer:
     return _with_specials(_clip_pipeline(_clip_bpe([tuple(m.split()) for m in merges])))
 
 
+def _merges(model: dict) -> list[tuple[str, str]]:
+    """A tokenizer.json BPE model's merges, in either form `tokenizers` writes ("a b" or ["a", "b"])."""
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+
+
 def _clip_bpe(merges: list[tuple[str, str]]) -> models.BPE:
     """A byte-level BPE with `</w>` word ends in CLIP's id layout: bytes, bytes + `</w>`, merges, start, end."""
     alphabet = list(bytes_to_unicode().values())
@@ -298,8 +303,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, context_length: int = 77) -
         show_progress=False, special_tokens=[],
     )
     fitted.train_from_iterator((_clean_lower(t) for t in texts), trainer=trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(fitted.to_str())["model"]["merges"]][:wanted]  # the first merges rank highest
+    merges = _merges(json.loads(fitted.to_str())["model"])[:wanted]  # the first merges rank highest
     return Tokenizer(_with_specials(_clip_pipeline(_clip_bpe(merges))), context_length)
 
 
