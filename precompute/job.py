@@ -23,6 +23,7 @@ import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -221,15 +222,23 @@ def describe_encoder(cfg: PipelineConfig) -> EncoderDescription:
     """The encoder's fingerprint and CPU pixel step, from a Ray worker that builds the tower once and
     exits: the driver never holds the model (a ViT-bigG is about 10 GB). The encoder actors build it
     again and check its weights against this fingerprint. Asked again in this process (the ablation
-    runs three pipelines) for the same section and checkpoint file, it answers from memory."""
-    pretrained = cfg.encoder.pretrained
-    stat = os.stat(pretrained) if pretrained and os.path.isfile(pretrained) else None
-    key = json.dumps([cfg.encoder.model_dump(mode="json"), stat and [stat.st_size, stat.st_mtime_ns]], sort_keys=True)
+    runs three pipelines) for the same section and weights on disk, it answers from memory."""
+    key = json.dumps([cfg.encoder.model_dump(mode="json"), _weights_on_disk(cfg.encoder)], sort_keys=True)
     if key not in _DESCRIBED:
         ray = init_ray(cfg.ray)
         remote = ray.remote(num_cpus=1, max_calls=1)(_describe)  # max_calls: the worker exits and frees the model
         _DESCRIBED[key] = ray.get(remote.options(runtime_env=worker_runtime_env()).remote(cfg.encoder))
     return _DESCRIBED[key]
+
+
+def _weights_on_disk(encoder_cfg: EncoderConfig) -> list:
+    """Size and mtime of the local files the weights come from (a checkpoint file; a Hugging Face model folder's
+    files), so a checkpoint rewritten in place is described again."""
+    path = encoder_cfg.model if encoder_cfg.source == "hf" else encoder_cfg.pretrained
+    if not path or not os.path.exists(path):
+        return []
+    files = [path] if os.path.isfile(path) else sorted(str(f) for f in Path(path).rglob("*") if f.is_file())
+    return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
 
 
 def _describe(encoder_cfg: EncoderConfig) -> EncoderDescription:

@@ -162,3 +162,55 @@ def test_open_clip_options_on_another_source_are_refused_naming_them():
         validate_config({"data": {}, "encoder": {"source": "timm", "model": "test_vit", "image_size": 64}})
     with pytest.raises(ConfigError, match=r"set encoder.pretrained: null"):
         validate_config({"data": {}, "encoder": {"source": "hf", "model": "x", "pretrained": "y"}})
+
+
+def readme_snippet(name: str) -> str:
+    """The python block after `<!-- snippet: name -->` in the README: the code users copy is the code tested."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = text[text.index(f"<!-- snippet: {name} -->"):]
+    return block[block.index("```python\n") + len("```python\n"):block.index("\n```", block.index("```python"))]
+
+
+def test_a_dinov2_export_loads_with_the_readme_snippet_and_gives_the_cached_features(ray_local, towers, tmp_path,
+                                                                                    monkeypatch):
+    from litpipe.models.text_tower import build_text_tower, save_text_tower
+    from litpipe.models.tokenizer import clip_tokenizer
+    from litpipe.train_text.export import export_model
+
+    cached, cfg = precompute(towers, "dinov2-reg-export", {"source": "hf", "model": towers["dinov2-reg"],
+                                                           "output": "cls_patch_mean", "preprocess": "pil"})
+    cfg = validate_config({**cfg.model_dump(mode="json"), "train": {"tower": {"width": 32, "layers": 1, "heads": 2,
+                                                                              "context_length": 16}}})
+    tower = build_text_tower(cfg.train.tower, cached.shape[1])
+    save_text_tower(str(tmp_path / "tower"), tower, clip_tokenizer(16), {"lit": "Lu", "loss": "softmax"})
+    folder = export_model(cfg, str(tmp_path / "export"), checkpoint=str(tmp_path / "tower"))
+    assert not (folder / "open_clip_config.json").exists()  # not an open_clip folder: nothing half-loads
+    monkeypatch.chdir(tmp_path)
+    towers["images"][0].save(tmp_path / "cat.jpg")
+    code = readme_snippet("hf-export").replace('folder = "runs/export"', f'folder = "{folder}"')
+    names: dict = {}
+    exec(compile(code, "README.md:hf-export", "exec"), names)
+    assert cosines(names["image_features"](towers["images"]), cached).min() > 0.999
+    with torch.no_grad():  # the text tower is the one trained, and the probabilities are over the two prompts
+        expected = tower.eval()(clip_tokenizer(16)(["a photo of a cat", "a photo of a dog"]))
+    assert torch.allclose(names["texts"], expected, atol=1e-6)
+    assert names["probabilities"].shape == (1, 2)
+
+
+def test_a_model_folder_rewritten_in_place_is_described_again(tmp_path):
+    """describe_encoder answers repeats from memory, keyed by the weights' files: a folder's rewrite changes the key."""
+    import os
+
+    from litpipe.precompute.job import _weights_on_disk
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"0" * 8)
+    cfg = EncoderConfig(source="hf", model=str(folder))
+    before = _weights_on_disk(cfg)
+    (folder / "model.safetensors").write_bytes(b"1" * 9)
+    os.utime(folder / "model.safetensors", ns=(0, 0))
+    assert _weights_on_disk(cfg) != before
+    assert _weights_on_disk(EncoderConfig(source="hf", model="facebook/dinov2-small")) == []  # a hub id: nothing local

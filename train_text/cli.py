@@ -45,8 +45,11 @@ def _train(args) -> int:
 def _export(args) -> int:
     from litpipe.train_text.export import export_model
 
-    folder = export_model(config_from_args(args), args.out, args.checkpoint)
-    print(f"exported to {folder}; load with open_clip.create_model_and_transforms('local-dir:{folder}')")
+    cfg = config_from_args(args)
+    folder = export_model(cfg, args.out, args.checkpoint)
+    how = ("the README's snippet under 'Exporting a Hugging Face image tower'" if cfg.encoder.source == "hf"
+           else f"open_clip.create_model_and_transforms('local-dir:{folder}')")
+    print(f"exported to {folder}; load with {how}")
     return 0
 
 

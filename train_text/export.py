@@ -12,6 +12,15 @@
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads it; `open_clip.get_tokenizer("local-dir:DIR")`
 gives the training tokenizer's ids: a CLIP-style BPE through open_clip's SimpleTokenizer reading DIR's merges,
 a native one through open_clip's HFTokenizer. The paths inside are absolute: move the folder, edit them.
+
+open_clip cannot express a Hugging Face vision tower (DINOv2, SigLIP), so for `encoder.source: hf` DIR is the
+text-tower folder (`litpipe.models.text_tower`'s format) plus what names the image side:
+
+    DIR/image_tower.json            the transformers class and model (hub id or absolute folder), the output
+                                    cached and how to take it from the model's outputs, its weights' sha256
+    DIR/image_processor/            the model's image processor, saved (`AutoImageProcessor.from_pretrained`)
+
+README's "Exporting a Hugging Face image tower" holds the loading snippet (tests run it).
 """
 
 from __future__ import annotations
@@ -36,12 +45,13 @@ def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -
     elif cfg.encoder.source == "open_clip":
         model_cfg, visual_state = _open_clip_model_cfg(cfg, encoder)
     else:
-        raise UserError("export: open_clip cannot express a Hugging Face image tower (encoder.source: hf); the text "
-                        "tower is at " + (checkpoint or cfg.final_text_tower))
+        model_cfg, visual_state = {"embed_dim": encoder.dim}, {}
     if model_cfg["embed_dim"] != tower.embed_dim:
         raise UserError(f"export: the text tower projects to {tower.embed_dim} but the image tower gives "
                         f"{model_cfg['embed_dim']}; train on a cache of this encoder")
     folder = Path(out).absolute()
+    if cfg.encoder.source == "hf":
+        return _export_beside_hf_tower(cfg, encoder, tower, tokenizer, meta, folder)
     folder.mkdir(parents=True, exist_ok=True)
     model_cfg["text_cfg"] = {k: v for k, v in tower.text_cfg.items() if v is not None}
     state = dict(visual_state)
@@ -69,6 +79,29 @@ def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -
          "litpipe": {"text_tower": meta, "encoder": encoder.fingerprint}}, indent=2, default=str))
     save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors"))
     tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def _export_beside_hf_tower(cfg: PipelineConfig, encoder, tower, tokenizer, meta: dict, folder: Path) -> Path:
+    """The text tower as litpipe saves it, the image processor saved beside it, and image_tower.json naming the
+    transformers model and how its cached output is taken (what the README's loading snippet reads)."""
+    import transformers
+
+    from litpipe.models.image_towers import HF_VISION, hf_prefix_tokens
+    from litpipe.models.text_tower import save_text_tower
+
+    save_text_tower(str(folder), tower, tokenizer, meta)
+    transformers.AutoImageProcessor.from_pretrained(cfg.encoder.model).save_pretrained(folder / "image_processor")
+    model = cfg.encoder.model
+    manifest = {
+        "format": "litpipe-image-tower/1", "library": "transformers",
+        "class": HF_VISION[encoder.model.config.model_type][0],
+        "model": str(Path(model).absolute()) if Path(model).exists() else model,
+        "output": cfg.encoder.output, "prefix_tokens": hf_prefix_tokens(encoder.model),
+        "normalize": cfg.encoder.normalize, "processor": "image_processor",
+        "weights_sha256": encoder.fingerprint["weights_sha256"], "encoder": encoder.fingerprint,
+    }
+    (folder / "image_tower.json").write_text(json.dumps(manifest, indent=2, default=str))
     return folder
 
 

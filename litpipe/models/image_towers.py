@@ -166,15 +166,15 @@ def _timm(cfg: EncoderConfig) -> Tower:
 
 # --- Hugging Face transformers ---------------------------------------------------------------
 
-HF_VISION = {  # model_type -> (transformers class, CLS + registers before the patches, has a projection)
-    "dinov2": ("Dinov2Model", "cls", False),
-    "dinov2_with_registers": ("Dinov2WithRegistersModel", "cls+registers", False),
-    "clip": ("CLIPVisionModelWithProjection", "cls", True),
-    "clip_vision_model": ("CLIPVisionModelWithProjection", "cls", True),
-    "siglip": ("SiglipVisionModel", None, False),
-    "siglip_vision_model": ("SiglipVisionModel", None, False),
-    "siglip2": ("Siglip2VisionModel", None, False),
-    "siglip2_vision_model": ("Siglip2VisionModel", None, False),
+HF_VISION = {  # model_type -> (transformers class, has a CLS token, has a projection)
+    "dinov2": ("Dinov2Model", True, False),
+    "dinov2_with_registers": ("Dinov2WithRegistersModel", True, False),
+    "clip": ("CLIPVisionModelWithProjection", True, True),
+    "clip_vision_model": ("CLIPVisionModelWithProjection", True, True),
+    "siglip": ("SiglipVisionModel", False, False),
+    "siglip_vision_model": ("SiglipVisionModel", False, False),
+    "siglip2": ("Siglip2VisionModel", False, False),
+    "siglip2_vision_model": ("Siglip2VisionModel", False, False),
 }
 
 
@@ -192,16 +192,15 @@ def _hf(cfg: EncoderConfig) -> Tower:
     if config.model_type not in HF_VISION:
         raise EncoderError(f"encoder.model `{cfg.model}` is a `{config.model_type}` model; litpipe locks "
                            f"{', '.join(sorted(HF_VISION))} vision models")
-    class_name, prefix, projects = HF_VISION[config.model_type]
+    class_name, has_cls, projects = HF_VISION[config.model_type]
     if cfg.output == "projected" and not projects:
         raise EncoderError(f"encoder.output: projected: a {config.model_type} vision model has no projection; use "
-                           "output: pooled" + (" or cls_patch_mean" if prefix else ""))
-    if cfg.output == "cls_patch_mean" and prefix is None:
+                           "output: pooled" + (" or cls_patch_mean" if has_cls else ""))
+    if cfg.output == "cls_patch_mean" and not has_cls:
         raise EncoderError(f"encoder.output: cls_patch_mean needs a CLS token; a {config.model_type} vision model has "
                            "none (it pools with its attention head); use output: pooled")
     model = getattr(transformers, class_name).from_pretrained(cfg.model)
-    vision_config = getattr(model.config, "vision_config", model.config)
-    prefix_tokens = 1 + (getattr(vision_config, "num_register_tokens", 0) if prefix == "cls+registers" else 0)
+    prefix_tokens = hf_prefix_tokens(model)
 
     def forward(images: torch.Tensor) -> torch.Tensor:
         out = model(pixel_values=images)
@@ -213,6 +212,12 @@ def _hf(cfg: EncoderConfig) -> Tower:
 
     transform, preprocess_cfg = hf_transform(processor)
     return Tower(model, forward, transform, preprocess_cfg)
+
+
+def hf_prefix_tokens(model) -> int:
+    """How many tokens precede the patches in a transformers vision model's output: the CLS and any registers."""
+    vision_config = getattr(model.config, "vision_config", model.config)
+    return 1 + getattr(vision_config, "num_register_tokens", 0)
 
 
 class FloorCenterCrop:
