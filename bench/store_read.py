@@ -26,7 +26,7 @@ import pyarrow as pa
 import litpipe.store.cache as cache_module
 from litpipe.models.tokenizer import clip_tokenizer
 from litpipe.store import EmbeddingCache, StreamingReader, load_all
-from litpipe.store.tokens import file_name, pick_captions
+from litpipe.store.caption_rows import file_name, pick_captions
 from litpipe.train_text.token_cache import ensure_token_cache
 
 
@@ -60,7 +60,7 @@ def raw_read(paths: list[str], total: int) -> None:
 
 
 def stream(cache: EmbeddingCache, batch_size: int, text: bool, tokens=None) -> None:
-    for _ in StreamingReader(cache, batch_size, seed=0, epoch=0, text=text, tokens=tokens):
+    for _ in StreamingReader(cache, batch_size, seed=0, epoch=0, text=text, per_caption=tokens):
         pass
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 from litpipe.config import PipelineConfig
 from litpipe.eval.image_source import ImageFetcher
 from litpipe.evaluation.search_index import build_index
+from litpipe.evaluation.suite import image_side
 from litpipe.evaluation.text_features import encode_texts
 from litpipe.store import load_all, resolve_cache
 from litpipe.models.text_tower import load_text_tower
@@ -25,9 +26,9 @@ class CacheSearch:
     def __init__(self, cfg: PipelineConfig, dataset: str, checkpoint: str, cache: str | None = None):
         self.cache = resolve_cache(cfg, dataset, cache)  # `cache`: an id or URL instead of `dataset`'s own
         self.contents = load_all(self.cache)
-        self.index = build_index(F.normalize(self.contents.embeddings, dim=-1), cfg.eval.index,
-                                 nlist=cfg.eval.ivf_nlist, nprobe=cfg.eval.ivf_nprobe)
         self.tower, self.tokenizer, _ = load_text_tower(checkpoint)
+        self.index = build_index(F.normalize(image_side(self.tower, self.contents.embeddings), dim=-1), cfg.eval.index,
+                                 nlist=cfg.eval.ivf_nlist, nprobe=cfg.eval.ivf_nprobe)
         self.fetcher = ImageFetcher(self.cache, cfg.data[dataset])
 
     def search(self, query: str, k: int = 10) -> list[dict]:

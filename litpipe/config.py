@@ -183,6 +183,37 @@ class TextTowerConfig(Section):
         return self.lit or ("LU" if self.hf_model or self.init != "random" else "Lu")
 
 
+class TextModelConfig(Section):
+    """A frozen Hugging Face text model whose features are cached once per caption (both sides cached:
+    only heads train, as ShareLock and SAIL train on a frozen language model's features)."""
+
+    model: str = Field(description="a Hugging Face text model by hub id or local folder: an encoder (BERT, XLM-R, a T5 "
+                       "encoder, a sentence-embedding model) or a decoder language model")
+    pooling: Literal["cls", "mean", "last", "eos"] = Field(
+        "mean", description="cls = the first token; mean = over the caption's tokens; last = the last token (causal "
+        "models); eos = the first end token (BERT's [SEP], T5's </s>)")
+    max_length: int = Field(77, ge=2, description="tokens per caption, special tokens included; longer ones are cut")
+    dtype: Literal["float16", "float32"] = Field("float16", description="how the cached features are stored")
+    batch_size: int = Field(256, ge=1, description="captions per forward while caching")
+    actors: int = Field(1, ge=1, description="text-model actors while caching (one GPU each when GPUs exist)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU")
+
+
+class HeadConfig(Section):
+    kind: Literal["none", "linear", "mlp"] = Field("none", description="none = the features as they are")
+    depth: int = Field(2, ge=1, description="mlp: linear layers (GELU between them)")
+    width: int = Field(1024, ge=1, description="mlp: hidden width")
+
+
+class HeadsConfig(Section):
+    """The trainable heads of head-only training (ShareLock: no image head, a 4-layer text MLP)."""
+
+    text: HeadConfig = HeadConfig(kind="mlp", depth=4)
+    image: HeadConfig = HeadConfig()
+    dim: int | None = Field(None, ge=1, description="the shared space's dim; none = the image features' (needed "
+                            "when the image head is none)")
+
+
 class WandbConfig(Section):
     project: str = Field(description="the W&B project")
     name: str | None = Field(None, description="the run's name; none = W&B's")
@@ -231,6 +262,13 @@ class TrainConfig(Section):
     keep_best: str | None = Field(None, description="with eval_every: keep the text tower of the best value of this "
                                   "metric at {workdir}/train/best, e.g. zeroshot/heldout/acc1")
     wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases (pip install 'litpipe[wandb]')")
+    text_model: TextModelConfig | None = Field(
+        None, description="head-only training: this frozen text model's features are cached beside the embedding "
+        "cache and only `heads` train (train.tower is not used); none = train a text tower")
+    heads: HeadsConfig = HeadsConfig()
+    positives: Literal["sampled", "all"] = Field(
+        "sampled", description="sampled = one caption per image per step (seeded); all = every caption of the image "
+        "is a positive in the step (train_text/loss.py)")
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
@@ -238,6 +276,9 @@ class TrainConfig(Section):
             raise ValueError(
                 f"batch_size must be divisible by the number of workers ({self.workers}); got {self.batch_size}"
             )
+        if self.heads.image.kind == "none" and self.heads.dim is not None:
+            raise ValueError("heads.dim sets the dim of an image head; with heads.image.kind: none the image features' "
+                             "dim is the shared one: remove heads.dim or give an image head")
         return self
 
 

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from litpipe.store.cache import CacheError, EmbeddingCache, decode_embeddings
-from litpipe.store.tokens import TokenCache, pick_captions, token_rows
+from litpipe.store.caption_rows import CaptionRows, pick_captions
 from litpipe.prefetch import prefetched
 
 # Tensors made here over Arrow's immutable buffers are only ever read (cast or copied), never written.
@@ -46,7 +46,10 @@ class Batch:
     captions: list[list[str]]
     keys: list[str]
     labels: torch.Tensor | None
-    tokens: torch.Tensor | None = None  # int32 [B, context]: each row's caption of this step, from a token cache
+    # Rows of a token or text-feature cache (`per_caption`): each row's caption of this step [B, width], or with
+    # `all_captions` every caption of every row [T, width] and `owner` [T], each one's row in the batch.
+    per_caption: torch.Tensor | None = None
+    owner: torch.Tensor | None = None
 
 
 def _has_labels(records: list[dict]) -> bool:
@@ -117,14 +120,15 @@ class StreamingReader:
 
     def __init__(self, cache: EmbeddingCache, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, epoch: int = 0, shuffle: bool = True, start_step: int = 0,
-                 mix_units: int = 16, prefetch: int = 8, text: bool = True, tokens: TokenCache | None = None):
+                 mix_units: int = 16, prefetch: int = 8, text: bool = True, per_caption: CaptionRows | None = None,
+                 all_captions: bool = False):
         if not 0 <= rank < world_size:
             raise CacheError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or mix_units < 1:
             raise CacheError(f"batch_size and mix_units must be at least 1; got {batch_size} and {mix_units}")
         self.cache, self.batch_size, self.rank = cache, batch_size, rank
         self.seed, self.epoch, self.shuffle, self.start_step = seed, epoch, shuffle, start_step
-        self.prefetch, self.dim, self.tokens = prefetch, cache.dim, tokens
+        self.prefetch, self.dim, self.per_caption, self.all_captions = prefetch, cache.dim, per_caption, all_captions
         self.records = cache.shards()
         units = [(s, g, rows) for s, r in enumerate(self.records) for g, rows in enumerate(r["row_groups"])]
         if shuffle:
@@ -167,7 +171,7 @@ class StreamingReader:
 
     def _batch(self, start: int, step: int) -> Batch:
         """Rows [start, start + batch_size) of the epoch's order; `step` (the global step, counting
-        epochs of this reader's length) picks each row's caption from the token cache.
+        epochs of this reader's length) picks each row's caption from the per-caption cache.
 
         The rows are gathered unit by unit, straight from each unit's Arrow buffers, and the batch
         lists them unit by unit (the batch is a random set of rows; the loss does not depend on
@@ -190,14 +194,21 @@ class StreamingReader:
         text = {c: np.concatenate([unit.text[c][rows] for unit, rows in pieces]).tolist() for c in pieces[0][0].text}
         labels = torch.cat([unit.labels.index_select(0, torch.from_numpy(rows)) for unit, rows in pieces]) \
             if "label" in self.columns else None
-        tokens = None
-        if self.tokens is not None:
-            counts = np.concatenate([unit.token_offsets[rows + 1] - unit.token_offsets[rows] for unit, rows in pieces])
-            picks = np.split(pick_captions(counts, self.seed, step, self.rank), np.cumsum([len(r) for _, r in pieces[:-1]]))
-            tokens = torch.from_numpy(np.concatenate([unit.token_ids[unit.token_offsets[rows] + pick]
-                                                      for (unit, rows), pick in zip(pieces, picks)]))
+        per_caption = owner = None
+        if self.per_caption is not None:
+            counts = np.concatenate([unit.caption_offsets[rows + 1] - unit.caption_offsets[rows] for unit, rows in pieces])
+            if self.all_captions:
+                per_caption = np.concatenate([unit.caption_values[_every_caption(unit.caption_offsets, rows)]
+                                              for unit, rows in pieces])
+                owner = torch.from_numpy(np.repeat(np.arange(len(counts)), counts))
+            else:
+                picks = np.split(pick_captions(counts, self.seed, step, self.rank),
+                                 np.cumsum([len(r) for _, r in pieces[:-1]]))
+                per_caption = np.concatenate([unit.caption_values[unit.caption_offsets[rows] + pick]
+                                              for (unit, rows), pick in zip(pieces, picks)])
+            per_caption = torch.from_numpy(per_caption)
         return Batch(embeddings=vectors.to(torch.float32), captions=text.get("captions", []), keys=text.get("key", []),
-                     labels=labels, tokens=tokens)
+                     labels=labels, per_caption=per_caption, owner=owner)
 
     def _group(self, i: int) -> _Group:
         """Group i's units in memory (read once; groups before it are let go), with its row order.
@@ -222,22 +233,23 @@ class StreamingReader:
 
     def _unit(self, shard: int, group: int) -> _Unit:
         """One row group of a shard file: vectors as a view of Arrow's buffer in the stored dtype,
-        text as object arrays (Python objects once per unit), labels, and its token ids."""
+        text as object arrays (Python objects once per unit), labels, and its per-caption rows."""
         table = _read(self.cache, self._file(shard, self.cache.open_shard), self.records[shard], self.columns, group)
         chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
                   for c in table.column("embedding").chunks]
-        token_ids = token_offsets = None
-        if self.tokens is not None:
-            token_ids, token_offsets = token_rows(self._file(shard, self.tokens.open_file, "tokens"), group)
+        caption_values = caption_offsets = None
+        if self.per_caption is not None:
+            caption_values, caption_offsets = self.per_caption.rows(
+                self._file(shard, self.per_caption.open_file, self.per_caption.folder), group)
         return _Unit(
             vectors=chunks[0] if len(chunks) == 1 else torch.cat(chunks),
             text={c: np.fromiter(table.column(c).to_pylist(), dtype=object, count=table.num_rows)
                   for c in ("key", "captions") if c in self.columns},
             labels=_labels(table) if "label" in self.columns else None,
-            token_ids=token_ids, token_offsets=token_offsets)
+            caption_values=caption_values, caption_offsets=caption_offsets)
 
     def _file(self, shard: int, open_file, kind: str = "shard") -> pq.ParquetFile:
-        """A shard's (or its token file's) open ParquetFile, the least recently used closed past MAX_OPEN_SHARDS."""
+        """A shard's (or its per-caption file's) open ParquetFile, the least recently used closed past MAX_OPEN_SHARDS."""
         key = (kind, shard)
         if key in self._files:
             self._files.move_to_end(key)
@@ -248,6 +260,12 @@ class StreamingReader:
         return self._files[key]
 
 
+def _every_caption(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The indices of every caption of `rows`, row by row, from the rows' caption offsets."""
+    starts, counts = offsets[rows], offsets[rows + 1] - offsets[rows]
+    return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())
+
+
 @dataclass
 class _Unit:
     """One row group of one shard file in memory."""
@@ -255,8 +273,8 @@ class _Unit:
     vectors: torch.Tensor  # [rows, D] in the stored dtype
     text: dict[str, np.ndarray]  # object arrays: key, captions
     labels: torch.Tensor | None
-    token_ids: np.ndarray | None  # int32 [captions, context], a row's captions at token_offsets[row:row + 2]
-    token_offsets: np.ndarray | None
+    caption_values: np.ndarray | None  # [captions, width], a row's captions at caption_offsets[row:row + 2]
+    caption_offsets: np.ndarray | None
 
 
 @dataclass

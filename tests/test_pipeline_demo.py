@@ -28,6 +28,7 @@ def overrides(root):
             "precompute.batch_size=64", "ray.num_cpus=2"]
 
 
+@pytest.mark.long
 def test_locked_pretrained_tower_beats_random_beats_control(demo, ray_local):
     results = run_ablation("pipeline.yaml", overrides(demo), demo / "ablation")
     rows = {(r["dataset"], r["metric"]): r for r in results["rows"]}

@@ -295,7 +295,7 @@ cluster.shutdown()
 """
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_three_node_ray_cluster_writes_the_same_cache_as_one_node(planted, tmp_path):
     raw = planted_config(planted["base"] / "data", str(tmp_path / "store"))
     raw["precompute"]["encoder_actors"] = 2
@@ -334,6 +334,7 @@ def test_jpegs_decoded_by_the_encoder_give_the_cache_the_cpu_decoder_gives(ray_l
                                np.stack([cpu[k]["embedding"] for k in cpu]), atol=2e-2)
 
 
+@pytest.mark.long
 def test_s3_faults_are_retried_and_a_shard_that_stays_unreadable_fails_without_a_commit(planted, tmp_path, s3_root):
     """Real faults between the job and a real S3 protocol server: throttling and a reset connection
     are retried and leave no trace; a shard whose reads keep failing is committed by no one, counted

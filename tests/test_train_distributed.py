@@ -30,6 +30,30 @@ def tiny_setup(kind):
     return tower, tokens, images, loss_fn
 
 
+def heads_setup(kind):
+    """Heads on both sides (float64) over fixed features, 1-4 captions per image, every caption a positive: the
+    ranks hold different numbers of texts, and the image rows carry gradient."""
+    import torch.nn.functional as F
+
+    from litpipe.train_text.loss import global_contrastive_loss
+
+    torch.manual_seed(0)
+    heads = torch.nn.ModuleDict({"text": torch.nn.Linear(16, 24), "image": torch.nn.Linear(20, 24)}).double()
+    heads.logit_scale = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+    heads.logit_bias = torch.nn.Parameter(torch.tensor(-3.0, dtype=torch.float64))
+    g = torch.Generator().manual_seed(2)
+    owner = torch.repeat_interleave(torch.arange(24), torch.randint(1, 5, (24,), generator=g))
+    texts, images = torch.randn(len(owner), 16, generator=g, dtype=torch.float64), torch.randn(24, 20, generator=g,
+                                                                                             dtype=torch.float64)
+
+    def loss_fn(image_rows: slice):
+        mine = (owner >= image_rows.start) & (owner < image_rows.stop)
+        return global_contrastive_loss(F.normalize(heads["text"](texts[mine]), dim=-1), heads["image"](images[image_rows]),
+                                       heads.logit_scale, heads.logit_bias, kind, CHUNK, owner[mine] - image_rows.start)
+
+    return heads, loss_fn
+
+
 def worker_step(config):
     """One Ray Train worker: its half of the batch, GradCache step, gradients summed over ranks."""
     import torch
@@ -45,6 +69,12 @@ def worker_step(config):
         sum_gradients(tower.parameters())
         grads = {k: p.grad for k, p in tower.named_parameters() if p.grad is not None}
         torch.save({"world": size, "loss": loss, "grads": grads}, f"{config['out']}/{kind}-rank{rank}.pt")
+        heads, heads_loss = heads_setup(kind)
+        loss = heads_loss(slice(rank * 24 // size, (rank + 1) * 24 // size))
+        loss.backward()
+        sum_gradients(heads.parameters())
+        torch.save({"world": size, "loss": loss.detach(), "grads": {k: p.grad for k, p in heads.named_parameters()}},
+                   f"{config['out']}/{kind}-heads-rank{rank}.pt")
 
 
 def test_two_ray_train_workers_give_the_loss_and_gradients_of_one_process_on_the_whole_batch(ray_local, tmp_path):
@@ -59,20 +89,22 @@ def test_two_ray_train_workers_give_the_loss_and_gradients_of_one_process_on_the
                  run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="grads")).fit()
 
     for kind in KINDS:
-        check_against_one_process(kind, tmp_path)
+        tower, tokens, images, loss_fn = tiny_setup(kind)
+        check_against_one_process(tower, loss_fn(tower(tokens), images), tmp_path, kind)
+        heads, heads_loss = heads_setup(kind)  # several captions per image, uneven texts per rank, image gradients
+        check_against_one_process(heads, heads_loss(slice(0, 24)), tmp_path, f"{kind}-heads")
 
 
-def check_against_one_process(kind, folder):
-    tower, tokens, images, loss_fn = tiny_setup(kind)
-    expected = loss_fn(tower(tokens), images)
+def check_against_one_process(tower, expected, folder, name):
     expected.backward()
     for rank in (0, 1):
-        got = torch.load(folder / f"{kind}-rank{rank}.pt")
+        got = torch.load(folder / f"{name}-rank{rank}.pt")
         assert got["world"] == 2
         torch.testing.assert_close(got["loss"], expected.detach(), rtol=1e-12, atol=1e-12)
-        for name, p in tower.named_parameters():
+        for key, p in tower.named_parameters():
             reference = p.grad if p.grad is not None else torch.zeros_like(p)
-            torch.testing.assert_close(got["grads"].get(name, torch.zeros_like(p)), reference, rtol=1e-9, atol=1e-12, msg=name)
+            torch.testing.assert_close(got["grads"].get(key, torch.zeros_like(p)), reference, rtol=1e-9, atol=1e-12,
+                                       msg=f"{name} {key}")
 
 
 def test_train_stage_with_two_workers_runs_ray_train_and_writes_the_text_tower(ray_local, tiny_cache):

@@ -116,7 +116,7 @@ def test_training_on_the_token_cache_equals_tokenising_every_step(tiny_cache):
 
 def test_the_token_cache_holds_every_caption_tokenised_once_per_tokenizer(tiny_cache):
     from litpipe.models.tokenizer import clip_tokenizer
-    from litpipe.store.tokens import TokenCache, token_rows
+    from litpipe.store.tokens import TokenCache
     from litpipe.train_text.token_cache import ensure_token_cache
 
     cache = resolve_cache(validate_config(config(tiny_cache, "tokens")), "train")
@@ -127,7 +127,7 @@ def test_the_token_cache_holds_every_caption_tokenised_once_per_tokenizer(tiny_c
         captions = cache.open_shard(record).read(columns=["captions"]).column("captions").to_pylist()
         parquet, row = tokens.open_file(record), 0
         for group, rows in enumerate(record["row_groups"]):
-            ids, offsets = token_rows(parquet, group)
+            ids, offsets = tokens.rows(parquet, group)
             for r in range(rows):
                 want = tokenizer(captions[row + r]).numpy()
                 np.testing.assert_array_equal(ids[offsets[r]:offsets[r + 1]], want)
@@ -156,7 +156,8 @@ def test_throughput_counts_the_time_spent_waiting_for_data(tiny_cache, monkeypat
 
 def test_a_token_cache_built_before_more_shards_were_committed_is_completed(tiny_cache, tmp_path):
     from litpipe.models.tokenizer import clip_tokenizer
-    from litpipe.store.tokens import TokenCache, file_name
+    from litpipe.store.caption_rows import file_name
+    from litpipe.store.tokens import TokenCache
     from litpipe.train_text.token_cache import ensure_token_cache
 
     cache = resolve_cache(validate_config(config(tiny_cache, "tokens-grow")), "train")

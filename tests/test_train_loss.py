@@ -19,6 +19,24 @@ def naive_loss(text, images, logit_scale, logit_bias, kind):
     return -F.logsigmoid(signs * (logits + logit_bias)).sum() / text.shape[0]
 
 
+def naive_multi_positive_loss(text, images, owner, logit_scale, logit_bias, kind):
+    """The M texts x B images computation, every caption of an image a positive (docs: train_text/loss.py)."""
+    logits = logit_scale.exp() * text @ images.T
+    mine = owner[:, None] == torch.arange(images.shape[0])[None, :]
+    if kind == "softmax":
+        text_to_image = F.cross_entropy(logits, owner)
+        image_to_text = -(logits.log_softmax(dim=0) * mine).sum(0) / mine.sum(0)  # the mean over each image's captions
+        return 0.5 * (text_to_image + image_to_text.mean())
+    return -F.logsigmoid(torch.where(mine, 1.0, -1.0) * (logits + logit_bias)).sum() / text.shape[0]
+
+
+def captions_per_image(images: int, seed: int) -> torch.Tensor:
+    """Each text's image: 1 to 4 captions per image, shuffled (a batch lists them in any order)."""
+    g = torch.Generator().manual_seed(seed)
+    owner = torch.repeat_interleave(torch.arange(images), torch.randint(1, 5, (images,), generator=g))
+    return owner[torch.randperm(len(owner), generator=g)]
+
+
 def tiny_tower():
     torch.manual_seed(0)
     cfg = dict(width=32, layers=1, heads=2, context_length=12, vocab_size=500)
@@ -106,3 +124,33 @@ def test_grad_cache_replays_dropout_masks_of_the_first_pass():
     torch.testing.assert_close(loss, expected.detach())
     for name, g in grads(tower).items():
         torch.testing.assert_close(cached[name], g, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_several_captions_per_image_as_positives_equal_the_naive_loss_with_image_gradients(kind):
+    """Every caption of an image a positive; the image rows carry gradient (an image head), any norm."""
+    g = torch.Generator().manual_seed(3)
+    owner = captions_per_image(31, seed=4)
+    text = F.normalize(torch.randn(len(owner), 16, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    images = (torch.randn(31, 16, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    scale = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-4.0, dtype=torch.float64, requires_grad=True)
+    inputs = (text, images, scale, bias)
+    expected = naive_multi_positive_loss(text, F.normalize(images, dim=-1), owner, scale, bias, kind)
+    expected_grads = torch.autograd.grad(expected, inputs, allow_unused=True, materialize_grads=True)
+    got = global_contrastive_loss(text, images, scale, bias, kind, chunk_size=7, owner=owner)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for name, a, e in zip(("text", "images", "scale", "bias"), torch.autograd.grad(got, inputs), expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_one_caption_per_image_is_todays_loss(kind):
+    g = torch.Generator().manual_seed(6)
+    text = F.normalize(torch.randn(23, 16, generator=g, dtype=torch.float64), dim=-1)
+    images = F.normalize(torch.randn(23, 16, generator=g, dtype=torch.float64), dim=-1)
+    scale, bias = torch.tensor(2.3, dtype=torch.float64), torch.tensor(-4.0, dtype=torch.float64)
+    identity = torch.arange(23)
+    expected = naive_loss(text, images, scale, bias, kind)
+    torch.testing.assert_close(naive_multi_positive_loss(text, images, identity, scale, bias, kind), expected)
+    torch.testing.assert_close(global_contrastive_loss(text, images, scale, bias, kind, 5, owner=identity), expected)

@@ -15,7 +15,7 @@ from litpipe.config import PipelineConfig
 from litpipe.ray_cluster import init_ray
 
 
-def train_distributed(cfg: PipelineConfig, resume: bool = False) -> dict:
+def train_distributed(cfg: PipelineConfig, resume: bool = False, text_features: str | None = None) -> dict:
     """Run `trainer.train` on `train.workers` Ray Train workers; rank 0's summary."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -27,7 +27,7 @@ def train_distributed(cfg: PipelineConfig, resume: bool = False) -> dict:
     config = cfg.model_dump(mode="json")
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": config, "resume": resume, "cwd": str(Path.cwd())},
+        train_loop_config={"cfg": config, "resume": resume, "cwd": str(Path.cwd()), "text_features": text_features},
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(storage_path=f"{cfg.train_dir}/ray", name="train"),
@@ -44,4 +44,4 @@ def _worker(loop_config: dict) -> None:
     from litpipe.train_text.trainer import train
 
     os.chdir(loop_config["cwd"])  # relative data and store paths in the config mean the driver's
-    train(validate_config(loop_config["cfg"]), resume=loop_config["resume"])
+    train(validate_config(loop_config["cfg"]), resume=loop_config["resume"], text_features=loop_config["text_features"])

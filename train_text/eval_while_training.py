@@ -15,7 +15,7 @@ import fsspec
 
 from litpipe.config import PipelineConfig
 from litpipe.evaluation.suite import EvalSuite, flat_metrics
-from litpipe.models.text_tower import CONFIG_FILE, save_text_tower
+from litpipe.models.text_tower import CONFIG_FILE
 from litpipe.train_text.metrics_log import MetricsLog
 
 
@@ -34,14 +34,14 @@ class EvalWhileTraining:
     def __call__(self, run, step: int) -> dict[str, float]:
         """Score `run.tower` at `step`; write the metrics; save it as the best when it is."""
         run.tower.eval()
-        results = self.suite.evaluate(run.tower, run.tokenizer, run.device)
+        results = self.suite.evaluate(*run.text_side(), run.device)
         run.tower.train()
         metrics = flat_metrics(results)
         self.log.write_eval(step, metrics, flat_metrics(results, "chance"))
         name = self.cfg.train.keep_best
         if name and name in metrics and (self.best is None or metrics[name] > self.best):
             self.best = metrics[name]
-            save_text_tower(self.best_dir, run.tower, run.tokenizer, {
+            run.save(self.best_dir, {
                 "cache_id": run.cache.id, "step": step, "keep_best": name, "value": metrics[name],
                 "loss": self.cfg.train.loss, "dataset": self.cfg.train.dataset,
                 "encoder": self.cfg.encoder.spec()})

@@ -19,15 +19,23 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's `x` (same shape on each) concatenated in rank order, detached."""
+def gather_rows(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's `x` concatenated in rank order, detached, and each rank's row count. Ranks may hold
+    different numbers of rows (several captions per image): rows are padded to the largest for the
+    all_gather and cut back. `sizes` (from an earlier gather of as many rows) saves asking for them."""
     _, size = world()
     x = x.detach().contiguous()
     if size == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(out, x)
-    return torch.cat(out)
+        return x, [x.shape[0]]
+    if sizes is None:
+        counts = [torch.zeros(1, dtype=torch.int64, device=x.device) for _ in range(size)]
+        dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+        sizes = [int(c) for c in counts]
+    longest = max(sizes)
+    padded = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])]) if x.shape[0] < longest else x
+    out = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(out, padded)
+    return torch.cat([part[:n] for part, n in zip(out, sizes)]), sizes
 
 
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -6,14 +6,20 @@ from litpipe.config import PipelineConfig
 
 
 def run(cfg: PipelineConfig, resume: bool = False) -> dict:
+    text_features = None
+    if cfg.train.text_model:  # head-only: the driver builds the text-feature cache once, the workers read it
+        from litpipe.store import resolve_cache
+        from litpipe.train_text.text_feature_job import ensure_text_features
+
+        text_features = ensure_text_features(cfg, resolve_cache(cfg, cfg.train.dataset, cfg.train.cache)).id
     if cfg.train.workers > 1:
         from litpipe.train_text.distributed import train_distributed
 
-        summary = train_distributed(cfg, resume)
+        summary = train_distributed(cfg, resume, text_features)
     else:
         from litpipe.train_text.trainer import train
 
-        summary = train(cfg, resume)
+        summary = train(cfg, resume, text_features)
     resumed = f", resumed at step {summary['resumed_at']}" if summary["resumed_at"] else ""
     summary["report"] = [
         f"{summary['steps']} steps on cache {summary['cache_id']} ({summary['world_size']} worker(s){resumed}): "

@@ -1,8 +1,10 @@
-"""The training loop: cached image embeddings in, a text tower out.
+"""The training loop: cached image embeddings in, a text tower (or head-only training's heads) out.
 
 One loop for one process and for each Ray Train worker (rank/world come from torch.distributed).
 Every step: this rank's slice of the global batch from the store's reader, one caption per image
-picked by a generator seeded by (seed, step, rank), tokenised in a background thread; the global
+picked by a generator seeded by (seed, step, rank) (or every caption, `train.positives: all`), as
+token ids from the token cache or tokenised in a background thread, or, with `train.text_model`,
+as the frozen text model's cached features, which only heads see (no tower runs); the global
 contrastive loss and its gradient (GradCache or one full backward); gradients summed over ranks;
 clipping; AdamW; warmup + cosine. Checkpoints hold everything needed to continue the same loss
 trajectory: weights, optimiser, scheduler, RNG states and the global step (epoch and position
@@ -24,20 +26,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from litpipe.config import PipelineConfig
+from litpipe.config import PipelineConfig, TextModelConfig
 from litpipe.devices import autocast, resolve_device, resolve_precision
 from litpipe.errors import UserError
 from litpipe.files import TEMP_MARK, write_atomic
+from litpipe.models.heads import Heads, HeadTextTower, save_heads
 from litpipe.models.text_tower import TextTower, build_text_tower, save_text_tower
 from litpipe.models.tokenizer import Tokenizer, load_tokenizer
 from litpipe.prefetch import prefetched
 from litpipe.store import Batch, EmbeddingCache, StreamingReader, load_all, resolve_cache
-from litpipe.store.tokens import TokenCache, pick_captions
+from litpipe.store.caption_rows import pick_captions
+from litpipe.store.caption_rows import CaptionRows
+from litpipe.store.text_features import TextFeatureCache
+from litpipe.store.tokens import TokenCache
 from litpipe.train_text.eval_while_training import EvalWhileTraining
 from litpipe.train_text.gather import barrier, sum_gradients, world
 from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
 from litpipe.train_text.loss import global_contrastive_loss
 from litpipe.train_text.metrics_log import MetricsLog
+from litpipe.train_text.text_feature_job import ensure_text_features
 from litpipe.train_text.token_cache import ensure_token_cache
 
 LATEST = "latest.json"
@@ -52,18 +59,42 @@ class Run:
     """What a training run is made of, built the same way for training, resuming and tests."""
 
     cache: EmbeddingCache
-    tokenizer: Tokenizer
-    tower: TextTower
+    tokenizer: Tokenizer | None  # none in head-only training: the text model's features are cached
+    tower: TextTower | Heads
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int
     total_steps: int
     device: torch.device
     swapped_captions: dict[str, list[str]] | None = None  # the shuffled-caption control's pairing
-    tokens: TokenCache | None = None  # caption token ids read with the vectors (train.pretokenize)
+    # Each caption's model input read with the vectors: token ids (train.pretokenize) or, head-only, text features.
+    per_caption: CaptionRows | None = None
+    text_model: TextModelConfig | None = None  # head-only training's frozen text model, and its fingerprint
+    text_model_fingerprint: dict | None = None
     # A batch's image side: the cached vectors. Tests and bench/train.py put the locked image tower
     # run on the fly here, the reference the cache is compared against.
     image_features: Callable[[Batch], torch.Tensor] = cached_vectors
+    # Captions -> model input, where no per-caption cache serves them: the tokenizer (tests put the frozen text
+    # model run on the fly here, the reference of the text-feature cache).
+    encode_captions: Callable[[list[str]], torch.Tensor] | None = None
+    _eval_tower: HeadTextTower | None = None
+
+    def save(self, url: str, meta: dict) -> None:
+        """The trained text side as eval and serve read it: the text tower, or the heads beside their text model."""
+        if isinstance(self.tower, Heads):
+            save_heads(url, self.tower, self.text_model, self.text_model_fingerprint, meta)
+        else:
+            save_text_tower(url, self.tower, self.tokenizer, meta)
+
+    def text_side(self) -> tuple[torch.nn.Module, Callable]:
+        """(tower, tokenizer) as eval calls them; head-only: the frozen text model (loaded on first use) + the heads."""
+        if not isinstance(self.tower, Heads):
+            return self.tower, self.tokenizer
+        if self._eval_tower is None:
+            from litpipe.models.text_model import FrozenTextModel
+
+            self._eval_tower = HeadTextTower(FrozenTextModel(self.text_model, self.device), self.tower)
+        return self._eval_tower, self._eval_tower.model.tokenize
 
 
 def swap_captions(cache: EmbeddingCache, seed: int) -> dict[str, list[str]]:
@@ -74,19 +105,28 @@ def swap_captions(cache: EmbeddingCache, seed: int) -> dict[str, list[str]]:
     return {key: contents.captions[j] for key, j in zip(contents.keys, order)}
 
 
-def build_run(cfg: PipelineConfig) -> Run:
+def build_run(cfg: PipelineConfig, text_features: str | None = None) -> Run:
+    """The run of `cfg`; head-only training reads the text-feature cache `text_features` (an id the driver
+    built, see `stage.run`), or builds it here."""
     t = cfg.train
     rank, size = world()
     device = resolve_device("cuda" if t.use_gpu else "cpu", "train.use_gpu")
     cache = resolve_cache(cfg, t.dataset, t.cache)
     steps_per_epoch = len(StreamingReader(cache, t.batch_size // size, rank, size, t.seed, 0, text=False))
     total_steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
-    tokenizer = load_tokenizer(t.tokenizer, t.tower.context_length, t.tower.hf_model)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(t.seed)  # the same initial weights on every rank
-        tower = build_text_tower(t.tower, cache.dim, tokenizer, t.init_temperature, t.init_bias).to(device)
-    tokenizer.context_length = tower.context_length  # an open_clip `init` brings its own
-    check_tokenizer_fits(tokenizer, tower, t.tower)
+    tokenizer = per_caption = None
+    if t.text_model:
+        per_caption = open_text_features(cache, text_features) if text_features else ensure_text_features(cfg, cache)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed)  # the same initial weights on every rank
+            tower = Heads(t.heads, per_caption.width, cache.dim, t.init_temperature, t.init_bias).to(device)
+    else:
+        tokenizer = load_tokenizer(t.tokenizer, t.tower.context_length, t.tower.hf_model)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(t.seed)  # the same initial weights on every rank
+            tower = build_text_tower(t.tower, cache.dim, tokenizer, t.init_temperature, t.init_bias).to(device)
+        tokenizer.context_length = tower.context_length  # an open_clip `init` brings its own
+        check_tokenizer_fits(tokenizer, tower, t.tower)
     decay, no_decay = [], []  # weight decay on matrices only, not on gains, biases or positions; LL: projection only
     for name, p in tower.named_parameters():
         if p.requires_grad:
@@ -95,13 +135,25 @@ def build_run(cfg: PipelineConfig) -> Run:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.warmup_steps, total_steps))
     swapped = swap_captions(cache, t.seed) if t.shuffle_captions else None
-    tokens = None
-    if t.pretokenize and not swapped:  # the control run re-pairs captions by key: it tokenises as it goes
+    if swapped and per_caption is not None:
+        raise UserError("train.shuffle_captions re-pairs captions by key, which cached text features cannot follow; "
+                        "run the control with a text tower (train.text_model: null)")
+    if t.pretokenize and not swapped and tokenizer is not None:  # the control re-pairs captions by key: it tokenises as it goes
         if rank == 0:
             ensure_token_cache(cache, tokenizer)
         barrier()
-        tokens = TokenCache(cache, tokenizer.fingerprint())
-    return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped, tokens)
+        per_caption = TokenCache(cache, tokenizer.fingerprint())
+    return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped, per_caption,
+               t.text_model, per_caption.fingerprint if t.text_model else None, encode_captions=tokenizer)
+
+
+def open_text_features(cache: EmbeddingCache, features_id: str) -> TextFeatureCache:
+    """The complete text-feature cache `features_id` of `cache`, as the driver built it."""
+    features = TextFeatureCache.find(cache, features_id)
+    if features is None or not features.complete:
+        raise UserError(f"{cache.url}/text_features/{features_id}: not a complete text-feature cache; run "
+                        "`litpipe train` again, which builds it")
+    return features
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, tower: TextTower, tower_cfg) -> None:
@@ -122,9 +174,9 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def train(cfg: PipelineConfig, resume: bool = False) -> dict:
+def train(cfg: PipelineConfig, resume: bool = False, text_features: str | None = None) -> dict:
     """Train (or continue) the text tower of `cfg`; rank 0 writes metrics, checkpoints and the final artifact."""
-    return fit(cfg, build_run(cfg), resume)
+    return fit(cfg, build_run(cfg, text_features), resume)
 
 
 def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
@@ -147,19 +199,22 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
     started, losses = time.perf_counter(), []
     last = started  # a step's time runs from the previous step's end, so waiting for data counts
     run.tower.train()
-    for tokens, batch in prefetched(tokenized_batches(run, cfg, step), 2, "litpipe-tokenize"):
+    for inputs, owner, batch in prefetched(text_batches(run, cfg, step), 2, "litpipe-tokenize"):
         waited = time.perf_counter() - last
         images = run.image_features(batch)
-        tokens, images = tokens.to(run.device, non_blocking=True), images.to(run.device, non_blocking=True)
+        inputs, images = inputs.to(run.device, non_blocking=True), images.to(run.device, non_blocking=True)
+        owner = owner.to(run.device) if owner is not None else None
         run.optimizer.zero_grad(set_to_none=True)
 
         def loss_fn(features):
-            return global_contrastive_loss(features, images, run.tower.logit_scale, run.tower.logit_bias, t.loss, t.chunk_size)
+            image_side = run.tower.project_images(images) if isinstance(run.tower, Heads) else images
+            return global_contrastive_loss(features, image_side, run.tower.logit_scale, run.tower.logit_bias, t.loss,
+                                           t.chunk_size, owner)
 
         if t.grad_cache:
-            loss = grad_cached_backward(embed, tokens, t.chunk_size, loss_fn)
+            loss = grad_cached_backward(embed, inputs, t.chunk_size, loss_fn)
         else:
-            loss = full_backward(embed, tokens, loss_fn)
+            loss = full_backward(embed, inputs, loss_fn)
         sum_gradients(run.tower.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(run.tower.parameters(), t.grad_clip or float("inf"))
         lr = run.scheduler.get_last_lr()[0]
@@ -188,9 +243,9 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
                "final_loss": losses[-1] if losses else None, "samples_per_s": t.batch_size * len(losses) / max(elapsed, 1e-9),
                "artifact": cfg.final_text_tower, "world_size": size}
     if rank == 0:
-        save_text_tower(cfg.final_text_tower, run.tower, run.tokenizer,
-                        {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss, "dataset": t.dataset,
-                         "lit": t.tower.setting, "encoder": cfg.encoder.spec()})
+        run.save(cfg.final_text_tower, {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss,
+                                        "dataset": t.dataset, "lit": "LL (heads)" if t.text_model else t.tower.setting,
+                                        "encoder": cfg.encoder.spec()})
         log.close()
         summary.update(log.plot())
         if t.keep_best:
@@ -200,22 +255,29 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
     return summary
 
 
-def tokenized_batches(run: Run, cfg: PipelineConfig, step: int):
-    """(tokens, store Batch) of this rank from global step `step` on (the trainer prefetches it)."""
+def text_batches(run: Run, cfg: PipelineConfig, step: int):
+    """(text inputs, owner, store Batch) of this rank from global step `step` on (the trainer prefetches it):
+    token ids or text features, one per image (owner None) or every caption with each one's image (owner)."""
     t = cfg.train
     rank, size = world()
+    every = t.positives == "all"
     while step < run.total_steps:
         epoch, within = divmod(step, run.steps_per_epoch)
-        text = run.tokens is None or run.image_features is not cached_vectors  # keys: for the on-the-fly reference
+        text = run.per_caption is None or run.image_features is not cached_vectors  # keys: for the on-the-fly reference
         for batch in StreamingReader(run.cache, t.batch_size // size, rank, size, t.seed, epoch, start_step=within,
                                      mix_units=t.shuffle_row_groups, prefetch=t.prefetch_batches, text=text,
-                                     tokens=run.tokens):
-            if batch.tokens is not None:
-                yield batch.tokens, batch
+                                     per_caption=run.per_caption, all_captions=every):
+            if run.per_caption is not None and batch.per_caption is not None:
+                yield batch.per_caption, batch.owner, batch
             else:
                 captions = [run.swapped_captions[k] for k in batch.keys] if run.swapped_captions else batch.captions
-                picks = pick_captions([len(c) for c in captions], t.seed, step, rank)  # the token cache's rule
-                yield run.tokenizer([c[j] if c else "" for c, j in zip(captions, picks)]), batch
+                captions = [c if c else [""] for c in captions]  # a row without captions trains on the empty text
+                if every:
+                    owner = torch.repeat_interleave(torch.arange(len(captions)), torch.tensor([len(c) for c in captions]))
+                    yield run.encode_captions([c for row in captions for c in row]), owner, batch
+                else:
+                    picks = pick_captions([len(c) for c in captions], t.seed, step, rank)  # the cached rows' rule
+                    yield run.encode_captions([c[j] for c, j in zip(captions, picks)]), None, batch
             step += 1
             if step >= run.total_steps:
                 return

@@ -70,14 +70,25 @@ class EvalSuite:
         encode = partial(encode_texts, tower, tokenizer, batch_size=e.text_batch_size, device=device)
         results = {"retrieval": {}, "zeroshot": {}}
         for name, s in self.retrieval.items():
-            result = evaluate_retrieval(s.images, encode(s.texts, desc=f"{name} captions"), s.text_image, e.ks, e.index,
+            result = evaluate_retrieval(image_side(tower, s.images), encode(s.texts, desc=f"{name} captions"), s.text_image, e.ks, e.index,
                                         nlist=e.ivf_nlist, nprobe=e.ivf_nprobe)
             results["retrieval"][name] = {"cache_id": s.cache.id, **result}
         for name, s in self.zeroshot.items():
             classifier = build_classifier(partial(encode, desc=f"{name} prompts"), s.classnames, s.templates)
-            result = evaluate_zeroshot(s.images, s.labels, classifier, s.classnames, s.ks)
+            result = evaluate_zeroshot(image_side(tower, s.images), s.labels, classifier, s.classnames, s.ks)
             results["zeroshot"][name] = {"cache_id": s.cache.id, "templates": s.templates_spec, **result}
         return results
+
+
+@torch.inference_mode()
+def image_side(tower: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The cached image vectors as the tower compares with them: through the trained image head of a
+    head-only run (`project_images`), else as cached."""
+    project = getattr(tower, "project_images", None)
+    if project is None:
+        return images
+    device = tower.logit_scale.device
+    return torch.cat([project(chunk.to(device)).float().cpu() for chunk in images.split(65536)]) if len(images) else images
 
 
 def flat_metrics(results: dict, field: str = "metrics") -> dict[str, float]:

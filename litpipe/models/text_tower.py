@@ -15,7 +15,8 @@ SigLIP's learnable bias sit beside it. The artifact is a folder at any fsspec UR
 `load_text_tower(url)` gives back `(tower, tokenizer, meta)`; `tower(tokens)` returns
 L2-normalised features [N, D] comparable (by dot product) with the normalised cached embeddings.
 It also reads the text half of a `litpipe export` folder (open_clip_config.json +
-open_clip_model.safetensors + tokenizer.json), so eval and serve take either.
+open_clip_model.safetensors + tokenizer.json), and head-only training's heads over a frozen text model
+(`litpipe.models.heads`), so eval and serve take any of them.
 """
 
 from __future__ import annotations
@@ -189,6 +190,12 @@ def load_text_tower(url: str, device: str = "cpu") -> tuple[TextTower, Tokenizer
     """Read a folder written by `save_text_tower` or `litpipe export`: (tower in eval mode, tokenizer, meta)."""
     fs, root = fsspec.core.url_to_fs(url)
     exported = fs.exists(f"{root}/{EXPORT_CONFIG_FILE}")  # an HF tower's export has a config.json too: the model's
+    if not exported and fs.exists(f"{root}/{CONFIG_FILE}"):
+        from litpipe.models.heads import is_heads_folder, load_heads
+
+        config = json.loads(fs.cat_file(f"{root}/{CONFIG_FILE}"))
+        if is_heads_folder(config):  # head-only training's heads over a frozen text model
+            return load_heads(url, config, device)
     try:
         with fs.open(f"{root}/{EXPORT_CONFIG_FILE if exported else CONFIG_FILE}", "r") as f:
             config = json.load(f)

@@ -1,0 +1,121 @@
+"""Head-only training's model: small trainable heads over cached features of both sides (no tower runs).
+
+`Heads` maps a frozen text model's feature (text head) and a cached image vector (image head) into one
+space, with LiT's learnable temperature and SigLIP's bias beside them. ShareLock's default is no
+image head and a 4-layer text MLP. The trained artifact is a folder:
+
+    config.json        {"format": "litpipe-heads/1", "text_model": {...}, "text_model_fingerprint": {...},
+                        "heads": {...}, "text_dim", "image_dim", "meta"}
+    heads.safetensors  float32: text.*, image.*, logit_scale, logit_bias
+
+`load_heads(url)` gives a `HeadTextTower`: the frozen text model with the text head, which eval and
+serve call like a text tower (`tower(tokenizer(texts))`), and `project_images` for the cached vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import fsspec
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from litpipe.config import HeadConfig, HeadsConfig, TextModelConfig
+from litpipe.errors import UserError
+
+FORMAT = "litpipe-heads/1"
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "heads.safetensors"
+
+
+def build_head(cfg: HeadConfig, in_dim: int, out_dim: int) -> torch.nn.Module:
+    if cfg.kind == "none":
+        return torch.nn.Identity()
+    if cfg.kind == "linear":
+        return torch.nn.Linear(in_dim, out_dim)
+    layers, width = [], in_dim
+    for _ in range(cfg.depth - 1):
+        layers += [torch.nn.Linear(width, cfg.width), torch.nn.GELU()]
+        width = cfg.width
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, out_dim))
+
+
+class Heads(torch.nn.Module):
+    """Text head and image head into a `embed_dim` space; `forward(text features)` gives unit rows."""
+
+    def __init__(self, cfg: HeadsConfig, text_dim: int, image_dim: int, init_temperature: float = 10.0,
+                 init_bias: float = -10.0):
+        super().__init__()
+        self.cfg, self.text_dim, self.image_dim = cfg, text_dim, image_dim
+        self.embed_dim = cfg.dim or image_dim
+        if cfg.text.kind == "none" and text_dim != self.embed_dim:
+            raise UserError(f"train.heads.text: none keeps the text model's {text_dim}-d features, but the shared space "
+                            f"is {self.embed_dim}-d; give a linear or mlp text head")
+        self.text = build_head(cfg.text, text_dim, self.embed_dim)
+        self.image = build_head(cfg.image, image_dim, self.embed_dim)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(init_temperature)))
+        self.logit_bias = torch.nn.Parameter(torch.tensor(float(init_bias)))
+
+    @property
+    def has_image_head(self) -> bool:
+        return self.cfg.image.kind != "none"
+
+    def forward(self, text_features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text(text_features.float()), dim=-1)
+
+    def project_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Cached image vectors into the shared space (not normalised: the loss and eval normalise)."""
+        return self.image(images.float())
+
+
+class HeadTextTower(torch.nn.Module):
+    """The frozen text model with the trained text head: ids (`model.tokenize`) -> unit features."""
+
+    def __init__(self, model, heads: Heads):
+        super().__init__()
+        self.model, self.heads, self.embed_dim = model, heads, heads.embed_dim
+        self.logit_scale, self.logit_bias = heads.logit_scale, heads.logit_bias
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.model.features(ids).to(self.heads.logit_scale.device))
+
+    def project_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.heads.project_images(images)
+
+
+def save_heads(url: str, heads: Heads, text_cfg: TextModelConfig, fingerprint: dict, meta: dict | None = None) -> None:
+    """Write the artifact folder at `url` (any fsspec URL); weights first, config last."""
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in heads.state_dict().items()}
+    with fs.open(f"{root}/{WEIGHTS_FILE}", "wb") as f:
+        f.write(save_safetensors(state))
+    config = {"format": FORMAT, "text_model": text_cfg.model_dump(mode="json"), "text_model_fingerprint": fingerprint,
+              "heads": heads.cfg.model_dump(mode="json"), "text_dim": heads.text_dim, "image_dim": heads.image_dim,
+              "meta": meta or {}}
+    with fs.open(f"{root}/{CONFIG_FILE}", "w") as f:
+        f.write(json.dumps(config, indent=2, default=str))
+
+
+def is_heads_folder(config: dict) -> bool:
+    return config.get("format") == FORMAT
+
+
+def load_heads(url: str, config: dict, device: str = "cpu"):
+    """(HeadTextTower in eval mode, its tokenizer: the text model's `tokenize`, meta) of a `save_heads` folder
+    whose config.json is `config`."""
+    from litpipe.models.text_model import FrozenTextModel
+
+    fs, root = fsspec.core.url_to_fs(url)
+    with fs.open(f"{root}/{WEIGHTS_FILE}", "rb") as f:
+        state = load_safetensors(f.read())
+    heads = Heads(HeadsConfig(**config["heads"]), config["text_dim"], config["image_dim"])
+    heads.load_state_dict(state)
+    model = FrozenTextModel(TextModelConfig(**config["text_model"]), device=device)
+    if model.fingerprint()["weights_sha256"] != config["text_model_fingerprint"]["weights_sha256"]:
+        raise UserError(f"{url}: its heads were trained on features of other weights than {config['text_model']['model']} "
+                        "holds now; point train.text_model.model at the model they were trained with")
+    tower = HeadTextTower(model, heads.to(device)).eval()
+    return tower, model.tokenize, config.get("meta", {})

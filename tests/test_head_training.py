@@ -1,0 +1,147 @@
+"""Both sides cached: a frozen text model's features computed once per caption (a real Ray Data job), heads
+trained on the two caches, checked against the text model run by the test and against the same heads trained
+with the frozen model run live every step."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS, tiny_train_config
+
+from litpipe.config import TextModelConfig, validate_config
+from litpipe.models.text_model import FrozenTextModel
+from litpipe.store import load_all, resolve_cache
+
+transformers = pytest.importorskip("transformers")
+TEXTS = ["red cat", "a blue dog smiling under the moon", "", "star heart flag tree rocket face"]
+
+
+@pytest.fixture(scope="module")
+def text_models(tmp_path_factory):
+    """A tiny random BERT (WordPiece: [CLS] ... [SEP]) and a tiny random GPT-2-style causal LM (word-level, no end
+    token added), saved as a user's model folders are."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("text-models")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "a", "the", "under"]
+    bert = root / "bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(bert / "vocab.txt")).save_pretrained(bert)
+    torch.manual_seed(11)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=48,
+                                                   max_position_embeddings=32)).save_pretrained(bert)
+    gpt = root / "gpt"
+    words = {w: i for i, w in enumerate(["<unk>", "<eos>", *vocab[5:]])}
+    rust = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="<unk>", eos_token="<eos>").save_pretrained(gpt)
+    transformers.GPT2Model(transformers.GPT2Config(vocab_size=len(words), n_embd=24, n_layer=2, n_head=2,
+                                                   n_positions=32)).save_pretrained(gpt)
+    return {"bert": str(bert), "gpt": str(gpt)}
+
+
+def own_output(folder: str, texts: list[str], pooling: str) -> torch.Tensor:
+    """transformers' own tokenizer and forward, pooled here: the reference."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    out = []
+    with torch.no_grad():
+        for text in texts:  # one at a time: no padding in the reference
+            ids = tokenizer([text], return_tensors="pt")["input_ids"]
+            states = model(input_ids=ids).last_hidden_state[0]
+            if pooling == "eos":
+                out.append(states[(ids[0] == tokenizer.sep_token_id).nonzero()[0, 0]])
+            else:
+                out.append({"cls": states[0], "mean": states.mean(0), "last": states[-1]}[pooling])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("model, pooling", [("bert", "cls"), ("bert", "mean"), ("bert", "eos"), ("gpt", "last"),
+                                            ("gpt", "mean")])
+def test_the_frozen_text_model_pools_as_its_own_output_does(text_models, model, pooling):
+    frozen = FrozenTextModel(TextModelConfig(model=text_models[model], pooling=pooling, dtype="float32"))
+    texts = TEXTS if model == "bert" else [t for t in TEXTS if t]  # GPT-2 gives an empty text no token
+    torch.testing.assert_close(frozen.encode(texts), own_output(text_models[model], texts, pooling), atol=1e-5, rtol=1e-5)
+
+
+def test_eos_pooling_on_a_tokenizer_that_adds_no_end_token_names_the_fix(text_models):
+    frozen = FrozenTextModel(TextModelConfig(model=text_models["gpt"], pooling="eos"))
+    with pytest.raises(Exception, match="no end token within max_length.*use last or mean"):
+        frozen.encode(["red cat"])
+
+
+def head_config(tiny_cache, name: str, text_models, **train) -> dict:
+    text_model = {"model": text_models["bert"], "pooling": "mean", "dtype": "float32", "batch_size": 7}
+    heads = {"text": {"kind": "mlp", "depth": 2, "width": 16}, "image": {"kind": "linear"}, "dim": 20}
+    return tiny_train_config(tiny_cache, name, text_model=text_model, heads=heads, chunk_size=5, steps=5, **train)
+
+
+def test_the_text_feature_cache_holds_the_models_feature_of_every_caption(ray_local, tiny_cache, text_models):
+    from litpipe.train_text.text_feature_job import ensure_text_features
+
+    cfg = validate_config(head_config(tiny_cache, "text-features", text_models))
+    cache = resolve_cache(cfg, "train")
+    features = ensure_text_features(cfg, cache)
+    assert features.complete and features.missing() == []
+    contents = load_all(cache)
+    got = {}
+    for record in cache.shards():
+        parquet = features.open_file(record)
+        keys = cache.open_shard(record).read(columns=["key"]).column("key").to_pylist()
+        row = 0
+        for group in range(len(record["row_groups"])):
+            values, offsets = features.rows(parquet, group)
+            for r in range(len(offsets) - 1):
+                got[keys[row + r]] = values[offsets[r]:offsets[r + 1]]
+            row += len(offsets) - 1
+    for key, captions in zip(contents.keys, contents.captions):
+        expected = own_output(text_models["bert"], captions, "mean")
+        np.testing.assert_allclose(got[key], expected.numpy(), atol=1e-5, rtol=1e-5)
+    assert ensure_text_features(cfg, cache).id == features.id  # found again, nothing rebuilt
+    raw = head_config(tiny_cache, "text-features", text_models)
+    raw["train"]["text_model"]["pooling"] = "cls"
+    assert ensure_text_features(validate_config(raw), cache).id != features.id  # another pooling: another cache
+
+
+def losses(workdir: str) -> list:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (Path(workdir) / "train" / "metrics.jsonl").open())
+            if "loss" in r]
+
+
+@pytest.mark.parametrize("positives", ["sampled", "all"])
+def test_heads_on_both_caches_train_as_with_the_frozen_text_model_run_live(ray_local, tiny_cache, text_models, positives):
+    from litpipe.train_text.trainer import build_run, fit, train
+
+    cached_raw = head_config(tiny_cache, f"heads-cached-{positives}", text_models, positives=positives)
+    cached = train(validate_config(cached_raw))
+    live_cfg = validate_config(head_config(tiny_cache, f"heads-live-{positives}", text_models, positives=positives))
+    run = build_run(live_cfg)
+    run.per_caption = None  # the text model runs on every step's captions instead
+    run.encode_captions = FrozenTextModel(live_cfg.train.text_model).encode
+    live = fit(live_cfg, run)
+    got, want = losses(cached_raw["workdir"]), losses(live_cfg.workdir)
+    assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4, 5]
+    assert np.abs(np.array(got)[:, 1] - np.array(want)[:, 1]).max() < 1e-6
+    assert abs(cached["final_loss"] - live["final_loss"]) < 1e-6
+
+
+def test_heads_are_evaluated_and_served_through_the_frozen_text_model(ray_local, tiny_cache, text_models):
+    from litpipe.eval.stage import evaluate
+    from litpipe.models.text_tower import load_text_tower
+    from litpipe.train_text.trainer import train
+
+    raw = head_config(tiny_cache, "heads-eval", text_models, eval_every=5)
+    raw["eval"] = {"retrieval": ["train"]}
+    summary = train(validate_config(raw))
+    tower, tokenizer, meta = load_text_tower(summary["artifact"])
+    features = tower(tokenizer(["red cat", "a blue dog"]))
+    assert features.shape == (2, 20) and torch.allclose(features.norm(dim=-1), torch.ones(2))
+    assert tower.project_images(torch.zeros(3, 32)).shape == (3, 20)
+    results = evaluate(validate_config(raw))
+    during = [json.loads(line) for line in (Path(raw["workdir"]) / "train" / "metrics.jsonl").open()]
+    last = [r["eval"] for r in during if "eval" in r][-1]
+    assert results["retrieval"]["train"]["metrics"]["image_retrieval_recall@5"] == last["retrieval/train/image_retrieval_recall@5"]
