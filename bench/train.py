@@ -2,12 +2,16 @@
 
     .venv/bin/python bench/train.py                        # CPU defaults (a few minutes on 2 cores)
     .venv/bin/python bench/train.py --batch 1024 --steps 10 --memory-batches 1024 4096 16384 65536   # GPU
+    .venv/bin/python bench/train.py --heads                # head-only training on both caches
 
 (a) cached: the trainer reads image embeddings from a real cache (store API);
 (b) on the fly: the same trainer, text tower and batches, but the locked image tower embeds each
     batch's images every step (open_clip's --lock-image); both in this one run, printed as a ratio.
 Memory: one training step (GradCache on / off) at each global batch, each in a fresh process,
 peak RSS (CPU) or peak CUDA memory (GPU) above the process's footprint before the step.
+--heads: (c) head-only training reading both caches (image vectors, a frozen text model's features) against
+(d) LL with the frozen text model run every step, same heads, batch and steps, in one run; then the peak
+memory of one head-only step at each of --heads-memory-batches.
 """
 
 from __future__ import annotations
@@ -123,10 +127,97 @@ def _step_memory(batch: int, grad_cache: bool, chunk: int, queue) -> None:
     queue.put({"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start})
 
 
-def memory(batch: int, grad_cache: bool, chunk: int) -> dict:
+TEXT_MODEL = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 2048}
+HEADS = {"text": {"kind": "mlp", "depth": 4, "width": 1024}, "image": {"kind": "none"}}  # ShareLock's shape
+
+
+def _save_text_model(folder: Path) -> None:
+    """A random BERT of TEXT_MODEL's size with a word-level vocabulary of the synthetic captions' words."""
+    import transformers
+
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "synthetic", "image", "number", "picture",
+             *[str(i) for i in range(1000)]]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(words), max_position_embeddings=64,
+                                                   **TEXT_MODEL)).save_pretrained(folder)
+
+
+def heads_throughput(batch: int, steps: int) -> tuple[float, float]:
+    """samples/s of (c) head-only training on both caches and (d) the same heads with the text model run live."""
+    from litpipe.models.text_model import FrozenTextModel
+    from litpipe.train_text.trainer import build_run, fit
+
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        (tmp / "inputs").mkdir()
+        (tmp / "inputs" / "part-0.tar").write_bytes(b"synthetic")
+        _save_text_model(tmp / "bert")
+        raw = pipeline(tmp, IMAGE_TOWERS["small (litpipe-tiny-vit, 64px)"], batch, steps)
+        raw["train"].update(text_model={"model": str(tmp / "bert"), "pooling": "mean", "max_length": 32}, heads=HEADS)
+        raw["ray"] = {"num_cpus": 2}
+        cfg = validate_config(raw)
+        rows = batch * steps
+        embeddings = np.random.default_rng(0).standard_normal((rows, 128), dtype=np.float32)
+        encoder = load_encoder(cfg.encoder, device="cpu")
+        cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["train"]))
+        captions = [[f"synthetic image number {i % 1000}", f"picture {i % 97}"] for i in range(rows)]
+        cache.commit_shard(str(tmp / "inputs" / "part-0.tar"), pa.table({
+            "key": [f"k{i:07d}" for i in range(rows)], "captions": captions,
+            "embedding": pa.FixedSizeListArray.from_arrays(embeddings.reshape(-1), embeddings.shape[1])}))
+        cache.finalize()
+        started = time.perf_counter()
+        run = build_run(cfg)  # builds the text-feature cache: the text model's one pass over every caption
+        built = time.perf_counter() - started
+        cached = fit(cfg, run)["samples_per_s"]
+        live_run = build_run(cfg)
+        live_run.per_caption = None
+        live_run.encode_captions = FrozenTextModel(cfg.train.text_model).encode
+        live = fit(cfg, live_run)["samples_per_s"]
+    print(f"text-feature cache: {2 * rows:,} captions in {built:.1f} s (Ray start and the model's load included)")
+    print(f"head-only: (c) both caches {cached:,.0f} samples/s, (d) text model live (LL) {live:,.0f} samples/s, "
+          f"speedup (c)/(d) = {cached / live:.1f}x", flush=True)
+    return cached, live
+
+
+def _heads_step_memory(batch: int, chunk: int, queue) -> None:
+    """One head-only optimiser step at global batch `batch` (float16 text features, 512-d, into 512-d image
+    vectors, GradCache over the text head) in this fresh process; peak memory above the start."""
+    from litpipe.config import HeadsConfig
+    from litpipe.models.heads import Heads
+    from litpipe.train_text.grad_cache import grad_cached_backward
+    from litpipe.train_text.loss import global_contrastive_loss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    heads = Heads(HeadsConfig(**HEADS), 512, 512).to(device)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=1e-3)
+    features = torch.randn(batch, 512, device=device).half()
+    images = torch.randn(batch, 512, device=device).half()  # as read from a float16 cache
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    start = time.perf_counter()
+    grad_cached_backward(heads, features, chunk, lambda f: global_contrastive_loss(
+        f, images.float(), heads.logit_scale, heads.logit_bias, "softmax", chunk))
+    optimizer.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    queue.put({"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start})
+
+
+def in_fresh_process(target, *args) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_step_memory, args=(batch, grad_cache, chunk, queue))
+    process = context.Process(target=target, args=(*args, queue))
     process.start()
     process.join()
     return queue.get() if process.exitcode == 0 else {"extra_mb": float("nan"), "seconds": float("nan")}
@@ -141,8 +232,18 @@ def main() -> None:
                         help="largest batch tried without GradCache (its activations grow with the batch)")
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--heads", action="store_true", help="head-only training on both caches instead")
+    parser.add_argument("--heads-memory-batches", type=int, nargs="*", default=[16384, 32768, 65536])
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    if args.heads:
+        print(f"device: {device}; text model BERT {TEXT_MODEL}, heads {HEADS}")
+        heads_throughput(args.batch, args.steps)
+        print(f"== peak memory of one head-only step above the process's start (chunk {args.chunk}), 512-d both sides")
+        for batch in args.heads_memory_batches:
+            step = in_fresh_process(_heads_step_memory, batch, args.chunk)
+            print(f"{batch:>12} | {step['extra_mb']:>10,.0f} MB | {step['seconds']:>7.1f} s", flush=True)
+        return
     print(f"device: {device}; text tower {TOWER}")
     if not args.skip_throughput:
         print(f"== throughput: global batch {args.batch}, {args.steps} steps")
@@ -151,8 +252,8 @@ def main() -> None:
     print(f"== peak memory of one step above the process's start (chunk {args.chunk}), image dim 512")
     print(f"{'global batch':>12} | {'GradCache MB':>12} | {'s':>6} | {'no GradCache MB':>15} | {'s':>6}")
     for batch in args.memory_batches:
-        cached = memory(batch, True, args.chunk)
-        full = memory(batch, False, args.chunk) if batch <= args.no_cache_max else {"extra_mb": np.nan, "seconds": np.nan}
+        cached = in_fresh_process(_step_memory, batch, True, args.chunk)
+        full = in_fresh_process(_step_memory, batch, False, args.chunk) if batch <= args.no_cache_max else {"extra_mb": np.nan, "seconds": np.nan}
         print(f"{batch:>12} | {cached['extra_mb']:>12,.0f} | {cached['seconds']:>6.1f} | "
               f"{full['extra_mb']:>15,.0f} | {full['seconds']:>6.1f}", flush=True)
 

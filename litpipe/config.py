@@ -203,12 +203,19 @@ class HeadConfig(Section):
     kind: Literal["none", "linear", "mlp"] = Field("none", description="none = the features as they are")
     depth: int = Field(2, ge=1, description="mlp: linear layers (GELU between them)")
     width: int = Field(1024, ge=1, description="mlp: hidden width")
+    bias: bool = Field(True, description="false: bias-free layers, as CLIP's projections (an open_clip export of the "
+                       "text head needs them: linear, or mlp of depth 2)")
+
+
+class TextHeadConfig(HeadConfig):
+    kind: Literal["none", "linear", "mlp"] = Field("mlp", description="none = the features as they are")
+    depth: int = Field(4, ge=1, description="mlp: linear layers (GELU between them)")
 
 
 class HeadsConfig(Section):
     """The trainable heads of head-only training (ShareLock: no image head, a 4-layer text MLP)."""
 
-    text: HeadConfig = HeadConfig(kind="mlp", depth=4)
+    text: TextHeadConfig = TextHeadConfig()
     image: HeadConfig = HeadConfig()
     dim: int | None = Field(None, ge=1, description="the shared space's dim; none = the image features' (needed "
                             "when the image head is none)")

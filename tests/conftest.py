@@ -140,3 +140,40 @@ def tiny_train_config(tiny_cache, name, **train):
     raw = raw_config(tiny_cache["tmp"], **train)
     raw["workdir"] = str(tiny_cache["tmp"] / name)
     return raw
+
+
+# --- tiny frozen text models for head-only training ----------------------------------------
+
+@pytest.fixture(scope="session")
+def text_models(tmp_path_factory):
+    """A tiny random BERT (WordPiece: [CLS] ... [SEP]) and a tiny random GPT-2-style causal LM (word-level, no end
+    token added), saved as a user's model folders are."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("text-models")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "a", "the", "under"]
+    bert = root / "bert"
+    bert.mkdir()
+    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(bert / "vocab.txt")).save_pretrained(bert)
+    torch.manual_seed(11)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=48,
+                                                   max_position_embeddings=32)).save_pretrained(bert)
+    gpt = root / "gpt"
+    words = {w: i for i, w in enumerate(["<unk>", "<eos>", *vocab[5:]])}
+    rust = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="<unk>", eos_token="<eos>").save_pretrained(gpt)
+    transformers.GPT2Model(transformers.GPT2Config(vocab_size=len(words), n_embd=24, n_layer=2, n_head=2,
+                                                   n_positions=32)).save_pretrained(gpt)
+    return {"bert": str(bert), "gpt": str(gpt)}
+
+
+def head_config(tiny_cache, name: str, text_models, **train) -> dict:
+    """Head-only training over `tiny_cache`: the tiny BERT's mean-pooled features (float32), a 2-layer text MLP and
+    a linear image head into 20 dims."""
+    text_model = {"model": text_models["bert"], "pooling": "mean", "dtype": "float32", "batch_size": 7}
+    heads = {"text": {"kind": "mlp", "depth": 2, "width": 16}, "image": {"kind": "linear"}, "dim": 20}
+    return tiny_train_config(tiny_cache, name, text_model=text_model, heads=heads, chunk_size=5, steps=5, **train)

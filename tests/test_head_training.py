@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS, tiny_train_config
+from conftest import head_config
 
 from litpipe.config import TextModelConfig, validate_config
 from litpipe.models.text_model import FrozenTextModel
@@ -16,32 +16,6 @@ from litpipe.store import load_all, resolve_cache
 
 transformers = pytest.importorskip("transformers")
 TEXTS = ["red cat", "a blue dog smiling under the moon", "", "star heart flag tree rocket face"]
-
-
-@pytest.fixture(scope="module")
-def text_models(tmp_path_factory):
-    """A tiny random BERT (WordPiece: [CLS] ... [SEP]) and a tiny random GPT-2-style causal LM (word-level, no end
-    token added), saved as a user's model folders are."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    root = tmp_path_factory.mktemp("text-models")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "a", "the", "under"]
-    bert = root / "bert"
-    bert.mkdir()
-    (bert / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(bert / "vocab.txt")).save_pretrained(bert)
-    torch.manual_seed(11)
-    transformers.BertModel(transformers.BertConfig(vocab_size=len(vocab), hidden_size=24, num_hidden_layers=2,
-                                                   num_attention_heads=2, intermediate_size=48,
-                                                   max_position_embeddings=32)).save_pretrained(bert)
-    gpt = root / "gpt"
-    words = {w: i for i, w in enumerate(["<unk>", "<eos>", *vocab[5:]])}
-    rust = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    rust.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="<unk>", eos_token="<eos>").save_pretrained(gpt)
-    transformers.GPT2Model(transformers.GPT2Config(vocab_size=len(words), n_embd=24, n_layer=2, n_head=2,
-                                                   n_positions=32)).save_pretrained(gpt)
-    return {"bert": str(bert), "gpt": str(gpt)}
 
 
 def own_output(folder: str, texts: list[str], pooling: str) -> torch.Tensor:
@@ -72,12 +46,6 @@ def test_eos_pooling_on_a_tokenizer_that_adds_no_end_token_names_the_fix(text_mo
     frozen = FrozenTextModel(TextModelConfig(model=text_models["gpt"], pooling="eos"))
     with pytest.raises(Exception, match="no end token within max_length.*use last or mean"):
         frozen.encode(["red cat"])
-
-
-def head_config(tiny_cache, name: str, text_models, **train) -> dict:
-    text_model = {"model": text_models["bert"], "pooling": "mean", "dtype": "float32", "batch_size": 7}
-    heads = {"text": {"kind": "mlp", "depth": 2, "width": 16}, "image": {"kind": "linear"}, "dim": 20}
-    return tiny_train_config(tiny_cache, name, text_model=text_model, heads=heads, chunk_size=5, steps=5, **train)
 
 
 def test_the_text_feature_cache_holds_the_models_feature_of_every_caption(ray_local, tiny_cache, text_models):
@@ -145,3 +113,52 @@ def test_heads_are_evaluated_and_served_through_the_frozen_text_model(ray_local,
     during = [json.loads(line) for line in (Path(raw["workdir"]) / "train" / "metrics.jsonl").open()]
     last = [r["eval"] for r in during if "eval" in r][-1]
     assert results["retrieval"]["train"]["metrics"]["image_retrieval_recall@5"] == last["retrieval/train/image_retrieval_recall@5"]
+
+
+def test_heads_open_clip_can_hold_export_as_an_open_clip_model_with_the_same_text_features(ray_local, tiny_cache,
+                                                                                          text_models, tmp_path):
+    import open_clip
+
+    from litpipe.models.text_tower import load_text_tower
+    from litpipe.train_text.export import export_model
+    from litpipe.train_text.trainer import train
+
+    raw = head_config(tiny_cache, "heads-open-clip", text_models)
+    raw["train"]["heads"] = {"text": {"kind": "linear", "bias": False}, "image": {"kind": "none"}}
+    raw["train"]["text_model"]["pooling"] = "cls"
+    summary = train(validate_config(raw))
+    folder = export_model(validate_config(raw), str(tmp_path / "export"))
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    texts = ["red cat", "a blue dog smiling under the moon", "star heart"]
+    tower, tokenize, _ = load_text_tower(summary["artifact"])
+    with torch.no_grad():
+        got = torch.nn.functional.normalize(model.eval().encode_text(tokenizer(texts)), dim=-1)
+        torch.testing.assert_close(got, tower(tokenize(texts)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.logit_scale.detach(), tower.logit_scale.detach())
+
+
+def test_heads_open_clip_cannot_hold_export_with_the_image_tower_named_and_load_with_the_readme_snippet(
+        ray_local, tiny_cache, text_models, tmp_path, monkeypatch):
+    from test_image_towers import readme_snippet
+
+    from litpipe.models.text_tower import load_text_tower
+    from litpipe.train_text.export import export_model
+    from litpipe.train_text.trainer import train
+
+    raw = head_config(tiny_cache, "heads-export", text_models)  # an MLP text head with biases, a linear image head
+    summary = train(validate_config(raw))
+    folder = export_model(validate_config(raw), str(tmp_path / "export"))
+    manifest = json.loads((folder / "image_tower.json").read_text())
+    assert manifest["library"] == "open_clip" and "an image head" in manifest["not_open_clip"]
+    assert not (folder / "open_clip_config.json").exists()
+    cache = resolve_cache(validate_config(raw), "train")
+    code = readme_snippet("heads-export").replace('folder = "runs/export"', f'folder = "{folder}"')
+    names: dict = {}
+    exec(compile(code.replace("litpipe-store/CACHE_ID", cache.url), "README.md:heads-export", "exec"), names)
+    tower, tokenize, _ = load_text_tower(summary["artifact"])
+    with torch.no_grad():
+        torch.testing.assert_close(names["texts"], tower(tokenize(["a photo of a cat", "a photo of a dog"])))
+        expected = torch.nn.functional.normalize(tower.project_images(load_all(cache).embeddings), dim=-1)
+    torch.testing.assert_close(names["images"], expected)
+    assert names["probabilities"].shape == (len(expected), 2)

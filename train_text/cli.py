@@ -1,4 +1,4 @@
-"""`litpipe train`, `litpipe export`, `litpipe tokenizer train`."""
+"""`litpipe train`, `litpipe text-features`, `litpipe export`, `litpipe tokenizer train`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,14 @@ from litpipe.config import add_config_args, config_from_args
 
 
 def register(commands) -> None:
+    features = commands.add_parser(
+        "text-features", help="cache train.text_model's feature of every caption of a cache (head-only training)",
+        description="Run the frozen text model of train.text_model once over every caption of a dataset's cache (a Ray "
+        "Data job; resumable) and keep the features beside it; `litpipe train` builds them too, when missing.")
+    add_config_args(features)
+    features.add_argument("--dataset", help="the `data` entry whose cache's captions to encode (default: train.dataset)")
+    features.set_defaults(func=_text_features)
+
     train = commands.add_parser("train", help="train the text tower on the train cache (train section)",
                                 description="Train a text tower against cached image embeddings; writes {workdir}/train/.")
     add_config_args(train)
@@ -39,6 +47,20 @@ def _train(args) -> int:
 
     for line in run(config_from_args(args), resume=args.resume)["report"]:
         print(line)
+    return 0
+
+
+def _text_features(args) -> int:
+    from litpipe.errors import UserError
+    from litpipe.store import resolve_cache
+    from litpipe.train_text.text_feature_job import ensure_text_features
+
+    cfg = config_from_args(args)
+    if cfg.train.text_model is None:
+        raise UserError("litpipe text-features: pipeline.yaml has no train.text_model; name the frozen text model there")
+    cache = resolve_cache(cfg, args.dataset or cfg.train.dataset, None if args.dataset else cfg.train.cache)
+    features = ensure_text_features(cfg, cache)
+    print(f"text features of cache {cache.id} by {cfg.train.text_model.model}: {features.url}")
     return 0
 
 

@@ -32,13 +32,25 @@ from safetensors.torch import save_file
 
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
+from litpipe.models.heads import CONFIG_FILE as HEADS_CONFIG
+from litpipe.models.heads import WEIGHTS_FILE as HEADS_WEIGHTS
+from litpipe.models.heads import heads_config
 from litpipe.models.image_encoder import load_encoder
-from litpipe.models.text_tower import load_text_tower
+from litpipe.models.text_tower import TextTower, load_text_tower
+from litpipe.models.tokenizer import Tokenizer, hf_tokenizer
 
 
 def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -> Path:
     """Write the open_clip folder for `cfg.encoder` + the text tower at `checkpoint` (default: train's final)."""
-    tower, tokenizer, meta = load_text_tower(checkpoint or cfg.final_text_tower)
+    url = checkpoint or cfg.final_text_tower
+    heads = heads_config(url)
+    if heads is not None:
+        return _export_heads(cfg, url, heads, Path(out).absolute())
+    tower, tokenizer, meta = load_text_tower(url)
+    return _export_text_tower(cfg, tower, tokenizer, meta, Path(out).absolute())
+
+
+def _export_text_tower(cfg: PipelineConfig, tower: TextTower, tokenizer: Tokenizer, meta: dict, folder: Path) -> Path:
     encoder = load_encoder(cfg.encoder, device="cpu")
     if cfg.encoder.source == "timm":
         model_cfg, visual_state = _timm_model_cfg(cfg, encoder)
@@ -49,7 +61,6 @@ def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -
     if model_cfg["embed_dim"] != tower.embed_dim:
         raise UserError(f"export: the text tower projects to {tower.embed_dim} but the image tower gives "
                         f"{model_cfg['embed_dim']}; train on a cache of this encoder")
-    folder = Path(out).absolute()
     if cfg.encoder.source == "hf":
         return _export_beside_hf_tower(cfg, encoder, tower, tokenizer, meta, folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,15 +93,91 @@ def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -
     return folder
 
 
-def _export_beside_hf_tower(cfg: PipelineConfig, encoder, tower, tokenizer, meta: dict, folder: Path) -> Path:
-    """The text tower as litpipe saves it, the image processor saved beside it, and image_tower.json naming the
-    transformers model and how its cached output is taken (what the README's loading snippet reads)."""
-    import transformers
+def _export_heads(cfg: PipelineConfig, url: str, config: dict, folder: Path) -> Path:
+    """Head-only training's heads: as an open_clip model where open_clip's HF text encoder expresses them (its
+    pooler, a bias-free linear or 2-layer MLP projection, no image head), else the heads folder with the image
+    tower named beside it (image_tower.json), which the README's heads snippet loads."""
+    why_not = _why_open_clip_cannot(cfg, config)
+    if why_not is None:
+        tower = _heads_as_hf_text_tower(url, config)
+        tokenizer = hf_tokenizer(config["text_model"]["model"], tower.context_length)
+        return _export_text_tower(cfg, tower, tokenizer, config["meta"], folder)
+    import fsspec
 
-    from litpipe.models.image_towers import HF_VISION, hf_prefix_tokens
+    fs, root = fsspec.core.url_to_fs(url)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (HEADS_CONFIG, HEADS_WEIGHTS):
+        (folder / name).write_bytes(fs.cat_file(f"{root}/{name}"))
+    encoder = load_encoder(cfg.encoder, device="cpu")
+    if cfg.encoder.source == "hf":
+        return _write_hf_image_manifest(cfg, encoder, folder, why_not)
+    (folder / "image_tower.json").write_text(json.dumps({
+        "format": "litpipe-image-tower/1", "library": cfg.encoder.source, "model": cfg.encoder.model,
+        "pretrained": cfg.encoder.pretrained, "output": cfg.encoder.output, "preprocess_cfg": _preprocess_cfg(encoder),
+        "not_open_clip": why_not, "encoder": encoder.fingerprint}, indent=2, default=str))
+    return folder
+
+
+def _why_open_clip_cannot(cfg: PipelineConfig, config: dict) -> str | None:
+    """Why open_clip's CLIP with its HF text encoder cannot hold these heads, or None when it can."""
+    from open_clip.hf_configs import arch_dict
+    from transformers import AutoConfig
+
+    text, heads = config["text_model"], config["heads"]
+    head, width = heads["text"], (config["text_dim"] + (heads["dim"] or config["image_dim"])) // 2
+    reasons = {
+        "an image head (open_clip adds none to the locked tower)": heads["image"]["kind"] != "none",
+        f"pooling `{text['pooling']}` (open_clip's HF poolers: cls, mean)": text["pooling"] not in ("cls", "mean"),
+        "a text head with biases (open_clip's projections have none)": head["kind"] != "none" and head["bias"],
+        f"a text MLP other than open_clip's (depth 2, width {width})": head["kind"] == "mlp" and (head["depth"], head["width"]) != (2, width),
+        "no text head": head["kind"] == "none",
+        f"an image tower of source {cfg.encoder.source}": cfg.encoder.source == "hf",
+        "a text model open_clip's HF encoder does not know": AutoConfig.from_pretrained(text["model"]).model_type not in arch_dict,
+    }
+    found = [reason for reason, applies in reasons.items() if applies]
+    return "; ".join(found) if found else None
+
+
+def _heads_as_hf_text_tower(url: str, config: dict) -> TextTower:
+    """The frozen text model and the trained text head as open_clip's HF text tower (the model's own weights, the
+    head as its projection), with the heads' temperature and bias."""
+    import fsspec
+    from safetensors.torch import load as load_safetensors
+
+    from transformers import AutoConfig
+
+    text, head = config["text_model"], config["heads"]["text"]
+    fs, root = fsspec.core.url_to_fs(url)
+    state = load_safetensors(fs.cat_file(f"{root}/{HEADS_WEIGHTS}"))
+    positions = getattr(AutoConfig.from_pretrained(text["model"]), "max_position_embeddings", None)
+    # open_clip pads every text to the context length: no longer than the model's positions
+    context = min(text["max_length"], positions or text["max_length"])
+    tower = TextTower({"hf_model_name": text["model"], "hf_model_pretrained": True, "hf_proj_type": head["kind"],
+                       "hf_pooler_type": {"cls": "cls_last_hidden_state_pooler", "mean": "mean_pooler"}[text["pooling"]],
+                       "context_length": context}, config["heads"]["dim"] or config["image_dim"])
+    proj = {k.removeprefix("text."): v for k, v in state.items() if k.startswith("text.")}
+    tower.text.proj.load_state_dict({"weight": proj["weight"]} if head["kind"] == "linear" else
+                                    {"0.weight": proj["0.weight"], "2.weight": proj["2.weight"]})
+    tower.logit_scale.data.copy_(state["logit_scale"])
+    tower.logit_bias.data.copy_(state["logit_bias"])
+    return tower.eval()
+
+
+def _export_beside_hf_tower(cfg: PipelineConfig, encoder, tower, tokenizer, meta: dict, folder: Path) -> Path:
+    """The text tower as litpipe saves it beside the Hugging Face image tower's manifest."""
     from litpipe.models.text_tower import save_text_tower
 
     save_text_tower(str(folder), tower, tokenizer, meta)
+    return _write_hf_image_manifest(cfg, encoder, folder)
+
+
+def _write_hf_image_manifest(cfg: PipelineConfig, encoder, folder: Path, why_not: str | None = None) -> Path:
+    """The image processor saved beside the text side, and image_tower.json naming the transformers model and how
+    its cached output is taken (what the README's loading snippets read)."""
+    import transformers
+
+    from litpipe.models.image_towers import HF_VISION, hf_prefix_tokens
+
     transformers.AutoImageProcessor.from_pretrained(cfg.encoder.model).save_pretrained(folder / "image_processor")
     model = cfg.encoder.model
     manifest = {
@@ -99,7 +186,8 @@ def _export_beside_hf_tower(cfg: PipelineConfig, encoder, tower, tokenizer, meta
         "model": str(Path(model).absolute()) if Path(model).exists() else model,
         "output": cfg.encoder.output, "prefix_tokens": hf_prefix_tokens(encoder.model),
         "normalize": cfg.encoder.normalize, "processor": "image_processor",
-        "weights_sha256": encoder.fingerprint["weights_sha256"], "encoder": encoder.fingerprint,
+        "weights_sha256": encoder.fingerprint["weights_sha256"],
+        **({"not_open_clip": why_not} if why_not else {}), "encoder": encoder.fingerprint,
     }
     (folder / "image_tower.json").write_text(json.dumps(manifest, indent=2, default=str))
     return folder

@@ -34,12 +34,12 @@ def build_head(cfg: HeadConfig, in_dim: int, out_dim: int) -> torch.nn.Module:
     if cfg.kind == "none":
         return torch.nn.Identity()
     if cfg.kind == "linear":
-        return torch.nn.Linear(in_dim, out_dim)
+        return torch.nn.Linear(in_dim, out_dim, bias=cfg.bias)
     layers, width = [], in_dim
     for _ in range(cfg.depth - 1):
-        layers += [torch.nn.Linear(width, cfg.width), torch.nn.GELU()]
+        layers += [torch.nn.Linear(width, cfg.width, bias=cfg.bias), torch.nn.GELU()]
         width = cfg.width
-    return torch.nn.Sequential(*layers, torch.nn.Linear(width, out_dim))
+    return torch.nn.Sequential(*layers, torch.nn.Linear(width, out_dim, bias=cfg.bias))
 
 
 class Heads(torch.nn.Module):
@@ -99,8 +99,14 @@ def save_heads(url: str, heads: Heads, text_cfg: TextModelConfig, fingerprint: d
         f.write(json.dumps(config, indent=2, default=str))
 
 
-def is_heads_folder(config: dict) -> bool:
-    return config.get("format") == FORMAT
+def heads_config(url: str) -> dict | None:
+    """The config.json of a `save_heads` folder at `url`; None for any other folder (a text tower, an export)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        config = json.loads(fs.cat_file(f"{root}/{CONFIG_FILE}"))
+    except FileNotFoundError:
+        return None
+    return config if config.get("format") == FORMAT else None
 
 
 def load_heads(url: str, config: dict, device: str = "cpu"):

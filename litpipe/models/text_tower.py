@@ -190,12 +190,12 @@ def load_text_tower(url: str, device: str = "cpu") -> tuple[TextTower, Tokenizer
     """Read a folder written by `save_text_tower` or `litpipe export`: (tower in eval mode, tokenizer, meta)."""
     fs, root = fsspec.core.url_to_fs(url)
     exported = fs.exists(f"{root}/{EXPORT_CONFIG_FILE}")  # an HF tower's export has a config.json too: the model's
-    if not exported and fs.exists(f"{root}/{CONFIG_FILE}"):
-        from litpipe.models.heads import is_heads_folder, load_heads
+    if not exported:
+        from litpipe.models.heads import heads_config, load_heads
 
-        config = json.loads(fs.cat_file(f"{root}/{CONFIG_FILE}"))
-        if is_heads_folder(config):  # head-only training's heads over a frozen text model
-            return load_heads(url, config, device)
+        heads = heads_config(url)
+        if heads is not None:  # head-only training's heads over a frozen text model
+            return load_heads(url, heads, device)
     try:
         with fs.open(f"{root}/{EXPORT_CONFIG_FILE if exported else CONFIG_FILE}", "r") as f:
             config = json.load(f)
