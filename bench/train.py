@@ -127,7 +127,7 @@ def _step_memory(batch: int, grad_cache: bool, chunk: int, queue) -> None:
     queue.put({"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start})
 
 
-TEXT_MODEL = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 2048}
+TEXT_MODEL = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}  # BERT-base
 HEADS = {"text": {"kind": "mlp", "depth": 4, "width": 1024}, "image": {"kind": "none"}}  # ShareLock's shape
 
 
@@ -163,7 +163,8 @@ def heads_throughput(batch: int, steps: int) -> tuple[float, float]:
         embeddings = np.random.default_rng(0).standard_normal((rows, 128), dtype=np.float32)
         encoder = load_encoder(cfg.encoder, device="cpu")
         cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["train"]))
-        captions = [[f"synthetic image number {i % 1000}", f"picture {i % 97}"] for i in range(rows)]
+        words = np.random.default_rng(1).integers(0, 1000, (rows, 2, 16))  # 16-word captions, about CC3M's mean
+        captions = [[" ".join(f"{w}" for w in caption) for caption in image] for image in words]
         cache.commit_shard(str(tmp / "inputs" / "part-0.tar"), pa.table({
             "key": [f"k{i:07d}" for i in range(rows)], "captions": captions,
             "embedding": pa.FixedSizeListArray.from_arrays(embeddings.reshape(-1), embeddings.shape[1])}))
