@@ -176,4 +176,5 @@ def head_config(tiny_cache, name: str, text_models, **train) -> dict:
     a linear image head into 20 dims."""
     text_model = {"model": text_models["bert"], "pooling": "mean", "dtype": "float32", "batch_size": 7}
     heads = {"text": {"kind": "mlp", "depth": 2, "width": 16}, "image": {"kind": "linear"}, "dim": 20}
-    return tiny_train_config(tiny_cache, name, text_model=text_model, heads=heads, chunk_size=5, steps=5, **train)
+    return tiny_train_config(tiny_cache, name, **{"text_model": text_model, "heads": heads, "chunk_size": 5, "steps": 5,
+                                                  **train})

@@ -162,3 +162,14 @@ def test_heads_open_clip_cannot_hold_export_with_the_image_tower_named_and_load_
         expected = torch.nn.functional.normalize(tower.project_images(load_all(cache).embeddings), dim=-1)
     torch.testing.assert_close(names["images"], expected)
     assert names["probabilities"].shape == (len(expected), 2)
+
+
+def test_heads_train_on_two_ray_train_workers_from_the_feature_cache_the_driver_built(ray_local, tiny_cache, text_models):
+    from litpipe.models.text_tower import load_text_tower
+    from litpipe.train_text.stage import run
+
+    raw = head_config(tiny_cache, "heads-two-workers", text_models, workers=2, steps=2, loss="sigmoid", positives="all")
+    summary = run(validate_config(raw))
+    assert summary["world_size"] == 2 and summary["steps"] == 2 and np.isfinite(summary["final_loss"])
+    tower, tokenize, meta = load_text_tower(summary["artifact"])
+    assert meta["loss"] == "sigmoid" and tower(tokenize(["red cat"])).shape == (1, 20)
