@@ -97,6 +97,9 @@ def main() -> int:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--preprocess", default="tensor", choices=["tensor", "pil"])
+    parser.add_argument("--jpeg-decode", default="auto", choices=["auto", "cpu", "device"],
+                        help="encoder.jpeg_decode: auto decodes JPEGs on the GPU where there is one")
+    parser.add_argument("--no-driver-cost", action="store_true", help="skip (d), the driver's cost per part")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--images", type=int, default=2048, help="images through the pipeline")
     parser.add_argument("--shards", type=int, default=8)
@@ -143,6 +146,7 @@ def main() -> int:
               f"{figures['driver_cpu_s_per_100k']:.2f} CPU s per 100,000 images at this rate, "
               f"peak RSS {figures['driver_peak_rss_mb']:.0f} MB")
         figures["ratio"], figures["ratio_kept"] = ratio, strict
+    if not args.encoder_only and not args.no_driver_cost:
         small = child(["--pipeline-only", "--source", "open_clip", "--model", "litpipe-tiny-vit", "--images", "4096",
                        "--rows-per-commit", "16"])
         at_default = small["driver_ms_per_part"] / 1000 * 100_000 / 4096
@@ -166,7 +170,7 @@ def encoder_config(args) -> EncoderConfig:
     if args.source == "hf" and args.model == "dinov2-small":
         args.model = random_dinov2_small()
     return EncoderConfig(source=args.source, model=args.model, precision=args.precision, device=args.device,
-                         preprocess=args.preprocess,
+                         preprocess=args.preprocess, jpeg_decode=args.jpeg_decode,
                          architecture=DEMO_ARCHITECTURE if args.model == "litpipe-tiny-vit" else None)
 
 

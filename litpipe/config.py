@@ -283,6 +283,9 @@ class TrainConfig(Section):
             raise ValueError(
                 f"batch_size must be divisible by the number of workers ({self.workers}); got {self.batch_size}"
             )
+        if self.shuffle_captions and self.text_model:
+            raise ValueError("shuffle_captions re-pairs captions by key, which cached text features cannot follow; run "
+                             "the control with a text tower (text_model: null)")
         if self.heads.image.kind == "none" and self.heads.dim is not None:
             raise ValueError("heads.dim sets the dim of an image head; with heads.image.kind: none the image features' "
                              "dim is the shared one: remove heads.dim or give an image head")

@@ -146,10 +146,10 @@ def tiny_train_config(tiny_cache, name, **train):
 
 @pytest.fixture(scope="session")
 def text_models(tmp_path_factory):
-    """A tiny random BERT (WordPiece: [CLS] ... [SEP]) and a tiny random GPT-2-style causal LM (word-level, no end
-    token added), saved as a user's model folders are."""
+    """A tiny random BERT (WordPiece: [CLS] ... [SEP]), GPT-2-style causal LM (word-level, no end token added) and
+    T5 (word-level, </s> added), saved as a user's model folders are."""
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     root = tmp_path_factory.mktemp("text-models")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "a", "the", "under"]
@@ -168,7 +168,16 @@ def text_models(tmp_path_factory):
     transformers.PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="<unk>", eos_token="<eos>").save_pretrained(gpt)
     transformers.GPT2Model(transformers.GPT2Config(vocab_size=len(words), n_embd=24, n_layer=2, n_head=2,
                                                    n_positions=32)).save_pretrained(gpt)
-    return {"bert": str(bert), "gpt": str(gpt)}
+    t5 = root / "t5"  # an encoder-decoder: its encoder's states, </s> after each text
+    rust = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    rust.post_processor = processors.TemplateProcessing(single="$A <eos>", special_tokens=[("<eos>", 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="<unk>", eos_token="<eos>",
+                                         pad_token="<unk>").save_pretrained(t5)
+    transformers.T5Model(transformers.T5Config(vocab_size=len(words), d_model=24, d_kv=12, d_ff=48, num_layers=2,
+                                               num_heads=2, pad_token_id=0, eos_token_id=1,
+                                               decoder_start_token_id=0)).save_pretrained(t5)
+    return {"bert": str(bert), "gpt": str(gpt), "t5": str(t5)}
 
 
 def head_config(tiny_cache, name: str, text_models, **train) -> dict:

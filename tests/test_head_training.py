@@ -22,23 +22,25 @@ def own_output(folder: str, texts: list[str], pooling: str) -> torch.Tensor:
     """transformers' own tokenizer and forward, pooled here: the reference."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModel.from_pretrained(folder).eval()
+    model = model.get_encoder() if model.config.is_encoder_decoder else model
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     out = []
     with torch.no_grad():
         for text in texts:  # one at a time: no padding in the reference
             ids = tokenizer([text], return_tensors="pt")["input_ids"]
             states = model(input_ids=ids).last_hidden_state[0]
             if pooling == "eos":
-                out.append(states[(ids[0] == tokenizer.sep_token_id).nonzero()[0, 0]])
+                out.append(states[(ids[0] == end).nonzero()[0, 0]])
             else:
                 out.append({"cls": states[0], "mean": states.mean(0), "last": states[-1]}[pooling])
     return torch.stack(out)
 
 
 @pytest.mark.parametrize("model, pooling", [("bert", "cls"), ("bert", "mean"), ("bert", "eos"), ("gpt", "last"),
-                                            ("gpt", "mean")])
+                                            ("gpt", "mean"), ("t5", "eos"), ("t5", "mean")])
 def test_the_frozen_text_model_pools_as_its_own_output_does(text_models, model, pooling):
     frozen = FrozenTextModel(TextModelConfig(model=text_models[model], pooling=pooling, dtype="float32"))
-    texts = TEXTS if model == "bert" else [t for t in TEXTS if t]  # GPT-2 gives an empty text no token
+    texts = TEXTS if model != "gpt" else [t for t in TEXTS if t]  # GPT-2 gives an empty text no token
     torch.testing.assert_close(frozen.encode(texts), own_output(text_models[model], texts, pooling), atol=1e-5, rtol=1e-5)
 
 

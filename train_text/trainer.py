@@ -35,8 +35,7 @@ from litpipe.models.text_tower import TextTower, build_text_tower, save_text_tow
 from litpipe.models.tokenizer import Tokenizer, load_tokenizer
 from litpipe.prefetch import prefetched
 from litpipe.store import Batch, EmbeddingCache, StreamingReader, load_all, resolve_cache
-from litpipe.store.caption_rows import pick_captions
-from litpipe.store.caption_rows import CaptionRows
+from litpipe.store.caption_rows import CaptionRows, pick_captions
 from litpipe.store.text_features import TextFeatureCache
 from litpipe.store.tokens import TokenCache
 from litpipe.train_text.eval_while_training import EvalWhileTraining
@@ -135,9 +134,6 @@ def build_run(cfg: PipelineConfig, text_features: str | None = None) -> Run:
                                    {"params": no_decay, "weight_decay": 0.0}], lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, t.warmup_steps, total_steps))
     swapped = swap_captions(cache, t.seed) if t.shuffle_captions else None
-    if swapped and per_caption is not None:
-        raise UserError("train.shuffle_captions re-pairs captions by key, which cached text features cannot follow; "
-                        "run the control with a text tower (train.text_model: null)")
     if t.pretokenize and not swapped and tokenizer is not None:  # the control re-pairs captions by key: it tokenises as it goes
         if rank == 0:
             ensure_token_cache(cache, tokenizer)

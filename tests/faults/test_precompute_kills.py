@@ -1,7 +1,7 @@
 """precompute killed with SIGKILL at seeded points, then run again: the cache equals an uninterrupted run's.
 
 The dataset is the planted one (every kind of bad input) cut into parts of two samples, so a kill
-lands between parts of one shard as well as between shards. `make test` runs one fixed point
+lands between parts of one shard as well as between shards. `make test-long` runs one fixed point
 (between a part's data file and its commit record); `make test-faults` adds one inside finalize,
 24 drawn ones (seed 16: 20 that kill the job, 4 that kill only the encoder actor writing a part),
 a rerun started while the killed run's Ray processes still live, and two runs at once.
@@ -81,6 +81,7 @@ def kill_and_rerun(reference, point: KillPoint, name: str, rerun_in_subprocess: 
     record("precompute", f"SIGKILL {point}", outcome)
 
 
+@pytest.mark.long
 def test_a_kill_between_a_parts_data_file_and_its_commit_record_is_finished_by_the_next_run(reference):
     kill_and_rerun(reference, QUICK[0], "quick-commit")
 
