@@ -169,6 +169,7 @@ def test_relative_paths_in_a_config_mean_relative_to_its_file_from_any_folder(tm
     assert json.loads(capsys.readouterr().out)["encoder"]["pretrained"] == "laion2b_s34b_b79k"
 
 
+@pytest.mark.long
 def test_a_clean_run_prints_litpipes_lines_and_ray_keeps_its_own_in_its_logs(tmp_path):
     import yaml
     from precompute_samples import image_bytes, sample_members, tiny_config, write_tar

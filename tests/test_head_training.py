@@ -117,6 +117,7 @@ def test_heads_are_evaluated_and_served_through_the_frozen_text_model(ray_local,
     assert results["retrieval"]["train"]["metrics"]["image_retrieval_recall@5"] == last["retrieval/train/image_retrieval_recall@5"]
 
 
+@pytest.mark.long
 def test_heads_open_clip_can_hold_export_as_an_open_clip_model_with_the_same_text_features(ray_local, tiny_cache,
                                                                                           text_models, tmp_path):
     import open_clip
@@ -166,6 +167,7 @@ def test_heads_open_clip_cannot_hold_export_with_the_image_tower_named_and_load_
     assert names["probabilities"].shape == (len(expected), 2)
 
 
+@pytest.mark.long
 def test_heads_train_on_two_ray_train_workers_from_the_feature_cache_the_driver_built(ray_local, tiny_cache, text_models):
     from litpipe.models.text_tower import load_text_tower
     from litpipe.train_text.stage import run

@@ -3,6 +3,7 @@
 import json
 import sys
 
+import pytest
 import torch
 from conftest import tiny_train_config
 
@@ -107,6 +108,7 @@ def check_against_one_process(tower, expected, folder, name):
                                        msg=f"{name} {key}")
 
 
+@pytest.mark.long
 def test_train_stage_with_two_workers_runs_ray_train_and_writes_the_text_tower(ray_local, tiny_cache):
     from litpipe.config import validate_config
     from litpipe.models.text_tower import load_text_tower
