@@ -167,3 +167,40 @@ def test_a_token_cache_built_before_more_shards_were_committed_is_completed(tiny
     assert tokens.complete and [r["name"] for r in tokens.missing()] == [first["name"]]
     assert ensure_token_cache(cache, clip_tokenizer(16)).missing() == []
     assert TokenCache(cache, clip_tokenizer(16).fingerprint()).open_file(first) is not None
+
+
+def test_a_checkpoint_loads_with_weights_only_and_restores_every_random_generator(tiny_cache, tmp_path):
+    """Checkpoints hold tensors only (torch.load(weights_only=True) refuses anything else): the RNG states of
+    torch, numpy and Python go in as tensors and come back to draw the same numbers."""
+    import io
+    import random
+
+    from litpipe.train_text.trainer import build_run, load_checkpoint, save_checkpoint
+
+    run = build_run(validate_config(config(tiny_cache, "weights-only", steps=1)))
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    random.gauss(0, 1), np.random.standard_normal()  # both keep a cached Gaussian: it must travel too
+    path = save_checkpoint(str(tmp_path / "checkpoints"), run, 7)
+    expected = (torch.rand(3), np.random.standard_normal(3), [random.gauss(0, 1) for _ in range(3)])
+    torch.load(io.BytesIO(Path(path).read_bytes()), weights_only=True)  # raises on any non-tensor object
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    assert load_checkpoint(str(tmp_path / "checkpoints"), run) == 7
+    got = (torch.rand(3), np.random.standard_normal(3), [random.gauss(0, 1) for _ in range(3)])
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_with_the_fix(tiny_cache, tmp_path):
+    import io
+
+    from litpipe.errors import UserError
+    from litpipe.train_text.trainer import build_run, load_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    buffer = io.BytesIO()
+    torch.save({"step": 1, "rng": {"numpy": np.random.get_state()}}, buffer)  # as litpipe before 2026-12 wrote them
+    (folder / "step-00000001.pt").write_bytes(buffer.getvalue())
+    (folder / "latest.json").write_text(json.dumps({"step": 1, "file": "step-00000001.pt"}))
+    run = build_run(validate_config(config(tiny_cache, "old-checkpoint", steps=1)))
+    with pytest.raises(UserError, match="holds more than tensors.*resume it with the litpipe that wrote it"):
+        load_checkpoint(str(folder), run)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -284,9 +285,7 @@ def save_checkpoint(ckpt_dir: str, run: Run, step: int, keep: int = 2) -> str:
     then only the newest `keep` step files stay, so a long run does not fill the disk, and no
     temporary file an earlier, killed write left."""
     state = {"step": step, "model": run.tower.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(),
-             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+             "scheduler": run.scheduler.state_dict(), "rng": rng_states()}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     fs, root = fsspec.core.url_to_fs(ckpt_dir)
@@ -325,16 +324,46 @@ def load_checkpoint(ckpt_dir: str, run: Run) -> int:
     try:
         with fs.open(f"{root}/{latest['file']}", "rb") as f:
             # on the CPU: RNG states must stay CPU tensors; weights and optimiser state move to the device on load
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"--resume: {ckpt_dir}/{LATEST} names {latest['file']}, which is missing; restore it, "
                         "or delete the checkpoints and run without --resume") from None
+    except pickle.UnpicklingError:  # tensors only are loaded: an older litpipe pickled numpy's RNG state
+        raise UserError(f"--resume: {ckpt_dir}/{latest['file']} holds more than tensors (a checkpoint of a litpipe "
+                        "before 2026-12, which stored random states as Python objects); resume it with the litpipe "
+                        "that wrote it, or run without --resume") from None
     run.tower.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_states(state["rng"])
     return int(state["step"])
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """Every random generator's state as tensors, so a checkpoint loads with `torch.load(weights_only=True)`
+    (numpy's and Python's own states are tuples of arrays and ints, which only a full unpickle restores)."""
+    _, keys, position, has_gauss, gauss = np.random.get_state()
+    version, words, python_gauss = random.getstate()
+    states = {"torch": torch.get_rng_state(),
+              "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
+              "numpy_rest": torch.tensor([position, has_gauss], dtype=torch.int64),
+              "numpy_gauss": torch.tensor(gauss, dtype=torch.float64),
+              "python_words": torch.tensor(words, dtype=torch.int64),
+              "python_rest": torch.tensor([version, python_gauss is not None], dtype=torch.int64),
+              "python_gauss": torch.tensor(python_gauss or 0.0, dtype=torch.float64)}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return states
+
+
+def set_rng_states(states: dict[str, torch.Tensor]) -> None:
+    """Restore what `rng_states` took."""
+    torch.set_rng_state(states["torch"])
+    position, has_gauss = states["numpy_rest"].tolist()
+    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), position, has_gauss,
+                         float(states["numpy_gauss"])))
+    version, has_python_gauss = states["python_rest"].tolist()
+    random.setstate((version, tuple(states["python_words"].tolist()),
+                     float(states["python_gauss"]) if has_python_gauss else None))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(states["cuda"]))
