@@ -249,6 +249,8 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay on matrices only")
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="global gradient-norm clip; none = no clipping")
+    nonfinite_skips: int = Field(0, ge=0, description="steps whose loss or gradient norm is NaN/inf that are dropped "
+                                 "(no update) before the run stops at the next one; 0 = stop at the first")
     init_temperature: float = Field(10.0, gt=0, description="LiT starts the logit scale at 10")
     init_bias: float = Field(-10.0, description="sigmoid loss only")
     seed: int = Field(0, description="seeds the tower's init, the shuffle and the caption picks")

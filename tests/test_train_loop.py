@@ -3,6 +3,7 @@
 Resume after kill -9, at many points, is tests/faults/test_train_kills.py."""
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -204,3 +205,33 @@ def test_a_checkpoint_holding_python_objects_is_refused_with_the_fix(tiny_cache,
     run = build_run(validate_config(config(tiny_cache, "old-checkpoint", steps=1)))
     with pytest.raises(UserError, match="holds more than tensors.*resume it with the litpipe that wrote it"):
         load_checkpoint(str(folder), run)
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_update_leaving_the_last_checkpoint(tiny_cache):
+    from litpipe.train_text.trainer import NonFiniteStep, build_run, fit
+
+    def poisoned_at(step: int):
+        calls = []
+
+        def image_features(batch):
+            calls.append(1)
+            return batch.embeddings * (float("nan") if len(calls) == step else 1.0)
+        return image_features
+
+    cfg = validate_config(config(tiny_cache, "nan-stop", steps=5, checkpoint_every=2))
+    run = build_run(cfg)
+    run.image_features = poisoned_at(3)
+    with pytest.raises(NonFiniteStep, match=r"step 3 gave loss nan.*latest\.json still names the last good checkpoint"):
+        fit(cfg, run)
+    folder = Path(cfg.train_dir)
+    assert json.loads((folder / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert not (folder / "final").exists()  # no tower trained on NaN is exported
+    assert all(torch.isfinite(p).all() for p in run.tower.parameters())  # the update was never applied
+
+    skipping = validate_config(config(tiny_cache, "nan-skip", steps=5, nonfinite_skips=1))
+    run = build_run(skipping)
+    run.image_features = poisoned_at(3)
+    summary = fit(skipping, run)
+    records = [json.loads(line) for line in (Path(skipping.train_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records if "loss" in r] == [0, 0, 1, 1, 1] and math.isfinite(summary["final_loss"])
+    assert all(torch.isfinite(p).all() for p in run.tower.parameters())

@@ -193,7 +193,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
     log = MetricsLog(out, enabled=rank == 0, resumed_at=step if resume else None, wandb=t.wandb, config=cfg.model_dump())
     evaluate = EvalWhileTraining(cfg, log) if t.eval_every and rank == 0 else None
     bar = tqdm(total=run.total_steps, initial=step, disable=rank != 0, desc="train", unit="step")
-    started, losses = time.perf_counter(), []
+    started, losses, skipped = time.perf_counter(), [], 0
     last = started  # a step's time runs from the previous step's end, so waiting for data counts
     run.tower.train()
     for inputs, owner, batch in prefetched(text_batches(run, cfg, step), 2, "litpipe-tokenize"):
@@ -215,15 +215,21 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
         sum_gradients(run.tower.parameters())
         grad_norm = torch.nn.utils.clip_grad_norm_(run.tower.parameters(), t.grad_clip or float("inf"))
         lr = run.scheduler.get_last_lr()[0]
-        run.optimizer.step()
+        loss_value, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one device sync
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            run.optimizer.step()
+        else:  # the same on every rank: the loss and the summed gradients are global
+            skipped += 1
+            if skipped > t.nonfinite_skips:
+                raise NonFiniteStep(step + 1, loss_value, grad_norm, ckpt_dir)
         run.scheduler.step()
         step += 1
-        losses.append(loss.item())  # one device sync per step
+        losses.append(loss_value)
         seconds = time.perf_counter() - last
         bar.set_postfix(loss=f"{losses[-1]:.4f}", samples_s=f"{t.batch_size / seconds:,.0f}", data_wait=f"{waited / seconds:.0%}")
         bar.update(1)
         if step % t.log_every == 0 or step == run.total_steps:
-            log.write({"step": step, "loss": losses[-1], "lr": lr, "grad_norm": float(grad_norm),
+            log.write({"step": step, "loss": losses[-1], "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
                        "temperature": run.tower.logit_scale.exp().item(), "bias": run.tower.logit_bias.item(),
                        "samples_per_s": t.batch_size / seconds, "data_wait": waited / seconds})
         if t.eval_every and (step % t.eval_every == 0 or step == run.total_steps):
@@ -250,6 +256,17 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
         with fsspec.open(f"{out}/summary.json", "w") as f:
             f.write(json.dumps(summary, indent=2))
     return summary
+
+
+class NonFiniteStep(UserError):
+    """A step's loss or gradient norm is NaN or inf: the run stops before the update, its last checkpoint intact."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, ckpt_dir: str):
+        super().__init__(
+            f"train: step {step} gave loss {loss} and gradient norm {grad_norm}; stopped before applying it. "
+            f"{ckpt_dir}/{LATEST} still names the last good checkpoint. Lower train.lr, use train.precision: fp32 "
+            "or look at the batch, then `litpipe train --resume`; or let train.nonfinite_skips drop up to that many "
+            "such steps")
 
 
 def text_batches(run: Run, cfg: PipelineConfig, step: int):
