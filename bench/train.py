@@ -85,6 +85,25 @@ def throughput(name: str, encoder_spec: dict, batch: int, steps: int) -> tuple[f
     return cached, on_the_fly
 
 
+def peak_memory(step, device: str) -> dict:
+    """Run `step()` once: its seconds and the peak memory above the process's footprint before it (peak CUDA
+    memory on a GPU, peak RSS on the CPU)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start}
+
+
 def _step_memory(batch: int, grad_cache: bool, chunk: int, queue) -> None:
     """One optimiser step at global batch `batch` in this (fresh) process; report peak memory above the start."""
     from litpipe.models.text_tower import TextTower
@@ -107,24 +126,14 @@ def _step_memory(batch: int, grad_cache: bool, chunk: int, queue) -> None:
     def loss_fn(f):
         return global_contrastive_loss(f, images, tower.logit_scale, tower.logit_bias, "softmax", chunk)
 
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    start = time.perf_counter()
-    if grad_cache:
-        grad_cached_backward(embed, tokens, chunk, loss_fn)
-    else:
-        full_backward(embed, tokens, loss_fn)
-    optimizer.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put({"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start})
+    def step():
+        if grad_cache:
+            grad_cached_backward(embed, tokens, chunk, loss_fn)
+        else:
+            full_backward(embed, tokens, loss_fn)
+        optimizer.step()
+
+    queue.put(peak_memory(step, device))
 
 
 TEXT_MODEL = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}  # BERT-base
@@ -197,22 +206,12 @@ def _heads_step_memory(batch: int, chunk: int, queue) -> None:
     optimizer = torch.optim.AdamW(heads.parameters(), lr=1e-3)
     features = torch.randn(batch, 512, device=device).half()
     images = torch.randn(batch, 512, device=device).half()  # as read from a float16 cache
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
-    start = time.perf_counter()
-    grad_cached_backward(heads, features, chunk, lambda f: global_contrastive_loss(
-        f, images.float(), heads.logit_scale, heads.logit_bias, "softmax", chunk))
-    optimizer.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    queue.put({"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start})
+    def step():
+        grad_cached_backward(heads, features, chunk, lambda f: global_contrastive_loss(
+            f, images.float(), heads.logit_scale, heads.logit_bias, "softmax", chunk))
+        optimizer.step()
+
+    queue.put(peak_memory(step, device))
 
 
 def in_fresh_process(target, *args) -> dict:
