@@ -88,6 +88,15 @@ class CaptionRows:
         self.fs.makedirs(self.path, exist_ok=True)
         write_atomic(self.fs, f"{self.path}/{file_name(record)}", sink.getvalue())
 
+    def build(self, record: dict, encode) -> int:
+        """Write one shard file's rows: `encode(texts)` -> [texts, width] over every caption of every row, in
+        row order (a row without captions holds the empty text's); the rows written."""
+        captions = self.cache.open_shard(record).read(columns=["captions"]).column("captions").to_pylist()
+        per_row = [c if c else [""] for c in captions]
+        values = np.asarray(encode([text for texts in per_row for text in texts]))
+        self.write(record, values.astype(self.dtype), np.array([len(texts) for texts in per_row]))
+        return len(per_row)
+
     def finalize(self) -> None:
         if self.missing():
             raise CacheError(f"{self.url}: {self.folder} files are missing; rebuild them (litpipe train does)")

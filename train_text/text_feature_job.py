@@ -63,11 +63,10 @@ class _ShardEncoder:
         self.batch_size = text_cfg.batch_size
 
     def __call__(self, batch: dict) -> dict:
-        record = self.records[str(batch["shard"][0])]
-        captions = self.features.cache.open_shard(record).read(columns=["captions"]).column("captions").to_pylist()
-        per_row = [c if c else [""] for c in captions]  # a row without captions trains on the empty text, as tokens
-        texts = [text for texts in per_row for text in texts]
-        encoded = [self.model.encode(texts[a:a + self.batch_size]) for a in range(0, len(texts), self.batch_size)]
-        values = np.concatenate([e.numpy() for e in encoded]) if encoded else np.zeros((0, self.model.dim))
-        self.features.write(record, values.astype(self.features.dtype), np.array([len(t) for t in per_row]))
-        return {"rows": np.array([len(per_row)])}
+        rows = self.features.build(self.records[str(batch["shard"][0])], self._encode)
+        return {"rows": np.array([rows])}
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        """Every caption's feature, `batch_size` captions per forward, in order (the same batches on every run)."""
+        batches = [self.model.encode(texts[a:a + self.batch_size]).numpy() for a in range(0, len(texts), self.batch_size)]
+        return np.concatenate(batches) if batches else np.zeros((0, self.model.dim))

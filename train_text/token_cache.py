@@ -12,7 +12,6 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from multiprocessing import get_context
 
-import numpy as np
 from tqdm import tqdm
 
 from litpipe.models.tokenizer import Tokenizer
@@ -41,8 +40,4 @@ def ensure_token_cache(cache: EmbeddingCache, tokenizer: Tokenizer, workers: int
 
 def _tokenise_shard(job: tuple[TokenCache, Tokenizer, dict]) -> int:
     tokens, tokenizer, record = job
-    captions = tokens.cache.open_shard(record).read(columns=["captions"]).column("captions").to_pylist()
-    per_row = [c if c else [""] for c in captions]  # a row without captions trains on the empty text
-    ids = tokenizer([text for texts in per_row for text in texts]).numpy().astype(np.int32)
-    tokens.write(record, ids, np.array([len(texts) for texts in per_row]))
-    return len(per_row)
+    return tokens.build(record, lambda texts: tokenizer(texts).numpy())

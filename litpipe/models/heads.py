@@ -58,10 +58,6 @@ class Heads(torch.nn.Module):
         self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(init_temperature)))
         self.logit_bias = torch.nn.Parameter(torch.tensor(float(init_bias)))
 
-    @property
-    def has_image_head(self) -> bool:
-        return self.cfg.image.kind != "none"
-
     def forward(self, text_features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(text_features.float()), dim=-1)
 
