@@ -104,24 +104,25 @@ def peak_memory(step, device: str) -> dict:
     return {"extra_mb": (peak - before) / 2**20, "seconds": time.perf_counter() - start}
 
 
-def _step_memory(batch: int, grad_cache: bool, chunk: int, queue) -> None:
-    """One optimiser step at global batch `batch` in this (fresh) process; report peak memory above the start."""
+def _step_memory(batch: int, grad_cache: bool, chunk: int, dim: int, queue) -> None:
+    """One optimiser step at global batch `batch` (image dim `dim`) in this (fresh) process; report peak memory
+    above the start. Token ids are int32 on the CPU and reach the device a chunk at a time, as in the trainer."""
     from litpipe.models.text_tower import TextTower
     from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
     from litpipe.train_text.loss import global_contrastive_loss
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    tower = TextTower({**TOWER, "vocab_size": 49408}, 512).to(device)
+    tower = TextTower({**TOWER, "vocab_size": 49408}, dim).to(device)
     optimizer = torch.optim.AdamW(tower.parameters(), lr=1e-3)
-    tokens = torch.randint(1, 49406, (batch, TOWER["context_length"]), device=device)
+    tokens = torch.randint(1, 49406, (batch, TOWER["context_length"]), dtype=torch.int32)
     tokens[:, -1] = 49407
-    images = torch.nn.functional.normalize(torch.randn(batch, 512, device=device), dim=-1)
+    images = torch.nn.functional.normalize(torch.randn(batch, dim, device=device), dim=-1)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
 
     def embed(t):
         with autocast:
-            return tower(t).float()
+            return tower(t.to(device)).float()
 
     def loss_fn(f):
         return global_contrastive_loss(f, images, tower.logit_scale, tower.logit_bias, "softmax", chunk)
@@ -231,6 +232,7 @@ def main() -> None:
     parser.add_argument("--no-cache-max", type=int, default=4096,
                         help="largest batch tried without GradCache (its activations grow with the batch)")
     parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--image-dim", type=int, default=512, help="embedding width of the memory runs")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--heads", action="store_true", help="head-only training on both caches instead")
     parser.add_argument("--heads-memory-batches", type=int, nargs="*", default=[16384, 32768, 65536])
@@ -249,11 +251,11 @@ def main() -> None:
         print(f"== throughput: global batch {args.batch}, {args.steps} steps")
         for name, spec in IMAGE_TOWERS.items():
             throughput(name, spec, args.batch, args.steps)
-    print(f"== peak memory of one step above the process's start (chunk {args.chunk}), image dim 512")
+    print(f"== peak memory of one step above the process's start (chunk {args.chunk}), image dim {args.image_dim}")
     print(f"{'global batch':>12} | {'GradCache MB':>12} | {'s':>6} | {'no GradCache MB':>15} | {'s':>6}")
     for batch in args.memory_batches:
-        cached = in_fresh_process(_step_memory, batch, True, args.chunk)
-        full = in_fresh_process(_step_memory, batch, False, args.chunk) if batch <= args.no_cache_max else {"extra_mb": np.nan, "seconds": np.nan}
+        cached = in_fresh_process(_step_memory, batch, True, args.chunk, args.image_dim)
+        full = in_fresh_process(_step_memory, batch, False, args.chunk, args.image_dim) if batch <= args.no_cache_max else {"extra_mb": np.nan, "seconds": np.nan}
         print(f"{batch:>12} | {cached['extra_mb']:>12,.0f} | {cached['seconds']:>6.1f} | "
               f"{full['extra_mb']:>15,.0f} | {full['seconds']:>6.1f}", flush=True)
 

@@ -265,6 +265,9 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
     checkpoint_dir: str | None = Field(None, description="fsspec URL for resumable checkpoints; none = {workdir}/train/checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest step checkpoints kept; older ones are deleted")
+    max_failures: int = Field(3, ge=-1, description="train.workers > 1: times Ray Train restarts a worker group that "
+                              "lost a worker (a preempted node, an OOM kill), each from the last checkpoint, within "
+                              "one run; -1 = no limit, 0 = the first loss ends the run")
     log_every: int = Field(10, ge=1, description="steps between metrics.jsonl / TensorBoard records")
     eval_every: int = Field(0, ge=0, description="steps between evaluations on the eval sets (text side only: image "
                             "vectors are cached), and at the end; 0 = none while training")

@@ -235,3 +235,64 @@ def test_a_non_finite_loss_stops_the_run_before_its_update_leaving_the_last_chec
     records = [json.loads(line) for line in (Path(skipping.train_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in records if "loss" in r] == [0, 0, 1, 1, 1] and math.isfinite(summary["final_loss"])
     assert all(torch.isfinite(p).all() for p in run.tower.parameters())
+
+
+def test_the_training_step_alone_gives_the_reference_loss_and_grad_cache_the_gradients_of_one_backward(tiny_cache):
+    """`train_step`, called without `fit`: its loss is the naive float64 CLIP loss of the batch; GradCache and one
+    full backward leave the same (clipped) gradients; a NaN batch changes no weight and moves the schedule on."""
+    from litpipe.train_text.trainer import embedder, text_batches, train_step
+
+    cfg = validate_config(config(tiny_cache, "step-alone", steps=3, chunk_size=5))
+    grads = {}
+    for grad_cache in (True, False):
+        t = cfg.train.model_copy(update={"grad_cache": grad_cache})
+        run = build_run(cfg)
+        inputs, owner, batch = next(text_batches(run, cfg, 0))
+        assert inputs.dtype == torch.int32 and owner is None  # ids as the token cache holds them
+        with torch.no_grad():
+            text = F.normalize(run.tower(inputs).double(), dim=-1)
+            logits = run.tower.logit_scale.exp().double() * text @ F.normalize(batch.embeddings.double(), dim=-1).T
+            labels = torch.arange(len(logits))
+            expected = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        loss, grad_norm = train_step(run, t, embedder(run, t), inputs, run.image_features(batch), owner)
+        assert math.isclose(loss, expected.item(), rel_tol=1e-5) and grad_norm > 0
+        grads[grad_cache] = {k: p.grad.clone() for k, p in run.tower.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 5
+    for key, value in grads[True].items():
+        torch.testing.assert_close(value, grads[False][key], rtol=1e-4, atol=1e-7, msg=key)
+
+    before = {k: v.clone() for k, v in run.tower.state_dict().items()}
+    loss, _ = train_step(run, cfg.train, embedder(run, cfg.train), inputs, batch.embeddings * float("nan"), owner)
+    assert math.isnan(loss) and run.scheduler.last_epoch == 2
+    assert all(torch.equal(v, before[k]) for k, v in run.tower.state_dict().items())
+
+
+def test_a_resumed_run_logs_each_step_once_in_tensorboard_and_continues_its_wandb_run(tiny_cache):
+    """A run cut back to its step-4 checkpoint (as a kill after step 6 leaves it) and resumed: TensorBoard's own
+    EventAccumulator sees every step of every tag once, with the resumed values (the resumed writer's purge at
+    step 5 drops the first writer's 5 and 6, evaluations included); W&B logs into the same run id."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    raw = config(tiny_cache, "tensorboard-resume", steps=6, checkpoint_every=2, keep_checkpoints=3, log_every=1,
+                 eval_every=2, wandb={"project": "litpipe-tests", "mode": "offline"})
+    raw["eval"] = {"retrieval": ["train"]}
+    cfg = validate_config(raw)
+    train(cfg)
+    folder = Path(cfg.train_dir)
+    first_id = json.loads((folder / "checkpoints" / "wandb-run.json").read_text())["id"]
+    (folder / "checkpoints" / "latest.json").write_text(json.dumps({"step": 4, "file": "step-00000004.pt"}))
+    resumed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 3e-3})})  # new values from step 5
+    train(resumed, resume=True)
+
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    logged = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in ("train/loss", "train/lr")}
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for tag, key in (("train/loss", "loss"), ("train/lr", "lr")):
+        assert [s for s, _ in logged[tag]] == [1, 2, 3, 4, 5, 6]
+        assert [v for _, v in logged[tag]] == pytest.approx([r[key] for r in records if key in r], rel=1e-6)
+    eval_tag = next(tag for tag in events.Tags()["scalars"] if tag.startswith("eval/"))
+    assert [e.step for e in events.Scalars(eval_tag)] == [2, 4, 6]
+    assert json.loads((folder / "checkpoints" / "wandb-run.json").read_text())["id"] == first_id
+    runs = sorted(p.name for p in (folder / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{first_id}") for name in runs)

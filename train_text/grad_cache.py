@@ -18,14 +18,16 @@ def grad_cached_backward(embed: Callable[[torch.Tensor], torch.Tensor], inputs: 
                          loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Accumulate d loss_fn(embed(inputs)) / d params into `.grad`; return the loss."""
     chunks = inputs.split(chunk_size)
-    states = []
+    states, features = [], None
     with torch.no_grad():
-        embedded = []
-        for chunk in chunks:
+        for start, chunk in zip(range(0, len(inputs), chunk_size), chunks):
             states.append(_rng_state())
-            embedded.append(embed(chunk))
+            out = embed(chunk)
+            if features is None:  # filled in place: a list of chunks and their concatenation would hold it twice
+                features = out.new_empty((len(inputs), *out.shape[1:]))
+            features[start : start + len(out)] = out
     after = _rng_state()
-    features = torch.cat(embedded).requires_grad_()
+    features.requires_grad_()
     loss = loss_fn(features)
     loss.backward()
     for chunk, state, grad in zip(chunks, states, features.grad.split(chunk_size)):

@@ -87,7 +87,8 @@ def _softmax_terms(b: _Batch, logit_scale, _bias, chunk, image_grads):
     lse_row = _chunked_lse(t_local, b.images, s, chunk)  # text -> image, this rank's texts
     lse_col_local = _chunked_lse(x_local, b.texts, s, chunk)  # image -> text, this rank's images
     lse_col = gather_rows(lse_col_local, b.image_sizes)[0]
-    positive_dots = (t_local * b.images[owner]).sum(-1)
+    positive_dots = torch.cat([(t_local[a : a + chunk] * b.images[owner[a : a + chunk]]).sum(-1)  # no [M, D] copies
+                               for a in range(0, t_local.shape[0], chunk)])
     # each text's weight as a positive: 1/M in its own row, 1/(B c_j) in its image's column
     positive_weight = 0.5 * (1 / m + 1 / (n * b.counts[owner]))
     loss = 0.5 * (lse_row.sum() / m + lse_col_local.sum() / n) - s * (positive_weight * positive_dots).sum()

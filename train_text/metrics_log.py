@@ -5,6 +5,10 @@ metrics.jsonl holds two kinds of record: `{"step", "loss", ...}` every train.log
 `{"step", "eval": {metric: value}, "chance": {metric: value}}` at each evaluation (train.eval_every).
 A resumed run keeps the records up to its checkpoint's step and logs the steps after it again, so
 each step is in the file once, as in a run never stopped (a line a crash tore is dropped too).
+TensorBoard is told the same: each writer starts with a purge at the first step it will log
+(`purge_step`), so readers drop what an earlier writer logged from there on (a new run: all of
+it). W&B continues the same run: its id is kept beside the checkpoints and a resume passes it
+back with `resume="allow"` (W&B keeps the values it has for steps logged again).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ class MetricsLog:
     """metrics.jsonl + TensorBoard (+ W&B) under the train folder; only rank 0's is `enabled`."""
 
     def __init__(self, out: str, enabled: bool, resumed_at: int | None = None, wandb: WandbConfig | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, wandb_id: str | None = None):
+        """`wandb_id`: the URL of the file that keeps the W&B run's id (beside the checkpoints)."""
         self.out, self.enabled = out, enabled
         if not enabled:
             return
@@ -39,8 +44,8 @@ class MetricsLog:
         if "://" not in out:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(f"{out}/tensorboard")
-        self.wandb = _start_wandb(wandb, out, config) if wandb else None
+            self.tensorboard = SummaryWriter(f"{out}/tensorboard", purge_step=(resumed_at or 0) + 1)
+        self.wandb = _start_wandb(wandb, out, config, wandb_id, resumed_at is not None) if wandb else None
 
     def write(self, record: dict) -> None:
         """One training step's numbers."""
@@ -117,11 +122,19 @@ def _eval_figure(plt, records: list[dict]):
     return fig
 
 
-def _start_wandb(cfg: WandbConfig, out: str, config: dict | None):
+def _start_wandb(cfg: WandbConfig, out: str, config: dict | None, id_url: str | None, resumed: bool):
+    """A new W&B run, or with `resumed` the run whose id `id_url` keeps; the id is written there."""
     try:
         import wandb
     except ImportError:
         raise UserError("train.wandb: Weights & Biases is not installed; pip install 'litpipe[wandb]', "
                         "or remove train.wandb") from None
+    fs, path = fsspec.core.url_to_fs(id_url) if id_url else (None, None)
+    run_id = json.loads(fs.cat_file(path))["id"] if resumed and fs and fs.exists(path) else None
     local = out if "://" not in out else None  # W&B writes its run files locally
-    return wandb.init(project=cfg.project, name=cfg.name, mode=cfg.mode, dir=local, config=config, reinit="finish_previous")
+    run = wandb.init(project=cfg.project, name=cfg.name, mode=cfg.mode, dir=local, config=config,
+                     reinit="finish_previous", id=run_id, resume="allow" if run_id else None)
+    if fs:
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        write_atomic(fs, path, json.dumps({"id": run.id}).encode())
+    return run

@@ -48,6 +48,7 @@ from litpipe.train_text.text_feature_job import ensure_text_features
 from litpipe.train_text.token_cache import ensure_token_cache
 
 LATEST = "latest.json"
+WANDB_RUN = "wandb-run.json"  # the W&B run's id, beside the checkpoints it continues from
 
 
 def cached_vectors(batch: Batch) -> torch.Tensor:
@@ -74,8 +75,9 @@ class Run:
     # A batch's image side: the cached vectors. Tests and bench/train.py put the locked image tower
     # run on the fly here, the reference the cache is compared against.
     image_features: Callable[[Batch], torch.Tensor] = cached_vectors
-    # Captions -> model input, where no per-caption cache serves them: the tokenizer (tests put the frozen text
-    # model run on the fly here, the reference of the text-feature cache).
+    # Captions -> model input, where no per-caption cache serves them: the tokenizer's ids as int32, as the token
+    # cache holds them (half of int64's memory at a large batch; tests put the frozen text model run on the fly
+    # here, the reference of the text-feature cache).
     encode_captions: Callable[[list[str]], torch.Tensor] | None = None
     _eval_tower: HeadTextTower | None = None
 
@@ -141,7 +143,8 @@ def build_run(cfg: PipelineConfig, text_features: str | None = None) -> Run:
         barrier()
         per_caption = TokenCache(cache, tokenizer.fingerprint())
     return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped, per_caption,
-               t.text_model, per_caption.fingerprint if t.text_model else None, encode_captions=tokenizer)
+               t.text_model, per_caption.fingerprint if t.text_model else None,
+               encode_captions=(lambda captions: tokenizer(captions).to(torch.int32)) if tokenizer else None)
 
 
 def open_text_features(cache: EmbeddingCache, features_id: str) -> TextFeatureCache:
@@ -171,26 +174,25 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def train(cfg: PipelineConfig, resume: bool = False, text_features: str | None = None) -> dict:
+def train(cfg: PipelineConfig, resume: bool = False, text_features: str | None = None,
+          on_checkpoint: Callable[[int, str | None], None] | None = None) -> dict:
     """Train (or continue) the text tower of `cfg`; rank 0 writes metrics, checkpoints and the final artifact."""
-    return fit(cfg, build_run(cfg, text_features), resume)
+    return fit(cfg, build_run(cfg, text_features), resume, on_checkpoint)
 
 
-def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
-    """The training loop over a built `run`; see `train`."""
+def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
+        on_checkpoint: Callable[[int, str | None], None] | None = None) -> dict:
+    """The training loop over a built `run`, and its bookkeeping: data wait, logging, evaluation, checkpoints
+    (each then passed to `on_checkpoint(step, url)` on every rank, url None but on rank 0), the final tower
+    and the summary; see `train`."""
     t = cfg.train
     rank, size = world()
     out = cfg.train_dir
     ckpt_dir = (t.checkpoint_dir or f"{out}/checkpoints").rstrip("/")
     step = load_checkpoint(ckpt_dir, run) if resume else 0
-    precision = resolve_precision(t.precision, run.device)
-    embed_module = torch.compile(run.tower) if t.compile else run.tower
-
-    def embed(tokens):
-        with autocast(precision, run.device):
-            return embed_module(tokens).float()
-
-    log = MetricsLog(out, enabled=rank == 0, resumed_at=step if resume else None, wandb=t.wandb, config=cfg.model_dump())
+    embed = embedder(run, t)
+    log = MetricsLog(out, enabled=rank == 0, resumed_at=step if resume else None, wandb=t.wandb, config=cfg.model_dump(),
+                     wandb_id=f"{ckpt_dir}/{WANDB_RUN}")
     evaluate = EvalWhileTraining(cfg, log) if t.eval_every and rank == 0 else None
     bar = tqdm(total=run.total_steps, initial=step, disable=rank != 0, desc="train", unit="step")
     started, losses, skipped = time.perf_counter(), [], 0
@@ -198,31 +200,12 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
     run.tower.train()
     for inputs, owner, batch in prefetched(text_batches(run, cfg, step), 2, "litpipe-tokenize"):
         waited = time.perf_counter() - last
-        images = run.image_features(batch)
-        inputs, images = inputs.to(run.device, non_blocking=True), images.to(run.device, non_blocking=True)
-        owner = owner.to(run.device) if owner is not None else None
-        run.optimizer.zero_grad(set_to_none=True)
-
-        def loss_fn(features):
-            image_side = run.tower.project_images(images) if isinstance(run.tower, Heads) else images
-            return global_contrastive_loss(features, image_side, run.tower.logit_scale, run.tower.logit_bias, t.loss,
-                                           t.chunk_size, owner)
-
-        if t.grad_cache:
-            loss = grad_cached_backward(embed, inputs, t.chunk_size, loss_fn)
-        else:
-            loss = full_backward(embed, inputs, loss_fn)
-        sum_gradients(run.tower.parameters())
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.tower.parameters(), t.grad_clip or float("inf"))
         lr = run.scheduler.get_last_lr()[0]
-        loss_value, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one device sync
-        if math.isfinite(loss_value) and math.isfinite(grad_norm):
-            run.optimizer.step()
-        else:  # the same on every rank: the loss and the summed gradients are global
+        loss_value, grad_norm = train_step(run, t, embed, inputs, run.image_features(batch), owner)
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # the same on every rank: both are global
             skipped += 1
             if skipped > t.nonfinite_skips:
                 raise NonFiniteStep(step + 1, loss_value, grad_norm, ckpt_dir)
-        run.scheduler.step()
         step += 1
         losses.append(loss_value)
         seconds = time.perf_counter() - last
@@ -237,8 +220,9 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
                 evaluate(run, step)
             barrier()  # the other ranks wait for rank 0's evaluation, no longer
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == run.total_steps:
-            if rank == 0:
-                save_checkpoint(ckpt_dir, run, step, t.keep_checkpoints)
+            saved = save_checkpoint(ckpt_dir, run, step, t.keep_checkpoints) if rank == 0 else None
+            if on_checkpoint:
+                on_checkpoint(step, saved)
         last = time.perf_counter()  # an evaluation or a checkpoint write is neither the step nor waiting for data
     bar.close()
     elapsed = time.perf_counter() - started
@@ -256,6 +240,47 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False) -> dict:
         with fsspec.open(f"{out}/summary.json", "w") as f:
             f.write(json.dumps(summary, indent=2))
     return summary
+
+
+def embedder(run: Run, t) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The tower's forward as a step calls it: compiled when train.compile, under the run's precision, float32 out."""
+    precision = resolve_precision(t.precision, run.device)
+    module = torch.compile(run.tower) if t.compile else run.tower
+
+    def embed(inputs: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, run.device):
+            return module(inputs.to(run.device, non_blocking=True)).float()
+
+    return embed
+
+
+def train_step(run: Run, t, embed: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+               images: torch.Tensor, owner: torch.Tensor | None) -> tuple[float, float]:
+    """One optimisation step on this rank's slice of the global batch: the global loss and its gradient
+    (GradCache, chunk by chunk, or one backward), gradients summed over ranks, clipping, then AdamW and the
+    schedule. A NaN/inf loss or gradient norm is not applied (the schedule still moves on). (loss, gradient
+    norm before clipping), identical on every rank. `inputs` stay where they are and reach the device a
+    chunk at a time, in `embed`."""
+    images = images.to(run.device, non_blocking=True)
+    owner = owner.to(run.device) if owner is not None else None
+    run.optimizer.zero_grad(set_to_none=True)
+
+    def loss_fn(features):
+        image_side = run.tower.project_images(images) if isinstance(run.tower, Heads) else images
+        return global_contrastive_loss(features, image_side, run.tower.logit_scale, run.tower.logit_bias, t.loss,
+                                       t.chunk_size, owner)
+
+    if t.grad_cache:
+        loss = grad_cached_backward(embed, inputs, t.chunk_size, loss_fn)
+    else:
+        loss = full_backward(embed, inputs, loss_fn)
+    sum_gradients(run.tower.parameters())
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.tower.parameters(), t.grad_clip or float("inf"))
+    loss_value, grad_norm = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()  # one device sync
+    if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        run.optimizer.step()
+    run.scheduler.step()
+    return loss_value, grad_norm
 
 
 class NonFiniteStep(UserError):

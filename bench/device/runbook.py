@@ -208,7 +208,8 @@ def train_steps(tower_cfg: dict, batches: list[int], chunk: int, device: str) ->
             return tower(tokens).float()
 
     def step(batch: int) -> float:
-        tokens = torch.randint(1, tower_cfg["vocab_size"] - 2, (batch, tower_cfg["context_length"]), device=device)
+        tokens = torch.randint(1, tower_cfg["vocab_size"] - 2, (batch, tower_cfg["context_length"]), device=device,
+                               dtype=torch.int32)  # as the trainer's ids
         tokens[:, -1] = tower_cfg["vocab_size"] - 1
         images = torch.randn(batch, 512, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         optimizer.zero_grad(set_to_none=True)

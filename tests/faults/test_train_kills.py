@@ -2,7 +2,8 @@
 
 Resumed means `litpipe train --resume` when a checkpoint was written before the kill (else the
 run is started again, as the error of `--resume` says). Each resumed run must log the same loss,
-learning rate, gradient norm and temperature at every step, each step once; end with bit-identical
+learning rate, gradient norm and temperature at every step, each step once (in metrics.jsonl and
+in TensorBoard); end with bit-identical
 weights; and leave its checkpoint folder holding latest.json and the newest step files only.
 `make test` runs two fixed points (a step file torn; killed between latest.json's temporary file
 and its rename); `make test-faults` adds 24 drawn ones (seed 16).
@@ -58,11 +59,16 @@ def drawn(tiny_cache, reference):
 
 
 def outcome(raw: dict) -> dict:
-    """What a finished run leaves that a resumed one must equal."""
+    """What a finished run leaves that a resumed one must equal (TensorBoard as its own reader sees it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     folder = Path(raw["workdir"]) / "train"
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     tower, _, _ = load_text_tower(str(folder / "final"))
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
     return {"steps": [(r["step"], r["loss"], r["lr"], r["grad_norm"], r["temperature"]) for r in records],
+            "tensorboard": [(e.step, e.value) for e in events.Scalars("train/loss")],
             "weights": {k: v.clone() for k, v in tower.state_dict().items()},
             "checkpoints": sorted(p.name for p in (folder / "checkpoints").iterdir()),
             "summary": (folder / "summary.json").exists()}
