@@ -221,7 +221,7 @@ def test_a_non_finite_loss_stops_the_run_before_its_update_leaving_the_last_chec
     cfg = validate_config(config(tiny_cache, "nan-stop", steps=5, checkpoint_every=2))
     run = build_run(cfg)
     run.image_features = poisoned_at(3)
-    with pytest.raises(NonFiniteStep, match=r"step 3 gave loss nan.*latest\.json still names the last good checkpoint"):
+    with pytest.raises(NonFiniteStep, match=r"step 3 gave loss nan.*latest\.json still names the last good checkpoint \(step 2\)"):
         fit(cfg, run)
     folder = Path(cfg.train_dir)
     assert json.loads((folder / "checkpoints" / "latest.json").read_text())["step"] == 2

@@ -190,6 +190,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
     out = cfg.train_dir
     ckpt_dir = (t.checkpoint_dir or f"{out}/checkpoints").rstrip("/")
     step = load_checkpoint(ckpt_dir, run) if resume else 0
+    checkpointed = step if resume else None  # the step of the run's last checkpoint, for a NonFiniteStep's message
     embed = embedder(run, t)
     log = MetricsLog(out, enabled=rank == 0, resumed_at=step if resume else None, wandb=t.wandb, config=cfg.model_dump(),
                      wandb_id=f"{ckpt_dir}/{WANDB_RUN}")
@@ -205,7 +206,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # the same on every rank: both are global
             skipped += 1
             if skipped > t.nonfinite_skips:
-                raise NonFiniteStep(step + 1, loss_value, grad_norm, ckpt_dir)
+                raise NonFiniteStep(step + 1, loss_value, grad_norm, ckpt_dir, checkpointed)
         step += 1
         losses.append(loss_value)
         seconds = time.perf_counter() - last
@@ -221,6 +222,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
             barrier()  # the other ranks wait for rank 0's evaluation, no longer
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == run.total_steps:
             saved = save_checkpoint(ckpt_dir, run, step, t.keep_checkpoints) if rank == 0 else None
+            checkpointed = step
             if on_checkpoint:
                 on_checkpoint(step, saved)
         last = time.perf_counter()  # an evaluation or a checkpoint write is neither the step nor waiting for data
@@ -286,12 +288,13 @@ def train_step(run: Run, t, embed: Callable[[torch.Tensor], torch.Tensor], input
 class NonFiniteStep(UserError):
     """A step's loss or gradient norm is NaN or inf: the run stops before the update, its last checkpoint intact."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float, ckpt_dir: str):
-        super().__init__(
-            f"train: step {step} gave loss {loss} and gradient norm {grad_norm}; stopped before applying it. "
-            f"{ckpt_dir}/{LATEST} still names the last good checkpoint. Lower train.lr, use train.precision: fp32 "
-            "or look at the batch, then `litpipe train --resume`; or let train.nonfinite_skips drop up to that many "
-            "such steps")
+    def __init__(self, step: int, loss: float, grad_norm: float, ckpt_dir: str, checkpointed: int | None):
+        last = (f"{ckpt_dir}/{LATEST} still names the last good checkpoint (step {checkpointed}). Lower train.lr, use "
+                "train.precision: fp32 or look at the batch, then `litpipe train --resume`" if checkpointed is not None
+                else "No checkpoint was written before it. Lower train.lr, use train.precision: fp32 or look at the "
+                "batch, then run again")
+        super().__init__(f"train: step {step} gave loss {loss} and gradient norm {grad_norm}; stopped before applying "
+                         f"it. {last}; or let train.nonfinite_skips drop up to that many such steps")
 
 
 def text_batches(run: Run, cfg: PipelineConfig, step: int):
