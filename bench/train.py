@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import tempfile
 import time
@@ -219,7 +220,17 @@ def in_fresh_process(target, *args) -> dict:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=target, args=(*args, queue))
-    process.start()
+    # glibc serves a block of 1 MiB or more by mmap and unmaps it when freed, at a fixed threshold (by default it
+    # rises after frees and keeps freed tensors in the heap): peak RSS then follows the tensors alive at once
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
+    try:
+        process.start()
+    finally:
+        if threshold is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = threshold
     process.join()
     return queue.get() if process.exitcode == 0 else {"extra_mb": float("nan"), "seconds": float("nan")}
 

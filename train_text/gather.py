@@ -33,9 +33,12 @@ def gather_rows(x: torch.Tensor, sizes: list[int] | None = None) -> tuple[torch.
         sizes = [int(c) for c in counts]
     longest = max(sizes)
     padded = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])]) if x.shape[0] < longest else x
-    out = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(out, padded)
-    return torch.cat([part[:n] for part, n in zip(out, sizes)]), sizes
+    out = padded.new_empty((size * longest, *padded.shape[1:]))  # gathered in place: no list of parts to concatenate
+    dist.all_gather_into_tensor(out, padded)
+    if all(n == longest for n in sizes):
+        return out, sizes
+    rows = torch.cat([torch.arange(r * longest, r * longest + n, device=x.device) for r, n in enumerate(sizes)])
+    return out[rows], sizes
 
 
 def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,9 @@ class _GlobalLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         d_text, d_images, d_scale, d_bias = ctx.saved_tensors
-        d_images = d_images * grad_out if ctx.needs_input_grad[1] else None
-        return d_text * grad_out, d_images, d_scale * grad_out, d_bias * grad_out, None, None, None
+        if not bool(grad_out == 1):  # loss.backward(), as GradCache calls it, takes d_text itself: no [M, D] copy
+            d_text, d_images = d_text * grad_out, d_images * grad_out
+        return d_text, d_images if ctx.needs_input_grad[1] else None, d_scale * grad_out, d_bias * grad_out, None, None, None
 
 
 class _Batch:
@@ -94,11 +95,12 @@ def _softmax_terms(b: _Batch, logit_scale, _bias, chunk, image_grads):
     loss = 0.5 * (lse_row.sum() / m + lse_col_local.sum() / n) - s * (positive_weight * positive_dots).sum()
     d_text = torch.empty_like(t_local)
     d_s = -(positive_weight * positive_dots).sum()
-    for a in range(0, t_local.shape[0], chunk):
+    for a in range(0, t_local.shape[0], chunk):  # in place: three [chunk, B] blocks alive at most
         dots = t_local[a : a + chunk] @ b.images.T
-        weights = 0.5 * (torch.exp(s * dots - lse_row[a : a + chunk, None]) / m + torch.exp(s * dots - lse_col[None, :]) / n)
+        weights = (dots * s).sub_(lse_row[a : a + chunk, None]).exp_().div_(2 * m)
+        weights += (dots * s).sub_(lse_col[None, :]).exp_().div_(2 * n)
         d_text[a : a + chunk] = s * (weights @ b.images - positive_weight[a : a + chunk, None] * b.images[owner[a : a + chunk]])
-        d_s += (weights * dots).sum()
+        d_s += torch.dot(weights.view(-1), dots.view(-1))
     d_images = torch.zeros(())
     if image_grads:
         lse_row_all = gather_rows(lse_row, b.text_sizes)[0]

@@ -4,11 +4,12 @@ One loop for one process and for each Ray Train worker (rank/world come from tor
 Every step: this rank's slice of the global batch from the store's reader, one caption per image
 picked by a generator seeded by (seed, step, rank) (or every caption, `train.positives: all`), as
 token ids from the token cache or tokenised in a background thread, or, with `train.text_model`,
-as the frozen text model's cached features, which only heads see (no tower runs); the global
-contrastive loss and its gradient (GradCache or one full backward); gradients summed over ranks;
-clipping; AdamW; warmup + cosine. Checkpoints hold everything needed to continue the same loss
-trajectory: weights, optimiser, scheduler, RNG states and the global step (epoch and position
-follow from it, because the reader's order is a pure function of seed and epoch).
+as the frozen text model's cached features, which only heads see (no tower runs) (`text_batches`);
+then `train_step`: the global contrastive loss and its gradient (GradCache or one full backward),
+gradients summed over ranks, clipping, AdamW, warmup + cosine. `fit` is the loop around it and its
+bookkeeping (logs, evaluation, checkpoints, the final tower). Checkpoints hold everything needed to
+continue the same loss trajectory: weights, optimiser, scheduler, RNG states and the global step
+(epoch and position follow from it, because the reader's order is a pure function of seed and epoch).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from litpipe.config import PipelineConfig, TextModelConfig
+from litpipe.config import PipelineConfig, TextModelConfig, TrainConfig
 from litpipe.devices import autocast, resolve_device, resolve_precision
 from litpipe.errors import UserError
 from litpipe.files import TEMP_MARK, write_atomic
@@ -244,7 +245,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
     return summary
 
 
-def embedder(run: Run, t) -> Callable[[torch.Tensor], torch.Tensor]:
+def embedder(run: Run, t: TrainConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     """The tower's forward as a step calls it: compiled when train.compile, under the run's precision, float32 out."""
     precision = resolve_precision(t.precision, run.device)
     module = torch.compile(run.tower) if t.compile else run.tower
@@ -256,7 +257,7 @@ def embedder(run: Run, t) -> Callable[[torch.Tensor], torch.Tensor]:
     return embed
 
 
-def train_step(run: Run, t, embed: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
+def train_step(run: Run, t: TrainConfig, embed: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
                images: torch.Tensor, owner: torch.Tensor | None) -> tuple[float, float]:
     """One optimisation step on this rank's slice of the global batch: the global loss and its gradient
     (GradCache, chunk by chunk, or one backward), gradients summed over ranks, clipping, then AdamW and the
