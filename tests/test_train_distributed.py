@@ -123,3 +123,17 @@ def test_train_stage_with_two_workers_runs_ray_train_and_writes_the_text_tower(r
     tower, tokenizer, meta = load_text_tower(summary["artifact"])
     assert meta["steps"] == 2 and tower(tokenizer(["a red cat"])).shape == (1, 32)
     assert any("2 worker(s)" in line for line in summary["report"])
+
+
+@pytest.mark.long
+def test_a_workers_user_error_reaches_the_driver_as_its_own_message(ray_local, tiny_cache):
+    """A worker's UserError (here: a cache that is not there) ends the run, once `train.max_failures` restarts
+    are spent, with the worker's message, not Ray Train's wrapping of it."""
+    from litpipe.config import validate_config
+    from litpipe.errors import UserError
+    from litpipe.train_text.stage import run
+
+    raw = tiny_train_config(tiny_cache, "worker-error", workers=2, steps=2, max_failures=0, cache="0" * 16)
+    with pytest.raises(UserError) as raised:
+        run(validate_config(raw))
+    assert "0" * 16 in str(raised.value) and "Training failed" not in str(raised.value)
