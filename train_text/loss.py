@@ -122,14 +122,17 @@ def _sigmoid_terms(b: _Batch, logit_scale, logit_bias, chunk, image_grads):
     columns = torch.arange(b.images.shape[0], device=b.images.device)
     loss, d_s, d_b = t_local.new_zeros(()), t_local.new_zeros(()), t_local.new_zeros(())  # on the features' device
     d_text = torch.empty_like(t_local)
-    for a in range(0, t_local.shape[0], chunk):
+    for a in range(0, t_local.shape[0], chunk):  # in place: three [chunk, B] blocks alive at most
         dots = t_local[a : a + chunk] @ b.images.T
-        logits = s * dots + logit_bias
-        positive = owner[a : a + chunk, None] == columns[None, :]
-        loss += F.softplus(torch.where(positive, -logits, logits)).sum() / m
-        err = (torch.sigmoid(logits) - positive.to(logits.dtype)) / m
+        logits = (dots * s).add_(logit_bias)
+        texts, positives = torch.arange(len(logits), device=logits.device), owner[a : a + chunk]
+        # -log sigmoid(-x) = softplus(x) for the negatives; for the one positive of each row softplus(-x) = softplus(x) - x
+        loss += (F.softplus(logits).sum() - logits[texts, positives].sum()) / m
+        err = logits.sigmoid_()
+        err[texts, positives] -= 1
+        err /= m
         d_text[a : a + chunk] = s * (err @ b.images)
-        d_s += (err * dots).sum()
+        d_s += torch.dot(err.view(-1), dots.view(-1))
         d_b += err.sum()
     d_images = torch.zeros(())
     if image_grads:
