@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from litpipe.store.cache import EmbeddingCache
 
@@ -28,6 +29,26 @@ def assert_same_cache(cache: EmbeddingCache, reference: EmbeddingCache) -> None:
     cache.fs.invalidate_cache(cache.path)
     present = {p[len(cache.path.rstrip("/")) + 1:] for p in cache.fs.find(cache.path)}
     assert {p for p in present if not p.startswith("commits/")} == named, present
+
+
+def training_outcome(workdir: str) -> dict:
+    """What a finished training run leaves that a resumed or restarted one must equal: every logged step's
+    numbers (metrics.jsonl, and TensorBoard as its own reader sees it), the final weights, the checkpoint
+    folder's files, the summary."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from litpipe.models.text_tower import load_text_tower
+
+    folder = Path(workdir) / "train"
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    tower, _, _ = load_text_tower(str(folder / "final"))
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    return {"steps": [(r["step"], r["loss"], r["lr"], r["grad_norm"], r["temperature"]) for r in records],
+            "tensorboard": [(e.step, e.value) for e in events.Scalars("train/loss")],
+            "weights": {k: v.clone() for k, v in tower.state_dict().items()},
+            "checkpoints": sorted(p.name for p in (folder / "checkpoints").iterdir()),
+            "summary": (folder / "summary.json").exists()}
 
 
 def record(stage: str, fault: str, outcome: str, times: int = 1, lost: str = "nothing") -> None:

@@ -11,7 +11,6 @@ and its rename); `make test-faults` adds 24 drawn ones (seed 16).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,9 @@ import yaml
 from conftest import tiny_train_config
 
 from litpipe.config import validate_config
-from litpipe.models.text_tower import load_text_tower
 from litpipe.train_text.trainer import train
 
-from checks import record
+from checks import record, training_outcome
 from harness import KillPoint, draw_points, kill_session, python_command, run_killed, trace
 
 pytestmark = pytest.mark.slow
@@ -48,7 +46,7 @@ def command(raw: dict, *options: str) -> list[str]:
 def reference(tiny_cache):
     raw = config(tiny_cache, "kills-reference")
     train(validate_config(raw))
-    return outcome(raw)
+    return training_outcome(raw["workdir"])
 
 
 @pytest.fixture(scope="module")
@@ -56,22 +54,6 @@ def drawn(tiny_cache, reference):
     raw = config(tiny_cache, "kills-traced")
     events = trace(command(raw), Path(raw["workdir"]), Path(raw["workdir"] + "-work"))
     return draw_points(events, DRAWN, SEED, {"save_checkpoint": 8, "latest.json": 4, "save_text_tower": 2})
-
-
-def outcome(raw: dict) -> dict:
-    """What a finished run leaves that a resumed one must equal (TensorBoard as its own reader sees it)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    folder = Path(raw["workdir"]) / "train"
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    tower, _, _ = load_text_tower(str(folder / "final"))
-    events = EventAccumulator(str(folder / "tensorboard"))
-    events.Reload()
-    return {"steps": [(r["step"], r["loss"], r["lr"], r["grad_norm"], r["temperature"]) for r in records],
-            "tensorboard": [(e.step, e.value) for e in events.Scalars("train/loss")],
-            "weights": {k: v.clone() for k, v in tower.state_dict().items()},
-            "checkpoints": sorted(p.name for p in (folder / "checkpoints").iterdir()),
-            "summary": (folder / "summary.json").exists()}
 
 
 def kill_and_resume(tiny_cache, reference, point: KillPoint, name: str) -> None:
@@ -82,7 +64,7 @@ def kill_and_resume(tiny_cache, reference, point: KillPoint, name: str) -> None:
     assert killed.returncode == -9
     checkpointed = (Path(raw["workdir"]) / "train" / "checkpoints" / "latest.json").exists()
     train(validate_config(raw), resume=checkpointed)
-    got = outcome(raw)
+    got = training_outcome(raw["workdir"])
     assert got["steps"] == reference["steps"]  # every step once, the same numbers
     assert got["weights"].keys() == reference["weights"].keys()
     assert all(torch.equal(got["weights"][k], v) for k, v in reference["weights"].items())

@@ -18,8 +18,7 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
-from litpipe.models.text_tower import load_text_tower
-
+from checks import training_outcome
 from harness import KillPoint, python_command, run_killed
 
 pytestmark = pytest.mark.long
@@ -51,19 +50,6 @@ cluster.shutdown()
 """
 
 
-def outcome(workdir: str) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    folder = Path(workdir) / "train"
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    events = EventAccumulator(str(folder / "tensorboard"))
-    events.Reload()
-    tower, _, _ = load_text_tower(str(folder / "final"))
-    return {"steps": [(r["step"], r["loss"], r["lr"], r["grad_norm"]) for r in records],
-            "tensorboard": [(e.step, e.value) for e in events.Scalars("train/loss")],
-            "weights": tower.state_dict()}
-
-
 def test_a_killed_worker_is_restarted_from_the_checkpoint_and_the_run_ends_as_one_never_stopped(tiny_cache, tmp_path):
     runs = {name: tiny_train_config(tiny_cache, name, workers=2, steps=STEPS, checkpoint_every=EVERY)
             for name in ("restart-reference", "restart-killed")}
@@ -79,8 +65,10 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_the_run_ends_as_on
     assert result["restart-reference"] == 0 and result["restart-killed"] == 4  # continued from step 4's checkpoint
     assert re.match(r"train: step \d+ gave loss nan .* stopped before applying it", result["nan"]), result["nan"]
 
-    reference, got = outcome(runs["restart-reference"]["workdir"]), outcome(runs["restart-killed"]["workdir"])
+    reference = training_outcome(runs["restart-reference"]["workdir"])
+    got = training_outcome(runs["restart-killed"]["workdir"])
     assert [s for s, *_ in got["steps"]] == list(range(1, STEPS + 1))  # each step once
     assert got["steps"] == reference["steps"] and got["tensorboard"] == reference["tensorboard"]
+    assert got["checkpoints"] == reference["checkpoints"] and got["summary"]
     assert got["weights"].keys() == reference["weights"].keys()
     assert all(torch.equal(got["weights"][k], v) for k, v in reference["weights"].items())
