@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from litpipe.errors import UserError
+from litpipe.files import content_digest
 from litpipe.evaluation.names import metric_names
 
 DEFAULT_CONFIG = "pipeline.yaml"
@@ -33,10 +35,13 @@ class Section(BaseModel):
 class DatasetConfig(Section):
     """One image-text dataset; every dataset under `data` is precomputed into the store."""
 
-    format: Literal["webdataset", "parquet", "folder"]
+    format: Literal["webdataset", "parquet", "folder", "clip_benchmark"] = Field(
+        description="clip_benchmark = an eval set as LAION's CLIP_benchmark ships it: webdataset tars of an image and a "
+        ".cls label (classification) or .txt captions one per line (retrieval), classnames.txt and "
+        "zeroshot_classification_templates.txt beside the split folder")
     urls: str | list[str] = Field(
         description="fsspec URL(s), globs or brace ranges (shard-{000000..000009}.tar); "
-        "for `folder`, the folder of images"
+        "for `folder`, the folder of images; for `clip_benchmark`, the split folder (.../wds_imagenet1k/test)"
     )
     captions_file: str | None = Field(
         None, description="folder only: JSONL or CSV with path, caption(s), optional label"
@@ -53,6 +58,22 @@ class DatasetConfig(Section):
         None, description="class names (or a file, one per line) indexed by label, for zero-shot eval"
     )
     shard_rows: int = Field(10000, ge=1, description="folder only: captions-file rows per output shard (unit of commit)")
+
+    @model_validator(mode="after")
+    def _clip_benchmark_layout(self) -> DatasetConfig:
+        """A CLIP_benchmark set names its own class names and caption layout (its webdataset_builder.py)."""
+        if self.format == "clip_benchmark":
+            if not isinstance(self.urls, str) or any(c in self.urls for c in "*?[{"):
+                raise ValueError(f"urls: a clip_benchmark dataset is one split folder (.../wds_imagenet1k/test), with "
+                                 f"classnames.txt beside it; got {self.urls!r}")
+            self.caption_split = "lines"
+            self.classnames = self.classnames or f"{self.benchmark_root}/classnames.txt"
+        return self
+
+    @property
+    def benchmark_root(self) -> str:
+        """A clip_benchmark set's folder, above its split: where its class names, templates and type are."""
+        return str(self.urls).rstrip("/").rsplit("/", 1)[0]
 
 
 class EncoderConfig(Section):
@@ -96,9 +117,14 @@ class EncoderConfig(Section):
         None, description="override how images are fitted to the input size; none = the model's own")
 
     def spec(self) -> dict:
-        """What names this encoder in a cache's fingerprint: every setting but the device. An open_clip
-        encoder's has no `source`, as before other sources existed, so its caches are still found."""
-        return self.model_dump(exclude={"device", "source"} if self.source == "open_clip" else {"device"})
+        """What names this encoder in a cache's identity: every setting but the device, with a local
+        checkpoint or model folder named by its bytes (`files.content_digest`), never by the path that
+        spells it, so the same weights named from another folder find the same caches."""
+        spec = self.model_dump(exclude={"device"})
+        for key in ("pretrained", "model"):
+            if spec[key] and os.path.exists(os.path.expanduser(spec[key])):
+                spec[key] = content_digest(os.path.expanduser(spec[key]))
+        return spec
 
     @model_validator(mode="after")
     def _options_of_the_source(self) -> EncoderConfig:
@@ -299,9 +325,9 @@ class TrainConfig(Section):
 
 class ZeroShotConfig(Section):
     dataset: str
-    templates: str | list[str] = Field(
-        "openai", description="`openai` (open_clip's ImageNet templates), a file (one per line) or a list; "
-        "`{c}` marks the class name"
+    templates: str | list[str] | None = Field(
+        None, description="`openai` (open_clip's ImageNet templates), a file (one per line) or a list; `{c}` marks the "
+        "class name; none = a clip_benchmark set's own (its zeroshot_classification_templates.txt), else openai"
     )
     ks: list[int] = Field([1, 5], min_length=1, description="top-k accuracies to report")
 
@@ -345,6 +371,15 @@ class PipelineConfig(Section):
     def final_text_tower(self) -> str:
         """The text tower a finished training leaves, which eval, export and serve read by default."""
         return f"{self.train_dir}/final"
+
+    @model_validator(mode="after")
+    def _templates_of_the_dataset(self) -> PipelineConfig:
+        for zeroshot in self.eval.zeroshot:
+            dataset = self.data.get(zeroshot.dataset)
+            if zeroshot.templates is None:
+                zeroshot.templates = (f"{dataset.benchmark_root}/zeroshot_classification_templates.txt"
+                                      if dataset is not None and dataset.format == "clip_benchmark" else "openai")
+        return self
 
     @model_validator(mode="after")
     def _datasets_exist(self) -> PipelineConfig:
@@ -449,30 +484,39 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) ->
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, encoder, ...)")
-    resolve_relative_paths(raw, path)
+    resolve_relative_paths(raw, _folder_of(path))
     for item in overrides:
-        apply_override(raw, item)
+        resolve_relative_paths(raw, os.getcwd(), within=apply_override(raw, item))
     return validate_config(raw, source=str(path))
+
+
+def _folder_of(config: str) -> str:
+    """The folder a config's relative paths start from: its own, absolute for a local file (a cache's
+    identity, a checkpoint's or an export's config must not depend on the working directory)."""
+    if "://" in config:
+        return config.rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(os.path.expanduser(config)))
 
 
 # Keys whose value is always a path (made relative to the config file when relative), and keys whose
 # value may be a path or a name (a pretrained tag, a hub id, `openai`): a path only where the file is.
 PATH_KEYS = [("workdir",), ("store", "root"), ("train", "checkpoint_dir"), ("data", "*", "urls"),
              ("data", "*", "captions_file")]
-PATH_OR_NAME_KEYS = [("encoder", "pretrained"), ("data", "*", "classnames"), ("train", "tower", "hf_model"),
-                     ("train", "tower", "init"), ("train", "tokenizer"), ("train", "cache"), ("eval", "checkpoint"),
+PATH_OR_NAME_KEYS = [("encoder", "pretrained"), ("encoder", "model"), ("data", "*", "classnames"),
+                     ("train", "tower", "hf_model"), ("train", "tower", "init"), ("train", "tokenizer"),
+                     ("train", "cache"), ("train", "text_model", "model"), ("eval", "checkpoint"),
                      ("eval", "zeroshot", "*", "templates")]
 
 
-def resolve_relative_paths(raw: dict, config: str) -> None:
+def resolve_relative_paths(raw: dict, base: str, within: tuple = ()) -> None:
     """Relative paths in a config mean relative to its file, as in docker-compose or a Makefile:
-    `litpipe run experiments/a/pipeline.yaml` finds `experiments/a/data/`, from any folder. A config
-    in the working folder is left as it is. Overrides given with --set stay relative to the working folder."""
-    base = config.rsplit("/", 1)[0] if "/" in config else ""
-    if base in ("", "."):
-        return
+    `litpipe run experiments/a/pipeline.yaml` finds `experiments/a/data/`, from any folder. They are
+    made absolute here, once, so nothing downstream depends on the working directory. Overrides given
+    with --set are relative to the working folder (`within`: only the keys under the one overridden)."""
     for keys, always in [(k, True) for k in PATH_KEYS] + [(k, False) for k in PATH_OR_NAME_KEYS]:
-        for node, key in _at(raw, keys):
+        for where, node, key in _at(raw, keys):
+            if where[:len(within)] != list(within[:len(where)]):
+                continue
             value = node[key]
             if isinstance(value, list) and keys[-1] == "urls":
                 node[key] = [_relative_to(base, v, always) for v in value]
@@ -480,22 +524,25 @@ def resolve_relative_paths(raw: dict, config: str) -> None:
                 node[key] = _relative_to(base, value, always)
 
 
-def _at(node, keys: tuple):
-    """(mapping, key) pairs where `keys` lead in `node`; `*` is every entry of a mapping or list."""
+def _at(node, keys: tuple, where: tuple = ()):
+    """(path, mapping, key) where `keys` lead in `node`; `*` is every entry of a mapping or list."""
     head, rest = keys[0], keys[1:]
     if head == "*":
-        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else []:
-            yield from _at(child, rest)
+        children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for name, child in children:
+            yield from _at(child, rest, (*where, name))
     elif isinstance(node, dict) and head in node:
-        yield from _at(node[head], rest) if rest else [(node, head)]
+        yield from _at(node[head], rest, (*where, head)) if rest else [([*where, head], node, head)]
 
 
 def _relative_to(base: str, value: str, always: bool) -> str:
     """`value` joined to the config's folder when it is a relative local path (and, unless `always`,
     names a file or folder that is there)."""
-    if not value or "://" in value or value.startswith(("/", "~")) or ":" in value.split("/")[0]:
+    if value.startswith("~"):
+        return os.path.expanduser(value)
+    if not value or "://" in value or value.startswith("/") or ":" in value.split("/")[0]:
         return value  # a URL, an absolute path, or a hf-hub:/local-dir: name
-    joined = f"{base}/{value}"
+    joined = f"{base}/{value}" if "://" in base else os.path.normpath(os.path.join(base, value))
     if always:
         return joined
     try:
@@ -505,8 +552,8 @@ def _relative_to(base: str, value: str, always: bool) -> str:
         return value
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Set `a.b.c=value` in a nested dict, creating mappings on the way."""
+def apply_override(raw: dict, item: str) -> tuple:
+    """Set `a.b.c=value` in a nested dict, creating mappings on the way; the keys set."""
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.batch_size=4096")
@@ -518,6 +565,7 @@ def apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
         node = child
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return tuple(parts)
 
 
 def validate_config(raw: dict, source: str = "pipeline.yaml") -> PipelineConfig:

@@ -7,6 +7,8 @@ Every writer that must never leave a half-written file goes through `write_atomi
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +165,35 @@ def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     if is_local(fs):
         return os.path.abspath(path)
     return fs.unstrip_protocol(path)
+
+
+def content_digest(path: str) -> str:
+    """"sha256:<hex>" of a local file's bytes, or of a folder's files (relative names and bytes, hidden
+    files excepted): what names a checkpoint or a model folder in an identity, whatever path spells it.
+
+    Remembered per (path, size, mtime) in this process: a multi-GB checkpoint is hashed once."""
+    path = os.path.realpath(path)
+    files = [path]
+    if os.path.isdir(path):
+        files = []
+        for folder, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files += [os.path.join(folder, name) for name in names if not name.startswith(".")]
+        files.sort()
+    digest = hashlib.sha256()
+    for file in files:
+        stat = os.stat(file)
+        digest.update(f"{os.path.relpath(file, path)}|{_file_sha256(file, stat.st_size, stat.st_mtime_ns)}|".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:

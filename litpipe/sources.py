@@ -95,6 +95,8 @@ class Sample:
 
 def list_shards(dataset: DatasetConfig) -> list[str]:
     """The dataset's input shard URLs, sorted; for `folder`, row ranges of the captions file."""
+    if dataset.format == "clip_benchmark":
+        return expand_urls(f"{dataset.urls.rstrip('/')}/*.tar")
     if dataset.format != "folder":
         return expand_urls(dataset.urls)
     if not dataset.captions_file:
@@ -119,7 +121,8 @@ def iter_shard(dataset: DatasetConfig, url: str) -> Iterator[Sample]:
     Raises TransientReadError when bytes could not be read, UserError for a configuration that
     does not fit the data (a column that is not there).
     """
-    reader = {"webdataset": read_tar, "parquet": read_parquet, "folder": read_folder_rows}[dataset.format]
+    reader = {"webdataset": read_tar, "clip_benchmark": read_tar, "parquet": read_parquet,
+              "folder": read_folder_rows}[dataset.format]
     seen: set[str] = set()
     try:
         for sample in reader(dataset, url):
@@ -215,8 +218,6 @@ def tar_sample(dataset: DatasetConfig, key: str, files: dict[str, bytes]) -> Sam
             return Sample(key, error=f"label .{label_ext} is not an integer")
     text, legacy = decode_caption(files.get(caption_ext, b""))
     captions = split_captions(text, dataset.caption_split)
-    if not captions:
-        return Sample(key, error=f"no caption (.{caption_ext} missing or empty)")
     return Sample(key, image, captions, label, metadata, legacy_text=legacy)
 
 
@@ -224,7 +225,13 @@ def tar_sample(dataset: DatasetConfig, key: str, files: dict[str, bytes]) -> Sam
 
 def check_columns(dataset: DatasetConfig, url: str) -> None:
     """A Parquet dataset's configured columns against one input file's schema (its footer alone),
-    so a misnamed column stops the job before any work, not as a skip record per shard."""
+    so a misnamed column stops the job before any work, not as a skip record per shard; a
+    clip_benchmark set's type against what litpipe reads of it (one label or captions per image)."""
+    if dataset.format == "clip_benchmark":
+        kind = _cat_or_none(*fsspec.core.url_to_fs(f"{dataset.benchmark_root}/dataset_type.txt"))
+        if kind is not None and kind.decode().strip().lower() not in ("classification", "retrieval"):
+            raise UserError(f"data: {dataset.benchmark_root} is a CLIP_benchmark `{kind.decode().strip()}` set; litpipe "
+                            "reads classification (.cls) and retrieval (.txt) sets")
     if dataset.format == "parquet":
         with open_input(url) as f:
             parquet_columns(dataset, pq.ParquetFile(f).schema_arrow.names, url)
@@ -274,8 +281,6 @@ def parquet_sample(dataset: DatasetConfig, record: dict, key: str, image_col: st
     metadata = {k: v for k, v in record.items() if isinstance(v, (str, int, float, bool)) or v is None}
     if image is None:
         return Sample(key, error="no image (null)")
-    if not captions:
-        return Sample(key, error="no caption")
     return Sample(key, image, captions, None if label is None else int(label), metadata or None, legacy_text=legacy)
 
 
@@ -328,8 +333,6 @@ def read_folder_rows(dataset: DatasetConfig, url: str) -> Iterator[Sample]:
         image = _transient(f"{root.rstrip('/')}/{path}", _cat_or_none, fs, f"{root.rstrip('/')}/{path}")
         if image is None:
             yield Sample(key, error=f"image file missing: {path}")
-        elif not captions:
-            yield Sample(key, error="no caption")
         else:  # the row's other fields travel as metadata, its image path under `path` (exports show it)
             extra = {k: v for k, v in row.items() if k not in ("caption", "captions", dataset.label_column or "label")
                      and (isinstance(v, (str, int, float, bool)) or v is None)}

@@ -40,6 +40,7 @@ from litpipe.skips import DUPLICATE_KEY, reason_kind
 from litpipe.sources import check_columns, list_shards
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.fingerprint import dataset_fingerprint
+from litpipe.store.migrate import adopt_legacy
 from litpipe.store.sharing import adopt_from_other_caches, shard_identities
 
 from .decode import Part
@@ -116,10 +117,15 @@ def plan(cfg: PipelineConfig, name: str, encoder: EncoderDescription) -> Plan:
     dataset = cfg.data[name]
     inputs = list_shards(dataset)
     check_columns(dataset, inputs[0])  # a misnamed column stops here, not as a skip record per shard
-    cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(dataset),
+    dataset_fp = dataset_fingerprint(dataset)
+    legacy = adopt_legacy(cfg.store.root, encoder.fingerprint, dataset_fp, cfg.store.embedding_dtype, dataset_name=name)
+    cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fp,
                                           cfg.store.embedding_dtype, cfg.store.row_group_rows, cfg.precompute.rows_per_commit,
                                           dataset_name=name)
-    adopted = {} if cache.complete else adopt_from_other_caches(cache, inputs)
+    if legacy:
+        adopted = {url: legacy for url in cache.committed_inputs()}
+    else:
+        adopted = {} if cache.complete else adopt_from_other_caches(cache, inputs)
     done = set(inputs) if cache.complete else cache.committed_inputs()  # one listing of commits/
     missing = [url for url in inputs if url not in done]
     parts = cache.committed_parts() if missing else {}
@@ -164,6 +170,7 @@ def finish(p: Plan) -> dict:
         "inputs_reused": len(p.adopted), "reused_from": sorted(set(p.adopted.values())),
         "skipped": sum(p.skipped.values()), "skipped_by_reason": dict(p.skipped), "rows_in_cache": p.cache.num_rows,
         "legacy_captions": p.legacy_captions, "encoded_by": sorted(p.actors), "decoded_by": sorted(p.readers),
+        "uncaptioned": sum(sum(r.get("uncaptioned", [])) for r in p.cache.shards()),
     }
 
 

@@ -46,15 +46,17 @@ def raise_if_incomplete(summary: dict) -> None:
 
 
 def report_line(result: dict) -> str:
-    shared = (f"; {result['inputs_reused']} input shard(s) adopted from cache(s) {', '.join(result['reused_from'])}, "
+    notes = (f"; {result['inputs_reused']} input shard(s) adopted from cache(s) {', '.join(result['reused_from'])}, "
               "which had embedded them" if result.get("inputs_reused") else "")
+    if result.get("uncaptioned"):
+        notes += f"; {result['uncaptioned']} image(s) without a caption (for zero-shot; training leaves them out)"
     if result["reused"]:
         return (f"{result['dataset']}: reused cache {result['cache_id']} ({result['rows_in_cache']} rows) at "
-                f"{result['cache_url']}, nothing encoded{shared}")
+                f"{result['cache_url']}, nothing encoded{notes}")
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(result["skipped_by_reason"].items())) or "none"
     failed = f", {len(result['failed_inputs'])} FAILED after retries (not committed)" if result["failed_inputs"] else ""
     legacy = (f"; {result['legacy_captions']} caption(s) were not UTF-8 and were read as cp1252/Latin-1"
               if result["legacy_captions"] else "")
     return (f"{result['dataset']}: cache {result['cache_id']}: embedded {result['embedded']}, skipped {result['skipped']} "
             f"({skipped}) from {result['inputs_processed']}/{result['inputs']} input shards{failed} -> "
-            f"{result['cache_url']}{shared}{legacy}")
+            f"{result['cache_url']}{notes}{legacy}")

@@ -33,7 +33,9 @@ from litpipe.files import TEMP_MARK, is_local, ls_or_empty, naming, to_url, writ
 from litpipe.store.duplicates import drop_later_duplicates
 from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
 
-FORMAT_VERSION = 2  # 2: a commit record may name another cache's data file (`owner`); v1 caches read as they are
+# 3: the id covers the stored dtype and names local files by their bytes (store/fingerprint.py). A version 2
+# cache is read as it is, and `litpipe cache migrate` (store/migrate.py) adopts it under its version 3 id.
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 REQUIRED_COLUMNS = ("key", "captions", "embedding")
@@ -120,10 +122,10 @@ class EmbeddingCache:
         """
         if embedding_dtype not in ("float16", "float32"):
             raise CacheError(f"embedding_dtype {embedding_dtype!r}: use float16 or float32 (store.embedding_dtype)")
-        found = cls.find(root, encoder_fp, dataset_fp)
+        found = cls.find(root, encoder_fp, dataset_fp, embedding_dtype)
         if found is not None:
             return found
-        cid = cache_id(encoder_fp, dataset_fp)
+        cid = cache_id(encoder_fp, dataset_fp, embedding_dtype)
         url = _join(_normalise_root(root), cid)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -146,16 +148,17 @@ class EmbeddingCache:
         return cls.open(url)
 
     @classmethod
-    def find(cls, root: str, encoder_fp: dict, dataset_fp: dict) -> EmbeddingCache | None:
-        """The cache (complete or partial) made from exactly these fingerprints, or None."""
-        url = _join(_normalise_root(root), cache_id(encoder_fp, dataset_fp))
+    def find(cls, root: str, encoder_fp: dict, dataset_fp: dict, embedding_dtype: str = "float16") -> EmbeddingCache | None:
+        """The cache (complete or partial) made from exactly these fingerprints and dtype, or None."""
+        url = _join(_normalise_root(root), cache_id(encoder_fp, dataset_fp, embedding_dtype))
         fs, path = fsspec.core.url_to_fs(url)
         fs.invalidate_cache(path)
         if not fs.exists(_join(path, MANIFEST)):
             return None
         cache = cls.open(url)
         if canonical_json(cache.manifest["encoder"]) != canonical_json(encoder_fp) or \
-                canonical_json(cache.manifest["dataset"]) != canonical_json(dataset_fp):
+                canonical_json(cache.manifest["dataset"]) != canonical_json(dataset_fp) or \
+                cache.embedding_dtype != embedding_dtype:
             raise CacheError(f"{cache.manifest_url}: its fingerprints differ from its id; the cache was edited. "
                              f"Remove it with `litpipe cache rm {cache.id}` and re-run `litpipe precompute`")
         return cache
@@ -356,8 +359,11 @@ class EmbeddingCache:
             with contextlib.suppress(OSError):
                 self.fs.rm_file(_join(self.path, data_path))
             raise naming(err, _join(self.url, data_path)) from err
-        return {"path": data_path, "rows": table.num_rows, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
-                "columns": table.column_names, "row_groups": _row_group_rows(blob)}
+        row_groups = _row_group_rows(blob)
+        record = {"path": data_path, "rows": table.num_rows, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                  "columns": table.column_names, "row_groups": row_groups}
+        uncaptioned = _uncaptioned(table, row_groups)
+        return {**record, "uncaptioned": uncaptioned} if any(uncaptioned) else record
 
     def rewrite_part(self, record: dict, rows: list[int], reasons: list[str]) -> dict:
         """A committed part's record, its data file written again (in this cache's folder) without
@@ -680,6 +686,12 @@ def _parquet_bytes(table: pa.Table, row_group_rows: int) -> bytes:
     return sink.getvalue()
 
 
+def _uncaptioned(table: pa.Table, row_groups: list[int]) -> list[int]:
+    """Rows without a caption in each row group (an image of a classification set): what training skips."""
+    empty = pc.equal(pc.fill_null(pc.list_value_length(table.column("captions")), 0), 0).to_numpy(zero_copy_only=False)
+    return [int(n) for n in np.add.reduceat(empty, np.r_[0, np.cumsum(row_groups)[:-1]])] if len(empty) else []
+
+
 def _row_group_rows(blob: bytes) -> list[int]:
     meta = pq.ParquetFile(pa.BufferReader(blob)).metadata
     return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
@@ -711,16 +723,23 @@ def list_caches(root: str) -> list[EmbeddingCache]:
 
 def resolve_cache(cfg, dataset_name: str, explicit: str | None = None) -> EmbeddingCache:
     """The cache train/eval should read for `dataset_name`: `explicit` (an id or URL) if given, else
-    the one whose encoder spec equals `cfg.encoder` (less `device`) and whose dataset fingerprint
-    equals the dataset's current one; complete before partial, newest first."""
+    the one whose encoder spec equals `cfg.encoder`'s (less `device`, local files by their bytes), whose
+    dataset fingerprint equals the dataset's current one and whose dtype is store.embedding_dtype;
+    complete before partial, newest first."""
     if explicit:
         return EmbeddingCache.open(explicit, root=cfg.store.root)
     dataset_fp = json.loads(canonical_json(dataset_fingerprint(cfg.data[dataset_name])))
     spec = json.loads(canonical_json(cfg.encoder.spec()))
-    matches = [c for c in list_caches(cfg.store.root)
+    caches = list_caches(cfg.store.root)
+    matches = [c for c in caches
                if json.loads(canonical_json(c.manifest["encoder"].get("spec"))) == spec
-               and json.loads(canonical_json(c.manifest["dataset"])) == dataset_fp]
+               and json.loads(canonical_json(c.manifest["dataset"])) == dataset_fp
+               and c.embedding_dtype == cfg.store.embedding_dtype]
     if not matches:
-        raise CacheError(f"no cache of dataset `{dataset_name}` for encoder `{cfg.encoder.model}` under "
-                         f"{cfg.store.root}; run `litpipe precompute` first (`litpipe cache ls` lists what is there)")
+        older = [c.id for c in caches if c.manifest["format_version"] < FORMAT_VERSION]
+        hint = (f"; {len(older)} cache(s) here were made by an earlier litpipe: `litpipe precompute` adopts one of "
+                "the same vectors without encoding" if older else "")
+        raise CacheError(f"no {cfg.store.embedding_dtype} cache of dataset `{dataset_name}` for encoder "
+                         f"`{cfg.encoder.model}` under {cfg.store.root}; run `litpipe precompute` first (`litpipe cache ls` "
+                         f"lists what is there){hint}")
     return max(matches, key=lambda c: (c.complete, c.manifest["created"]))

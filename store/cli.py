@@ -93,7 +93,9 @@ def _size(n: int) -> str:
 
 def _describe_encoder(encoder: dict) -> str:
     """model (pretrained) sha:prefix output d=D, from `catalogue.describe`'s encoder entry."""
-    return (f"{encoder['model']}" + (f" ({encoder['pretrained']})" if encoder.get("pretrained") else "")
+    pretrained = str(encoder.get("pretrained") or "")
+    pretrained = f"file {pretrained[:15]}" if pretrained.startswith("sha256:") else pretrained
+    return (f"{encoder['model']}" + (f" ({pretrained})" if pretrained else "")
             + f" sha:{encoder['weights_sha256'][:8]} {encoder.get('output') or ''} d={encoder.get('dim')}")
 
 

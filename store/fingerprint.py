@@ -1,7 +1,9 @@
 """What a cache was made from: the dataset's input files and the id that names a cache.
 
-A cache is reused only when both fingerprints match exactly, so everything that changes the
-vectors (encoder, preprocessing, input bytes, column choices) must be in one of them.
+A cache is reused only when its identity matches exactly, so everything that changes the vectors
+(encoder, preprocessing, stored dtype, input bytes, column choices) must be in it, and nothing that
+only spells them: a local path appears as its bytes' digest (the encoder's `spec`) or as the absolute
+URL a listing gives (the dataset's inputs), never as a config wrote it.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ def dataset_fingerprint(dataset_cfg) -> dict:
 
     For `folder`, the inputs are the captions file and every file under the folder(s), hidden
     files excepted: adding, removing or rewriting an image changes the fingerprint.
-    `classnames` is left out: it is read by eval and does not change any cached vector.
+    `classnames` is left out: it is read by eval and does not change any cached vector;
+    `captions_file` too: its canonical URL and change marker are among the inputs.
     """
-    options = dataset_cfg.model_dump(exclude={"format", "urls", "classnames"})
+    options = dataset_cfg.model_dump(exclude={"format", "urls", "classnames", "captions_file"})
     if dataset_cfg.format == "folder":
         inputs = [{"url": u, **info} for u, info in list_files(dataset_cfg.captions_file).items()] if dataset_cfg.captions_file else []
         for folder in expand_urls(dataset_cfg.urls):
@@ -41,7 +44,7 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def cache_id(encoder_fp: dict, dataset_fp: dict) -> str:
-    """The cache's name in the store: 16 hex digits of sha256 over both fingerprints."""
-    digest = hashlib.sha256(canonical_json({"encoder": encoder_fp, "dataset": dataset_fp}).encode())
-    return digest.hexdigest()[:16]
+def cache_id(encoder_fp: dict, dataset_fp: dict, embedding_dtype: str = "float16") -> str:
+    """The cache's name in the store: 16 hex digits of sha256 over both fingerprints and the stored dtype."""
+    identity = {"encoder": encoder_fp, "dataset": dataset_fp, "embedding_dtype": embedding_dtype}
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:16]

@@ -115,7 +115,8 @@ class StreamingReader:
     epoch). So every batch draws from `mix_units` input shards at once (web datasets are sharded by
     crawl order or source: in-batch negatives need the mix), batch k is found without reading the
     ones before it, and memory holds about two groups: 2 x mix_units x row-group rows.
-    `batch_size` is the number of rows per batch on this rank.
+    `batch_size` is the number of rows per batch on this rank. Rows without a caption (images of a
+    classification set) are no image-text pairs and are left out; `uncaptioned` counts them.
     """
 
     def __init__(self, cache: EmbeddingCache, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -130,7 +131,9 @@ class StreamingReader:
         self.seed, self.epoch, self.shuffle, self.start_step = seed, epoch, shuffle, start_step
         self.prefetch, self.dim, self.per_caption, self.all_captions = prefetch, cache.dim, per_caption, all_captions
         self.records = cache.shards()
-        units = [(s, g, rows) for s, r in enumerate(self.records) for g, rows in enumerate(r["row_groups"])]
+        # A row without a caption (an image of a classification set) is no image-text pair: left out.
+        units = [(s, g, rows - _uncaptioned(r, g)) for s, r in enumerate(self.records) for g, rows in enumerate(r["row_groups"])]
+        self.uncaptioned = sum(sum(r.get("uncaptioned", [])) for r in self.records)
         if shuffle:
             units = [units[i] for i in np.random.default_rng([seed, epoch]).permutation(len(units))]
         size = mix_units if shuffle else 1
@@ -139,8 +142,10 @@ class StreamingReader:
         per_rank = self.group_starts[-1] // world_size
         self.num_batches = per_rank // batch_size
         if self.num_batches == 0:
-            raise CacheError(f"{cache.url}: {self.group_starts[-1]} rows cannot give each of {world_size} rank(s) "
-                             f"one batch of {batch_size}; lower the batch size")
+            without = f" ({self.uncaptioned} more have no caption)" if self.uncaptioned else ""
+            raise CacheError(f"{cache.url}: {self.group_starts[-1]} rows with captions{without} cannot give each of "
+                             f"{world_size} rank(s) one batch of {batch_size}; lower the batch size, or train on a "
+                             "dataset with captions")
         self.first_row = rank * per_rank
         self.columns = ["embedding", "key", "captions"] if text else ["embedding"]
         if _has_labels(self.records):
@@ -234,15 +239,26 @@ class StreamingReader:
     def _unit(self, shard: int, group: int) -> _Unit:
         """One row group of a shard file: vectors as a view of Arrow's buffer in the stored dtype,
         text as object arrays (Python objects once per unit), labels, and its per-caption rows."""
-        table = _read(self.cache, self._file(shard, self.cache.open_shard), self.records[shard], self.columns, group)
+        record = self.records[shard]
+        skip = _uncaptioned(record, group) > 0
+        columns = self.columns + (["captions"] if skip and "captions" not in self.columns else [])
+        table = _read(self.cache, self._file(shard, self.cache.open_shard), record, columns, group)
         chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
                   for c in table.column("embedding").chunks]
+        vectors = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         caption_values = caption_offsets = None
         if self.per_caption is not None:
             caption_values, caption_offsets = self.per_caption.rows(
                 self._file(shard, self.per_caption.open_file, self.per_caption.folder), group)
+        if skip:
+            keep = np.flatnonzero(pc.fill_null(pc.list_value_length(table.column("captions")), 0).to_numpy() > 0)
+            table, vectors = table.take(keep), vectors.index_select(0, torch.from_numpy(keep))
+            if caption_values is not None:
+                counts = caption_offsets[keep + 1] - caption_offsets[keep]
+                caption_values = caption_values[_every_caption(caption_offsets, keep)]
+                caption_offsets = np.concatenate([[0], np.cumsum(counts)])
         return _Unit(
-            vectors=chunks[0] if len(chunks) == 1 else torch.cat(chunks),
+            vectors=vectors,
             text={c: np.fromiter(table.column(c).to_pylist(), dtype=object, count=table.num_rows)
                   for c in ("key", "captions") if c in self.columns},
             labels=_labels(table) if "label" in self.columns else None,
@@ -258,6 +274,11 @@ class StreamingReader:
             if len(self._files) > MAX_OPEN_SHARDS:
                 self._files.popitem(last=False)[1].close(force=True)
         return self._files[key]
+
+
+def _uncaptioned(record: dict, group: int) -> int:
+    """Rows of a part's row group that have no caption (`EmbeddingCache` records them per row group)."""
+    return record["uncaptioned"][group] if "uncaptioned" in record else 0
 
 
 def _every_caption(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:

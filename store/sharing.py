@@ -49,14 +49,14 @@ def adopt_from_other_caches(cache: EmbeddingCache, inputs: list[str]) -> dict[st
         for record in donor.shards():
             if record["input"] in whole:
                 by_input.setdefault(record["input"], []).append(record)
-        skipped = _errors_by_input(donor) if donor.complete and by_input else {}
+        skipped = errors_by_input(donor) if donor.complete and by_input else {}
         donor_identities = shard_identities(donor)
         for donor_input, records in by_input.items():
             if any(r.get("duplicates_dropped") for r in records):
                 continue  # its rows depend on the donor's other shards (`duplicates.py`): not this input's alone
             url = wanted.pop(donor_identities.get(donor_input), None)
             if url is not None:
-                jobs += [(record, donor, _part_errors(record, skipped)) for record in records]
+                jobs += [(record, donor, part_errors(record, skipped)) for record in records]
                 adopted[url] = donor.id
         if not wanted:
             break
@@ -64,14 +64,14 @@ def adopt_from_other_caches(cache: EmbeddingCache, inputs: list[str]) -> dict[st
     return adopted
 
 
-def _errors_by_input(cache: EmbeddingCache) -> dict[str, list[dict]]:
+def errors_by_input(cache: EmbeddingCache) -> dict[str, list[dict]]:
     by_input: dict[str, list[dict]] = {}
     for error in cache.errors():
         by_input.setdefault(error["input"], []).append(error)
     return by_input
 
 
-def _part_errors(record: dict, skipped: dict[str, list[dict]]) -> list[dict]:
+def part_errors(record: dict, skipped: dict[str, list[dict]]) -> list[dict]:
     """A part's skipped samples: in its commit record, or (a finalized donor keeps them per input in
     errors.jsonl) all of the input's with its last part, so the input's set is whole."""
     if "errors" in record:

@@ -71,7 +71,7 @@ BAD_IMAGES = {
     "bad/truncated": image_bytes(7, size=(64, 64))[:200],
     "bad/bomb": encode_image(Image.new("L", (3000, 2000)), "PNG"),
 }
-PLANTED_ERRORS = len(BAD_IMAGES) + 4  # + a sample without caption, a key of an earlier shard, a truncated tar's cut,
+PLANTED_ERRORS = len(BAD_IMAGES) + 3  # + a key of an earlier shard, a truncated tar's cut,
 # an unreadable shard
 
 
@@ -83,13 +83,13 @@ def build_planted_dataset(folder: Path) -> list[str]:
     odd = [m for key, data in ODD_MODES.items() for m in sample_members(key, data, f"odd {key}")]
     bad = [m for key, data in BAD_IMAGES.items() for m in sample_members(key, data, f"bad {key}")]
     again = sample_members("plain/2", image_bytes(20), "a later copy of plain/2")  # kept in train-000000.tar only
-    write_tar(folder / "train-000001.tar", odd + bad + sample_members("bad/no-caption", image_bytes(8), None) + again)
+    write_tar(folder / "train-000001.tar", odd + bad + sample_members("odd/no-caption", image_bytes(8), None) + again)
     cut_members = [m for i in range(3) for m in sample_members(f"cut/{i}", image_bytes(10 + i, size=(64, 64)), f"cut {i}")]
     write_tar(folder / "train-000002.tar", cut_members)
     data = (folder / "train-000002.tar").read_bytes()
     (folder / "train-000002.tar").write_bytes(data[:data.index(image_bytes(12, size=(64, 64))) + 50])
     (folder / "train-000003.tar").write_bytes(b"\x00not a tar" * 64)
-    return GOOD_RGB + list(ODD_MODES) + ["cut/0", "cut/1"]
+    return GOOD_RGB + list(ODD_MODES) + ["odd/no-caption", "cut/0", "cut/1"]  # an image without a caption is kept
 
 
 def planted_config(data_dir: Path, root: str, **sections) -> dict:

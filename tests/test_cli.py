@@ -157,12 +157,12 @@ def test_relative_paths_in_a_config_mean_relative_to_its_file_from_any_folder(tm
     monkeypatch.chdir(elsewhere)
     assert main(["config", "../experiments/a/pipeline.yaml", "--set", "train.checkpoint_dir=ckpt"]) == 0
     cfg = json.loads(capsys.readouterr().out)
-    a = "../experiments/a"
+    a = str(experiment)  # absolute: nothing downstream depends on the working folder
     assert (cfg["workdir"], cfg["store"]["root"], cfg["encoder"]["pretrained"]) == (f"{a}/runs/a", f"{a}/store", f"{a}/tower.pt")
     assert cfg["data"]["train"]["urls"] == f"{a}/data/train-*.tar"
     assert cfg["data"]["pets"]["urls"] == [f"{a}/data/p-0.tar", "s3://bucket/p-1.tar"]
     assert cfg["data"]["pets"]["classnames"] == f"{a}/kinds.txt"
-    assert cfg["train"]["checkpoint_dir"] == "ckpt"  # --set speaks from the working folder
+    assert cfg["train"]["checkpoint_dir"] == str(elsewhere / "ckpt")  # --set speaks from the working folder
     (experiment / "tower.pt").unlink()  # a name that is no file there is a pretrained tag
     (experiment / "pipeline.yaml").write_text((experiment / "pipeline.yaml").read_text().replace("tower.pt", "laion2b_s34b_b79k"))
     assert main(["config", "../experiments/a/pipeline.yaml"]) == 0

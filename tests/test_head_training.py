@@ -3,6 +3,7 @@ trained on the two caches, checked against the text model run by the test and ag
 with the frozen model run live every step."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -149,9 +150,16 @@ def test_heads_open_clip_cannot_hold_export_with_the_image_tower_named_and_load_
     from litpipe.train_text.export import export_model
     from litpipe.train_text.trainer import train
 
-    raw = head_config(tiny_cache, "heads-export", text_models)  # an MLP text head with biases, a linear image head
-    summary = train(validate_config(raw))
-    folder = export_model(validate_config(raw), str(tmp_path / "export"))
+    model = shutil.copytree(text_models["bert"], tmp_path / "my-bert")  # a user's model folder, gone after the export
+    raw = head_config(tiny_cache, "heads-export", {**text_models, "bert": str(model)})  # an MLP text head with biases,
+    summary = train(validate_config(raw))                                               # a linear image head
+    exported = export_model(validate_config(raw), str(tmp_path / "export"))
+    tower, tokenize, _ = load_text_tower(summary["artifact"])
+    shutil.rmtree(model)
+    (tmp_path / "moved").mkdir()
+    folder = shutil.move(exported, tmp_path / "moved" / "export")  # and the export moved: it holds the model it needs
+    monkeypatch.chdir(tmp_path / "moved")
+    folder = Path(folder)
     manifest = json.loads((folder / "image_tower.json").read_text())
     assert manifest["library"] == "open_clip" and "an image head" in manifest["not_open_clip"]
     assert not (folder / "open_clip_config.json").exists()
@@ -159,7 +167,6 @@ def test_heads_open_clip_cannot_hold_export_with_the_image_tower_named_and_load_
     code = readme_snippet("heads-export").replace('folder = "runs/export"', f'folder = "{folder}"')
     names: dict = {}
     exec(compile(code.replace("litpipe-store/CACHE_ID", cache.url), "README.md:heads-export", "exec"), names)
-    tower, tokenize, _ = load_text_tower(summary["artifact"])
     with torch.no_grad():
         torch.testing.assert_close(names["texts"], tower(tokenize(["a photo of a cat", "a photo of a dog"])))
         expected = torch.nn.functional.normalize(tower.project_images(load_all(cache).embeddings), dim=-1)

@@ -1,6 +1,8 @@
 """litpipe/models/image_encoder.py: the locked open_clip tower, its transform and its fingerprint."""
 
 import io
+import shutil
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -10,6 +12,7 @@ from PIL import Image
 
 from conftest import TINY_ARCHITECTURE
 from litpipe.config import EncoderConfig
+from litpipe.files import content_digest
 from litpipe.models.image_encoder import load_encoder
 from litpipe.models.image_towers import EncoderError
 from precompute_samples import TINY_MODEL, image_bytes
@@ -43,7 +46,7 @@ def test_model_is_frozen_in_eval_mode_with_open_clips_eval_transform(encoder):
 
 def test_fingerprint_names_weights_output_and_every_preprocessing_setting(encoder):
     fp = encoder.fingerprint
-    assert set(fp) == {"model", "pretrained", "weights_sha256", "output", "normalize", "precision", "dim",
+    assert set(fp) == {"source", "model", "pretrained", "weights_sha256", "output", "normalize", "precision", "dim",
                        "preprocess", "spec"}
     assert fp["dim"] == TINY_ARCHITECTURE["embed_dim"]
     assert fp["preprocess"]["image_size"] == [32, 32]
@@ -58,7 +61,9 @@ def test_checkpoint_path_loads_those_weights_whatever_the_seed(encoder, tmp_path
     torch.save(encoder.model.state_dict(), path)
     loaded = load_encoder(tiny(pretrained=str(path), seed=7), device="cpu")
     assert loaded.fingerprint["weights_sha256"] == encoder.fingerprint["weights_sha256"]
-    assert loaded.fingerprint["pretrained"] == str(path)
+    assert loaded.fingerprint["pretrained"] == content_digest(str(path))  # the file by its bytes, not its path
+    moved = Path(shutil.copy(path, tmp_path / "elsewhere.pt"))
+    assert load_encoder(tiny(pretrained=str(moved), seed=7), device="cpu").fingerprint == loaded.fingerprint
 
 
 def test_encode_equals_open_clip_encode_image_on_preprocessed_images(encoder):

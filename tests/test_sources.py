@@ -31,11 +31,12 @@ def test_tar_in_img2dataset_layout_gives_key_image_captions_label_metadata(tmp_p
     assert (second.key, second.label, second.image) == ("a/001", None, image_bytes(1))
 
 
-def test_missing_caption_or_image_is_a_sample_error_not_a_failure(tmp_path):
+def test_a_missing_image_is_a_sample_error_and_a_missing_caption_an_uncaptioned_sample(tmp_path):
     write_tar(tmp_path / "s.tar", sample_members("k0", image_bytes(0), None) + sample_members("k1", None, "cap")
               + sample_members("k2", image_bytes(2), "ok"))
     samples = read_shard(webdataset(str(tmp_path / "s.tar")), str(tmp_path / "s.tar"))
-    assert [(s.key, (s.error or "").split(" (")[0]) for s in samples] == [("k0", "no caption"), ("k1", "no image"), ("k2", "")]
+    assert [(s.key, (s.error or "").split(" (")[0], s.captions) for s in samples] == [
+        ("k0", "", []), ("k1", "no image", []), ("k2", "", ["ok"])]
 
 
 def test_truncated_tar_keeps_every_complete_sample_and_records_the_cut(tmp_path):

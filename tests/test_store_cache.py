@@ -155,7 +155,7 @@ def test_resolve_cache_matches_encoder_spec_and_dataset_and_prefers_complete(tmp
     cfg = _pipeline_cfg(tmp_path)
     data_fp = dataset_fingerprint(cfg.data["train"])
     spec = cfg.encoder.spec()
-    with pytest.raises(CacheError, match="no cache of dataset `train`.*run `litpipe precompute`"):
+    with pytest.raises(CacheError, match="no float16 cache of dataset `train`.*run `litpipe precompute`"):
         resolve_cache(cfg, "train")
     complete = EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "spec": spec}, data_fp)
     complete.commit_shard(data_fp["inputs"][0]["url"], shard_table("a", 3))

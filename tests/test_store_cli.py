@@ -50,7 +50,7 @@ def test_show_prints_the_manifest_readably_by_id_prefix(cache, config, capsys):
     out = capsys.readouterr().out
     assert f"cache {cache.id}" in out and "3 in 1 shard(s)" in out and "undecodable image" in out
     assert main(["cache", "show", cache.id, config, "--json"]) == 0
-    assert '"format_version": 2' in capsys.readouterr().out
+    assert '"format_version": 3' in capsys.readouterr().out
 
 
 def test_verify_exits_nonzero_naming_the_broken_shard(cache, config, tmp_path, capsys):

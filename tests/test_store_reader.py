@@ -130,7 +130,7 @@ def test_remote_caches_stream_and_load_like_local_ones(store, request):
     root = f"memory://reader-{uuid.uuid4().hex[:8]}" if store == "memory" else request.getfixturevalue("s3_root")
     cache, reference = _write(root, embedding_dtype="float32")
     cache.finalize()
-    cache = EmbeddingCache.find(root, ENCODER, DATASET)
+    cache = EmbeddingCache.find(root, ENCODER, DATASET, "float32")
     keys = [k for b in StreamingReader(cache, batch_size=10, rank=0, world_size=2) for k in b.keys]
     keys += [k for b in StreamingReader(cache, batch_size=10, rank=1, world_size=2) for k in b.keys]
     assert len(keys) == len(set(keys)) == 120
@@ -171,9 +171,10 @@ def test_a_batch_mixes_rows_of_many_input_shards(tmp_path):
     inputs = [f"/data/crawl-{i:03d}.tar" for i in range(64)]
     dataset = {"format": "webdataset", "options": {}, "inputs": [{"url": u, "size": 1, "mtime": 1.0} for u in inputs]}
     cache = EmbeddingCache.open_or_create(str(tmp_path / "store"), encoder, dataset, row_group_rows=65536)
+    one_caption_each = pa.ListArray.from_arrays(pa.array(np.arange(20_001, dtype=np.int32)), pa.array(["c"] * 20_000))
     for s, url in enumerate(inputs):
         cache.commit_shard(url, pa.table({
-            "key": [f"{s}/{i}" for i in range(20_000)], "captions": pa.nulls(20_000, pa.list_(pa.string())).fill_null([]),
+            "key": [f"{s}/{i}" for i in range(20_000)], "captions": one_caption_each,
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(40_000, np.float32)), 2)}))
     shards_per_batch = [len({k.split("/")[0] for k in b.keys}) for b in StreamingReader(cache, 256, seed=0, mix_units=16)]
     assert len(shards_per_batch) == 64 * 20_000 // 256 and min(shards_per_batch) >= 16

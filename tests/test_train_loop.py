@@ -295,4 +295,4 @@ def test_a_resumed_run_logs_each_step_once_in_tensorboard_and_continues_its_wand
     assert [e.step for e in events.Scalars(eval_tag)] == [2, 4, 6]
     assert json.loads((folder / "checkpoints" / "wandb-run.json").read_text())["id"] == first_id
     runs = sorted(p.name for p in (folder / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(name.endswith(f"-{first_id}") for name in runs)
+    assert len(runs) == 2 and all(f"-{first_id}" in name for name in runs)  # a second run in the same second: "-1" after it

@@ -3,15 +3,18 @@
     DIR/open_clip_config.json       {"model_cfg": {embed_dim, vision_cfg, text_cfg, ...}, "preprocess_cfg"}
     DIR/open_clip_model.safetensors the CLIP state dict (visual.* from the encoder, text from the tower)
     DIR/tokenizer.json              the training tokenizer
-    DIR/bpe_vocab.txt.gz            a CLIP-style BPE (CLIP's own or one `litpipe tokenizer train` fitted): its merges,
-                                    which open_clip's SimpleTokenizer reads (text_cfg.tokenizer_kwargs.bpe_path)
+    DIR/bpe_vocab.txt.gz            a BPE `litpipe tokenizer train` fitted: its merges, which open_clip's
+                                    SimpleTokenizer reads (text_cfg.tokenizer_kwargs.bpe_path); none for CLIP's own
     DIR/tokenizer_config.json       a native (non-CLIP) tokenizer: what open_clip's HFTokenizer needs to load it
     DIR/config.json                 an HF text tower: the language model's config (open_clip's CustomTextCLIP
                                     rebuilds it from DIR, the folder's absolute path: move the folder, edit it)
 
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads it; `open_clip.get_tokenizer("local-dir:DIR")`
 gives the training tokenizer's ids: a CLIP-style BPE through open_clip's SimpleTokenizer reading DIR's merges,
-a native one through open_clip's HFTokenizer. The paths inside are absolute: move the folder, edit them.
+a native one through open_clip's HFTokenizer. open_clip reads a fitted BPE's merges and an HF text tower's
+config by the absolute paths inside (its local-dir format has no relative form): a folder with either is
+moved by editing them; one with CLIP's own BPE and a CLIP-style tower loads from anywhere, and litpipe's own
+loader (`load_text_tower`: eval, serve) reads every export from the files inside it, wherever it is.
 
 open_clip cannot express a Hugging Face vision tower (DINOv2, SigLIP), so for `encoder.source: hf` DIR is the
 text-tower folder (`litpipe.models.text_tower`'s format) plus what names the image side:
@@ -26,6 +29,7 @@ README's "Exporting a Hugging Face image tower" holds the loading snippet (tests
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -33,11 +37,12 @@ from safetensors.torch import save_file
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
 from litpipe.models.heads import CONFIG_FILE as HEADS_CONFIG
+from litpipe.models.heads import TEXT_MODEL_FOLDER as HEADS_TEXT_MODEL
 from litpipe.models.heads import WEIGHTS_FILE as HEADS_WEIGHTS
 from litpipe.models.heads import heads_config
 from litpipe.models.image_encoder import load_encoder
 from litpipe.models.text_tower import TextTower, load_text_tower
-from litpipe.models.tokenizer import Tokenizer, hf_tokenizer
+from litpipe.models.tokenizer import Tokenizer, clip_tokenizer, hf_tokenizer
 
 
 def export_model(cfg: PipelineConfig, out: str, checkpoint: str | None = None) -> Path:
@@ -73,7 +78,9 @@ def _export_text_tower(cfg: PipelineConfig, tower: TextTower, tokenizer: Tokeniz
         state.update({f"text.{k}": v for k, v in tower.text.state_dict().items()})
     else:
         state.update(tower.text.state_dict())
-    if tokenizer.framing == "clip":  # SimpleTokenizer reads these merges; with CLIP's own, they are its own file's
+    if tokenizer.framing == "clip" and tokenizer.rust.to_str() == clip_tokenizer().rust.to_str():
+        pass  # CLIP's own BPE: open_clip's SimpleTokenizer has it, and the folder loads wherever it is moved
+    elif tokenizer.framing == "clip":  # a fitted BPE: SimpleTokenizer reads its merges, by absolute path
         tokenizer.save_merges(str(folder / "bpe_vocab.txt.gz"))
         model_cfg["text_cfg"]["tokenizer_kwargs"] = {"bpe_path": str(folder / "bpe_vocab.txt.gz")}
     else:  # open_clip's HFTokenizer reads it from this folder (local-dir:)
@@ -106,8 +113,12 @@ def _export_heads(cfg: PipelineConfig, url: str, config: dict, folder: Path) -> 
 
     fs, root = fsspec.core.url_to_fs(url)
     folder.mkdir(parents=True, exist_ok=True)
-    for name in (HEADS_CONFIG, HEADS_WEIGHTS):
-        (folder / name).write_bytes(fs.cat_file(f"{root}/{name}"))
+    (folder / HEADS_WEIGHTS).write_bytes(fs.cat_file(f"{root}/{HEADS_WEIGHTS}"))
+    model = config["text_model"]["model"]
+    if Path(model).is_dir():  # the model's files travel inside, named relative to the folder: it loads wherever it goes
+        shutil.copytree(model, folder / HEADS_TEXT_MODEL, dirs_exist_ok=True)
+        config = {**config, "text_model": {**config["text_model"], "model": HEADS_TEXT_MODEL}}
+    (folder / HEADS_CONFIG).write_text(json.dumps(config, indent=2, default=str))
     encoder = load_encoder(cfg.encoder, device="cpu")
     if cfg.encoder.source == "hf":
         return _write_hf_image_manifest(cfg, encoder, folder, why_not)
@@ -200,7 +211,7 @@ def _open_clip_model_cfg(cfg: PipelineConfig, encoder) -> tuple[dict, dict]:
     if cfg.encoder.output != "projected":
         raise UserError(f"export: encoder.output is `{cfg.encoder.output}`, which an open_clip CLIP cannot express; "
                         "export models trained on a `projected` cache")
-    pretrained = str(encoder.fingerprint["pretrained"])
+    pretrained = cfg.encoder.pretrained or ""
     model_cfg = open_clip.get_model_config(pretrained if pretrained.startswith("hf-hub:") else cfg.encoder.model)
     if model_cfg is None:
         raise UserError(f"export: open_clip has no config for encoder.model `{cfg.encoder.model}`; give encoder.architecture")

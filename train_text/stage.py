@@ -26,6 +26,9 @@ def run(cfg: PipelineConfig, resume: bool = False) -> dict:
         f"final loss {summary['final_loss'] or float('nan'):.4f}, {summary['samples_per_s']:,.0f} samples/s",
         f"text tower: {summary['artifact']}; loss curve: {summary.get('loss_curve')}",
     ]
+    if summary.get("uncaptioned"):
+        summary["report"].insert(1, f"{summary['uncaptioned']} image(s) of cache {summary['cache_id']} have no caption "
+                                    "(a classification set's): left out of training, kept for zero-shot eval")
     if summary.get("eval_curve"):
         summary["report"].append(f"eval while training: {summary['eval_curve']}"
                                  + (f"; best tower by train.keep_best: {summary['best']}" if summary.get("best") else ""))

@@ -104,8 +104,9 @@ def swap_captions(cache: EmbeddingCache, seed: int) -> dict[str, list[str]]:
     """Every key paired with another image's captions by one fixed permutation: a control run whose
     eval must stay at chance, since nothing of the true image-text pairing reaches training."""
     contents = load_all(cache)
-    order = np.random.default_rng([seed, 0x5EED]).permutation(len(contents.keys))
-    return {key: contents.captions[j] for key, j in zip(contents.keys, order)}
+    captioned = [i for i, captions in enumerate(contents.captions) if captions]  # the rows training reads
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(captioned))
+    return {contents.keys[i]: contents.captions[captioned[j]] for i, j in zip(captioned, order)}
 
 
 def build_run(cfg: PipelineConfig, text_features: str | None = None) -> Run:
@@ -231,7 +232,8 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
     elapsed = time.perf_counter() - started
     summary = {"steps": run.total_steps, "resumed_at": run.total_steps - len(losses), "cache_id": run.cache.id,
                "final_loss": losses[-1] if losses else None, "samples_per_s": t.batch_size * len(losses) / max(elapsed, 1e-9),
-               "artifact": cfg.final_text_tower, "world_size": size}
+               "artifact": cfg.final_text_tower, "world_size": size,
+               "uncaptioned": sum(sum(r.get("uncaptioned", [])) for r in run.cache.shards())}
     if rank == 0:
         run.save(cfg.final_text_tower, {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss,
                                         "dataset": t.dataset, "lit": "LL (heads)" if t.text_model else t.tower.setting,

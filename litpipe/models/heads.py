@@ -7,6 +7,7 @@ image head and a 4-layer text MLP. The trained artifact is a folder:
     config.json        {"format": "litpipe-heads/1", "text_model": {...}, "text_model_fingerprint": {...},
                         "heads": {...}, "text_dim", "image_dim", "meta"}
     heads.safetensors  float32: text.*, image.*, logit_scale, logit_bias
+    text_model/        an export only: a copy of the local text model, which config.json then names `text_model`
 
 `load_heads(url)` gives a `HeadTextTower`: the frozen text model with the text head, which eval and
 serve call like a text tower (`tower(tokenizer(texts))`), and `project_images` for the cached vectors.
@@ -28,6 +29,7 @@ from litpipe.errors import UserError
 
 FORMAT = "litpipe-heads/1"
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "heads.safetensors"
+TEXT_MODEL_FOLDER = "text_model"  # an export's copy of a local text model, named relative to the export
 
 
 def build_head(cfg: HeadConfig, in_dim: int, out_dim: int) -> torch.nn.Module:
@@ -115,7 +117,10 @@ def load_heads(url: str, config: dict, device: str = "cpu"):
         state = load_safetensors(f.read())
     heads = Heads(HeadsConfig(**config["heads"]), config["text_dim"], config["image_dim"])
     heads.load_state_dict(state)
-    model = FrozenTextModel(TextModelConfig(**config["text_model"]), device=device)
+    text_cfg = TextModelConfig(**config["text_model"])
+    if text_cfg.model == TEXT_MODEL_FOLDER and fs.isdir(f"{root}/{TEXT_MODEL_FOLDER}"):
+        text_cfg.model = f"{root}/{TEXT_MODEL_FOLDER}"  # the copy inside the folder, wherever it was moved
+    model = FrozenTextModel(text_cfg, device=device)
     if model.fingerprint()["weights_sha256"] != config["text_model_fingerprint"]["weights_sha256"]:
         raise UserError(f"{url}: its heads were trained on features of other weights than {config['text_model']['model']} "
                         "holds now; point train.text_model.model at the model they were trained with")

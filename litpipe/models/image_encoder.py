@@ -118,13 +118,11 @@ def load_encoder(encoder_cfg: EncoderConfig, device: str | torch.device | None =
     pp = tower.preprocess_cfg
     size = encoder.image_size
     dim = encoder.encode(torch.zeros(1, 3, *size)).shape[1]
-    # An open_clip encoder's fingerprint has no `source` or `resize_to` (open_clip resizes to the input size):
-    # it stays what it was before other sources existed, so its caches are still found.
-    open_clip = encoder_cfg.source == "open_clip"
+    spec = encoder_cfg.spec()  # a local checkpoint or model folder named by its bytes, not its path
     encoder.fingerprint = {
-        **({} if open_clip else {"source": encoder_cfg.source}),
-        "model": encoder_cfg.model,
-        "pretrained": encoder_cfg.pretrained,
+        "source": encoder_cfg.source,
+        "model": spec["model"],
+        "pretrained": spec["pretrained"],
         "weights_sha256": sha,
         "output": encoder_cfg.output,
         "normalize": encoder_cfg.normalize,
@@ -138,10 +136,10 @@ def load_encoder(encoder_cfg: EncoderConfig, device: str | torch.device | None =
             "std": [float(s) for s in pp["std"]],
             "interpolation": pp["interpolation"],
             "resize_mode": pp["resize_mode"],
-            **({} if open_clip else {"resize_to": pp["resize_to"]}),
+            "resize_to": pp["resize_to"],
             "pixels": encoder.pixels.describe(),
             "transform": repr(tower.transform),
         },
-        "spec": encoder_cfg.spec(),
+        "spec": spec,
     }
     return encoder

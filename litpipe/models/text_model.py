@@ -17,6 +17,7 @@ them through the trainer's and eval's batching.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 
@@ -59,10 +60,14 @@ class FrozenTextModel:
         self.dim = int(getattr(model.config, "hidden_size", 0) or model.config.d_model)
 
     def fingerprint(self) -> dict:
-        """Everything the cached features depend on: the weights' bytes, the tokenizer, pooling, length, dtype."""
+        """Everything the cached features depend on: the weights' bytes, the model's config, the tokenizer,
+        pooling, length, dtype; never the path that named the model (the same model from another folder
+        finds the same features)."""
         tokenizer = self.tokenizer
         vocabulary = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(sorted(tokenizer.get_vocab().items()))
-        return {"model": self.cfg.model, "weights_sha256": weights_sha256(self.model),
+        config = {k: v for k, v in self.model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        return {"config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+                "weights_sha256": weights_sha256(self.model),
                 "tokenizer_sha256": hashlib.sha256(f"{vocabulary}{tokenizer.all_special_tokens}".encode()).hexdigest(),
                 "pooling": self.cfg.pooling, "max_length": self.cfg.max_length, "dtype": self.cfg.dtype,
                 "precision": self.cfg.precision, "dim": self.dim}
