@@ -10,6 +10,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import posixpath
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -44,7 +45,7 @@ def list_files(urls: str | list[str]) -> dict[str, dict]:
         if any(c in path for c in GLOB_CHARS):
             globs.append((url, fs, path))
         else:
-            folders.setdefault((fs, fs._parent(path)), []).append((url, path))
+            folders.setdefault((fs, posixpath.dirname(path.rstrip("/"))), []).append((url, path))
     for fs in {id(fs): fs for fs in [g[1] for g in globs] + [f for f, _ in folders]}.values():
         fs.invalidate_cache()  # some filesystems (s3fs) answer listings and infos from a per-process cache
     with ThreadPoolExecutor(LISTING_THREADS) as pool:
