@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from litpipe.evaluation.search_index import build_index
+from litpipe.scoring.search_index import build_index
 
 
 def main():

@@ -27,9 +27,11 @@ import pyarrow as pa
 
 from moto_s3 import moto_s3
 
+from litpipe.store.maintenance import verify
 from litpipe.config import validate_config
 from litpipe.precompute.job import finish, plan
-from litpipe.store.cache import EmbeddingCache, _dumps, _parquet_bytes, _row_group_rows, list_caches
+from litpipe.store.cache import EmbeddingCache, _dumps, list_caches
+from litpipe.store.commits import _conform, _parquet_bytes, _row_group_rows
 from litpipe.store.catalogue import describe
 from litpipe.store.reader import StreamingReader
 
@@ -79,7 +81,7 @@ def commit_parts(fs, cache: EmbeddingCache, inputs: list[str], start: int) -> No
         if i == 1:
             keys[0] = "k0000000/0"
         vectors = np.random.default_rng(i).standard_normal((ROWS, DIM), dtype=np.float32)
-        table, dim = cache._conform(pa.table({
+        table, dim = _conform(cache, pa.table({
             "key": keys, "captions": [[f"caption {k}"] for k in keys],
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM)}), url)
         blob = _parquet_bytes(table, ROWS)
@@ -110,18 +112,18 @@ def simulate(fs, root: str, data: str, parts: int, requests: Requests) -> dict:
     commit_parts(fs, cache, inputs[:resumed], 0)
     results = {"parts": parts}
     print(f"{parts:,} parts:", flush=True)
-    step(results, "open (partial)", parts, requests, lambda: EmbeddingCache.open(cache.url).shards())
+    step(results, "open (partial)", parts, requests, lambda: EmbeddingCache.open(cache.url).parts())
     p = step(results, "plan (resume)", parts, requests, lambda: plan(cfg, "a", ENCODER))
     assert len(p.to_encode) == parts - resumed
     commit_parts(fs, p.cache, inputs[resumed:], resumed)
     summary = step(results, "finish (finalize)", parts, requests, lambda: finish(p))
     assert summary["complete"] and summary["rows_in_cache"] == parts * ROWS - 1, summary
-    step(results, "open (complete)", parts, requests, lambda: EmbeddingCache.open(cache.url).shards())
-    problems = step(results, "verify", parts, requests, lambda: EmbeddingCache.open(cache.url).verify())
+    step(results, "open (complete)", parts, requests, lambda: EmbeddingCache.open(cache.url).parts())
+    problems = step(results, "verify", parts, requests, lambda: verify(EmbeddingCache.open(cache.url), ))
     assert problems == [], problems[:3]
     step(results, "cache ls", parts, requests, lambda: describe(list_caches(root)))
     step(results, "reader start", parts, requests,
-         lambda: next(iter(StreamingReader(EmbeddingCache.open(cache.url), batch_size=64, mix_units=16))))
+         lambda: next(iter(StreamingReader(EmbeddingCache.open(cache.url), batch_size=64, shuffle_row_groups=16))))
     grown = step(results, "plan (adopt all)", parts, requests, lambda: plan(cfg, "grown", ENCODER))
     # Input 1 lost its repeated key to input 0 at finalize: its part depends on another shard, so it is not adopted.
     assert len(grown.adopted) == parts - 1 and sorted(grown.to_encode) == [inputs[1], f"{data}/in-{parts:07d}.tar"]

@@ -214,7 +214,7 @@ def run_pipeline(args) -> dict:
         commits = []
         cpu_before, start = time.process_time(), time.perf_counter()
         summary = precompute(cfg, ["train"], encoder,
-                             on_commit=lambda s: commits.append((time.perf_counter(), time.process_time(), s["rows"])))
+                             on_commit=lambda s: commits.append((time.perf_counter(), time.process_time(), s.rows)))
         driver_cpu, wall = time.process_time() - cpu_before, time.perf_counter() - start
         images = summary["images"]
         return {"pipeline": summary["images_per_s"], "ray_cpus": cpus, "first_commit_s": commits[0][0] - start,

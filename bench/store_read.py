@@ -23,7 +23,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-import litpipe.store.cache as cache_module
+from litpipe.store.commits import commit_part, finalize
+import litpipe.store.parts as parts_module
 from litpipe.models.tokenizer import clip_tokenizer
 from litpipe.store import EmbeddingCache, StreamingReader, load_all
 from litpipe.store.caption_rows import file_name, pick_captions
@@ -40,12 +41,12 @@ def write_cache(root: str, rows: int, dim: int, shards: int, part_rows: int) -> 
         for k, start in enumerate(parts):
             part = shard[start:start + part_rows]
             vectors = rng.standard_normal((len(part), dim), dtype=np.float32).astype(np.float16)
-            cache.commit_shard(f"bench-{s}", pa.table({
+            commit_part(cache, f"bench-{s}", pa.table({
                 "key": [f"{i:09d}" for i in part],
                 "captions": [[f"a photo of thing number {i}", f"caption {i % 1000}"] for i in part],
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
             }), part=k, last=k == len(parts) - 1)
-    cache.finalize()
+    finalize(cache, )
     return cache
 
 
@@ -75,11 +76,11 @@ def tokenise_each_step(cache: EmbeddingCache, batch_size: int, tokenizer, batche
 
 def unchecked(fn) -> None:
     """`fn` with the readers' page CRC checks off: what checking costs, side by side."""
-    cache_module.CHECK_PAGE_CHECKSUMS = False
+    parts_module.CHECK_PAGE_CHECKSUMS = False
     try:
         fn()
     finally:
-        cache_module.CHECK_PAGE_CHECKSUMS = True
+        parts_module.CHECK_PAGE_CHECKSUMS = True
 
 
 def best_of(repeats: int, fn) -> float:
@@ -112,9 +113,9 @@ def main() -> None:
         tokenizer = clip_tokenizer(77)
         tokens = ensure_token_cache(cache, tokenizer)
         tokenise_s = time.perf_counter() - start
-        paths = [cache.file_path(s) for s in cache.shards()]
-        total = sum(s["bytes"] for s in cache.shards())
-        token_paths = [f"{tokens.path}/{file_name(s)}" for s in cache.shards()]
+        paths = [cache.file_path(s) for s in cache.parts()]
+        total = sum(s["bytes"] for s in cache.parts())
+        token_paths = [f"{tokens.path}/{file_name(s)}" for s in cache.parts()]
         with_tokens = total + sum(os.path.getsize(p) for p in token_paths)
         raw_read(paths + token_paths, with_tokens)  # warm the page cache for everyone alike
         tenth = StreamingReader(cache, args.batch_size).num_batches // 10

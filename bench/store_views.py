@@ -51,12 +51,12 @@ def main() -> None:
         fs.pipe(f"{old.path}/errors.jsonl", b"")
         results = {"shards": args.shards, "new": args.new}
         opened = timed(results, "open the old cache", lambda: EmbeddingCache.open(old.url))
-        assert len(opened.shards()) == args.shards
+        assert len(opened.parts()) == args.shards
         view = EmbeddingCache.open_or_create(root, ENCODER, {"format": "webdataset", "options": {}, "inputs": inputs})
         adopted = timed(results, f"adopt {args.shards:,} shards", lambda: adopt_from_other_caches(view, [e["url"] for e in inputs]))
         assert len(adopted) == args.shards
         fs.invalidate_cache()
-        timed(results, "open the view (partial) + records", lambda: len(EmbeddingCache.open(view.url).shards()))
+        timed(results, "open the view (partial) + records", lambda: len(EmbeddingCache.open(view.url).parts()))
         print(json.dumps(results))
 
 

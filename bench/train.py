@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from litpipe.store.commits import commit_part, finalize
 from litpipe.config import validate_config
 from litpipe.store import EmbeddingCache
 from litpipe.models.image_encoder import load_encoder
@@ -73,10 +74,10 @@ def throughput(name: str, encoder_spec: dict, batch: int, steps: int) -> tuple[f
         embeddings = torch.cat([encoder.encode(images[i : i + 256]) for i in range(0, rows, 256)]).numpy()
         cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["train"]))
         captions = [[f"synthetic image number {i}", f"picture {i % 97}"] for i in range(rows)]
-        cache.commit_shard(str(tmp / "inputs" / "part-0.tar"), pa.table({
+        commit_part(cache, str(tmp / "inputs" / "part-0.tar"), pa.table({
             "key": keys, "captions": captions,
             "embedding": pa.FixedSizeListArray.from_arrays(embeddings.reshape(-1), embeddings.shape[1])}))
-        cache.finalize()
+        finalize(cache, )
         cached = train(cfg)["samples_per_s"]
         run = build_run(cfg)
         run.image_features = lambda b: encoder.encode(torch.stack([by_key[k] for k in b.keys]))
@@ -176,10 +177,10 @@ def heads_throughput(batch: int, steps: int) -> tuple[float, float]:
         cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["train"]))
         words = np.random.default_rng(1).integers(0, 1000, (rows, 2, 16))  # 16-word captions, about CC3M's mean
         captions = [[" ".join(f"{w}" for w in caption) for caption in image] for image in words]
-        cache.commit_shard(str(tmp / "inputs" / "part-0.tar"), pa.table({
+        commit_part(cache, str(tmp / "inputs" / "part-0.tar"), pa.table({
             "key": [f"k{i:07d}" for i in range(rows)], "captions": captions,
             "embedding": pa.FixedSizeListArray.from_arrays(embeddings.reshape(-1), embeddings.shape[1])}))
-        cache.finalize()
+        finalize(cache, )
         started = time.perf_counter()
         run = build_run(cfg)  # builds the text-feature cache: the text model's one pass over every caption
         built = time.perf_counter() - started

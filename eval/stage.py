@@ -10,9 +10,9 @@ from pathlib import Path
 
 from litpipe.config import PipelineConfig
 from litpipe.devices import resolve_device
-from litpipe.eval.defaults import chosen_checkpoint
+from litpipe.config import chosen_checkpoint
 from litpipe.eval.report import markdown_table, write_report
-from litpipe.evaluation.suite import EvalSuite, flat_metrics
+from litpipe.scoring.suite import EvalSuite, flat_metrics
 from litpipe.models.text_tower import load_text_tower
 
 

@@ -15,6 +15,7 @@ from litpipe.config import DEFAULT_CONFIG, add_config_args, config_from_args, de
 from litpipe.errors import INTERRUPTED, UserError
 from litpipe.ray_cluster import VERBOSE_ENV
 from litpipe.eval import cli as eval_cli
+from litpipe.serve import cli as serve_cli
 from litpipe.precompute import cli as precompute_cli
 from litpipe.store import cli as store_cli
 from litpipe.train_text import cli as train_cli
@@ -28,7 +29,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _ablation(args: argparse.Namespace) -> int:
-    from litpipe.ablation import run_ablation
+    from litpipe.demo.ablation import run_ablation
 
     run_ablation(args.config, args.overrides, args.out)
     return 0
@@ -36,7 +37,7 @@ def _ablation(args: argparse.Namespace) -> int:
 
 def _demo_data(args: argparse.Namespace) -> int:
     try:
-        from litpipe.demo_data import build_demo_data
+        from litpipe.demo.data import build_demo_data
     except ModuleNotFoundError as err:
         raise UserError(f"demo-data needs the `demo` extra ({err.name} is not installed): "
                         "pip install 'litpipe[demo]'") from None
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--defaults", action="store_true", help="print the full schema as commented YAML instead")
     config.set_defaults(func=_config)
 
-    for stage_cli in (precompute_cli, train_cli, eval_cli, store_cli):
+    for stage_cli in (precompute_cli, train_cli, eval_cli, serve_cli, store_cli):
         stage_cli.register(commands)
     return parser
 

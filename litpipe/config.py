@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from litpipe.errors import UserError
 from litpipe.files import content_digest
-from litpipe.evaluation.names import metric_names
+from litpipe.scoring.names import metric_names
 
 DEFAULT_CONFIG = "pipeline.yaml"
 
@@ -400,6 +400,22 @@ class PipelineConfig(Section):
                 raise ValueError(f"train.keep_best: no metric `{self.train.keep_best}`; "
                                  + (f"did you mean {guess[0]}? " if guess else "") + f"known: {', '.join(known)}")
         return self
+
+
+def chosen_checkpoint(cfg: PipelineConfig, requested: str | None = None) -> str:
+    """The text tower an eval command uses when the user names none: `requested`, else eval.checkpoint, else
+    where the train stage leaves its final text tower."""
+    return requested or cfg.eval.checkpoint or cfg.final_text_tower
+
+
+def chosen_dataset(cfg: PipelineConfig, requested: str | None = None) -> str:
+    """The dataset a search or serve command shows when the user names none: `requested`, else the first eval
+    set, else the training set; a `data` entry either way."""
+    eval_sets = [*cfg.eval.retrieval, *(z.dataset for z in cfg.eval.zeroshot)]
+    dataset = requested or next(iter(eval_sets), cfg.train.dataset)
+    if dataset not in cfg.data:
+        raise ConfigError(f"--dataset {dataset}: no such `data` entry; known: {', '.join(cfg.data)}")
+    return dataset
 
 
 def defaults_yaml() -> str:

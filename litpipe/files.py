@@ -212,6 +212,30 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
+    """Create a file only if absent, atomically; False when it already exists: the store's commit
+    primitive (a manifest created once, a part committed once)."""
+    if is_local(fs):
+        tmp = write_temp(path, data)
+        try:
+            os.link(tmp, path)  # fails if `path` exists, never half-written
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    try:
+        fs.pipe_file(path, data, mode="create")  # S3 If-None-Match: *
+    except OSError as err:  # FileExistsError, or a 412 under another name
+        if not isinstance(err, FileExistsError) and "PreconditionFailed" not in str(err) and "412" not in str(err):
+            raise
+    # Read back in every case: a PUT whose reply was lost is resent by the client and answered 412
+    # although it was ours; and on stores that ignore the precondition the last PUT wins. Whoever
+    # reads back its own bytes (each record names a writer-unique data file) won.
+    fs.invalidate_cache(path)
+    return fs.cat_file(path) == data
+
+
 def write_temp(path: str, data: bytes) -> str:
     """`data` in a new uniquely named file beside `path` (local disk); its path."""
     tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex[:8]}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from litpipe.config import PipelineConfig
 from litpipe.eval import stage as eval_stage
-from litpipe.evaluation.search_index import require_faiss
+from litpipe.scoring.search_index import require_faiss
 from litpipe.precompute import stage as precompute_stage
 from litpipe.train_text import stage as train_stage
 

@@ -31,6 +31,7 @@ import torch
 from ray.util.annotations import RayDeprecationWarning
 from tqdm import tqdm
 
+from litpipe.store.commits import commit_part, finalize
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
 from litpipe.devices import keep_freed_memory_env
 from litpipe.errors import UserError
@@ -64,11 +65,11 @@ def precompute(cfg: PipelineConfig, names: list[str], encoder: EncoderDescriptio
                       dynamic_ncols=True, mininterval=1.0) as progress:
                 by_name = {p.name: p for p in encoding}
                 for summary in part_summaries(cfg, encoding, encoder):
-                    by_name[summary["dataset"]].count(summary)
-                    progress.update(summary["rows"] + summary["num_skipped"])
+                    by_name[summary.dataset].count(summary)
+                    progress.update(summary.rows + summary.num_skipped)
                     progress.set_postfix(parts=sum(p.parts for p in encoding),
                                          skipped=sum(sum(p.skipped.values()) for p in encoding))
-                    if on_commit is not None and summary["committed"]:
+                    if on_commit is not None and summary.committed:
                         on_commit(summary)
         for p in plans:
             results[p.name] = finish(p)
@@ -76,6 +77,27 @@ def precompute(cfg: PipelineConfig, names: list[str], encoder: EncoderDescriptio
     seconds = time.perf_counter() - start
     return {"datasets": {name: results[name] for name in names}, "images": processed, "seconds": round(seconds, 2),
             "images_per_s": round(processed / seconds, 1) if encoded_any else None}
+
+
+@dataclass
+class PartSummary:
+    """What an encoder actor tells the driver of one part: where it is, whether it is committed (or why
+    not), and its counts. The vectors stay in the store; only this crosses back to the driver."""
+
+    dataset: str
+    input: str
+    part: int
+    committed: bool
+    failure: str  # why the part could not be written ("" when it was): it stays uncommitted, a rerun retries it
+    actor: str  # host:pid of the encoder actor
+    decoded_by: str  # host:pid of the read task's worker
+    rows: int = 0  # embedded
+    skipped: Counter = field(default_factory=Counter)  # by reason kind
+    legacy_captions: int = 0  # captions read as cp1252/Latin-1
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
 
 
 @dataclass
@@ -99,17 +121,17 @@ class Plan:
     readers: set[str] = field(default_factory=set)  # host:pid of each read task's worker that decoded one
     committed: set[tuple[str, int]] = field(default_factory=set)  # (input, part) committed by this run
 
-    def count(self, summary: dict) -> None:
-        if summary["failure"]:
-            self.failures.setdefault(summary["input"], summary["failure"])
-        self.embedded += summary["rows"]
-        self.skipped.update(json.loads(summary["skipped"]))
-        self.legacy_captions += summary["legacy_captions"]
+    def count(self, summary: PartSummary) -> None:
+        if summary.failure:
+            self.failures.setdefault(summary.input, summary.failure)
+        self.embedded += summary.rows
+        self.skipped.update(summary.skipped)
+        self.legacy_captions += summary.legacy_captions
         self.parts += 1
-        self.actors.add(summary["actor"])
-        self.readers.add(summary["decoded_by"])
-        if summary["committed"]:
-            self.committed.add((summary["input"], summary["part"]))
+        self.actors.add(summary.actor)
+        self.readers.add(summary.decoded_by)
+        if summary.committed:
+            self.committed.add((summary.input, summary.part))
 
 
 def plan(cfg: PipelineConfig, name: str, encoder: EncoderDescription) -> Plan:
@@ -155,11 +177,11 @@ def finish(p: Plan) -> dict:
     """Finalize the dataset's cache if every input is committed; its summary."""
     failed = sorted(set(p.to_encode) - p.cache.committed_inputs()) if p.to_encode else []
     if not failed and not p.cache.complete:
-        manifest = p.cache.finalize(expected_inputs=p.inputs)
+        manifest = finalize(p.cache, expected_inputs=p.inputs)
         # Keys repeated across input shards are resolved over every committed part: the copies this
         # run embedded and finalize dropped count as skipped, not embedded.
         dropped = sum(r.get("duplicates_dropped", 0) for r in manifest["shards"]
-                      if (r["input"], r.get("part", 0)) in p.committed)
+                      if (r["input"], r["part"]) in p.committed)
         if dropped:
             p.embedded -= dropped
             p.skipped[DUPLICATE_KEY] += dropped
@@ -170,7 +192,7 @@ def finish(p: Plan) -> dict:
         "inputs_reused": len(p.adopted), "reused_from": sorted(set(p.adopted.values())),
         "skipped": sum(p.skipped.values()), "skipped_by_reason": dict(p.skipped), "rows_in_cache": p.cache.num_rows,
         "legacy_captions": p.legacy_captions, "encoded_by": sorted(p.actors), "decoded_by": sorted(p.readers),
-        "uncaptioned": sum(sum(r.get("uncaptioned", [])) for r in p.cache.shards()),
+        "uncaptioned": sum(sum(r.get("uncaptioned", [])) for r in p.cache.parts()),
     }
 
 
@@ -219,7 +241,7 @@ def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: EncoderDescr
                      runtime_env=runtime_env)
     )
     for batch in stream.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):  # each as it lands
-        yield from batch.to_pylist()
+        yield from (pickle.loads(blob) for blob in batch.column("summary").to_pylist())
 
 
 _DESCRIBED: dict[str, EncoderDescription] = {}  # this process's descriptions, by encoder section and checkpoint file
@@ -287,12 +309,13 @@ class PartEncoder:
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: pa.Table) -> dict:
-        summaries = [self.commit(name.as_py(), url.as_py(), part.as_py(), last.as_py(), pickle.loads(payload.as_buffer()))
-                     for name, url, part, last, payload in zip(*(batch[c] for c in ("dataset", "input", "part", "last",
-                                                                                    "payload")))]
-        return {key: [s[key] for s in summaries] for key in summaries[0]}
+        """Ray Data's call: the parts of `batch` committed, their summaries pickled (one column of bytes)."""
+        return {"summary": [pickle.dumps(self.commit(name.as_py(), url.as_py(), part.as_py(), last.as_py(),
+                                                     pickle.loads(payload.as_buffer())))
+                            for name, url, part, last, payload in zip(*(batch[c] for c in ("dataset", "input", "part",
+                                                                                           "last", "payload")))]}
 
-    def commit(self, dataset: str, input_url: str, part: int, last: bool, decoded: Part) -> dict:
+    def commit(self, dataset: str, input_url: str, part: int, last: bool, decoded: Part) -> PartSummary:
         """Embed a part batch by batch (JPEGs still encoded are decoded per batch, bounding device
         memory), then write and commit it; its summary."""
         done = Part(errors=decoded.errors, legacy_captions=decoded.legacy_captions, decoded_by=decoded.decoded_by)
@@ -308,16 +331,13 @@ class PartEncoder:
         errors = [{**e, "input": input_url} for e in done.errors]
         failure = ""
         try:
-            record = self.caches[dataset].commit_shard(input_url, part_table(done, embeddings), errors, part=part, last=last)
+            record = commit_part(self.caches[dataset], input_url, part_table(done, embeddings), errors, part=part, last=last)
         except OSError as err:  # the store's retries are spent, or its disk is full: this part stays uncommitted
             record, failure = None, f"{type(err).__name__}: {err}"
-        reasons = Counter(reason_kind(e["reason"]) for e in errors)
-        return {"dataset": dataset, "actor": self.name, "decoded_by": decoded.decoded_by, "input": input_url, "part": part,
-                "last": last,
-                "committed": record is not None, "failure": failure,
-                "rows": 0 if failure else len(embeddings), "num_skipped": 0 if failure else len(errors),
-                "skipped": json.dumps({} if failure else reasons),
-                "legacy_captions": 0 if failure else done.legacy_captions}
+        return PartSummary(dataset, input_url, part, record is not None, failure, self.name, decoded.decoded_by,
+                           rows=0 if failure else len(embeddings),
+                           skipped=Counter() if failure else Counter(reason_kind(e["reason"]) for e in errors),
+                           legacy_captions=0 if failure else done.legacy_captions)
 
 
 def part_table(decoded: Part, embeddings: np.ndarray) -> pa.Table:

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from litpipe.store.parts import open_part
 from litpipe.files import is_local, write_atomic
 from litpipe.store.cache import CacheError, EmbeddingCache
 from litpipe.store.fingerprint import canonical_json
@@ -65,7 +66,7 @@ class CaptionRows:
         self.fs.invalidate_cache(self.path)
         present = set(self.fs.ls(self.path, detail=False)) if self.fs.exists(self.path) else set()
         names = {p.rsplit("/", 1)[-1] for p in present}
-        return [r for r in self.cache.shards() if file_name(r) not in names]
+        return [r for r in self.cache.parts() if file_name(r) not in names]
 
     def write(self, record: dict, values: np.ndarray, counts: np.ndarray) -> None:
         """One shard file's rows: `values` [captions, width] in row order, `counts` captions per row (at
@@ -91,7 +92,7 @@ class CaptionRows:
     def build(self, record: dict, encode) -> int:
         """Write one shard file's rows: `encode(texts)` -> [texts, width] over every caption of every row, in
         row order (a row without captions holds the empty text's); the rows written."""
-        captions = self.cache.open_shard(record).read(columns=["captions"]).column("captions").to_pylist()
+        captions = open_part(self.cache, record).read(columns=["captions"]).column("captions").to_pylist()
         per_row = [c if c else [""] for c in captions]
         values = np.asarray(encode([text for texts in per_row for text in texts]))
         self.write(record, values.astype(self.dtype), np.array([len(texts) for texts in per_row]))

@@ -16,7 +16,7 @@ def describe(caches: list[EmbeddingCache]) -> list[dict]:
     named = referenced_files(caches)
     out = []
     for c in caches:
-        shards = c.shards()
+        shards = c.parts()
         shared = [r for r in shards if len(named[(c.owner(r), r["path"])]) > 1]
         fp = c.manifest["encoder"]
         out.append({
@@ -42,7 +42,7 @@ def disk_usage(described: list[dict], caches: list[EmbeddingCache]) -> list[dict
         group = groups.setdefault(canonical_json(cache.manifest["encoder"]),
                                   {"encoder": entry["encoder"], "caches": 0, "files": {}, "rm_frees": {}})
         group["caches"] += 1
-        for record in cache.shards():
+        for record in cache.parts():
             group["files"][(cache.owner(record), record["path"])] = (record["rows"], record["bytes"])
         group["rm_frees"][entry["id"]] = entry["bytes"] - entry["bytes_shared"]
     return sorted(({"encoder": g["encoder"], "caches": g["caches"], "rows": sum(r for r, _ in g["files"].values()),

@@ -6,6 +6,7 @@ import argparse
 import json
 from collections import Counter
 
+from litpipe.store.maintenance import orphans, remove_orphans, verify
 from litpipe.config import add_config_args, config_from_args
 from litpipe.errors import UserError
 from litpipe.store.cache import EmbeddingCache, list_caches
@@ -57,7 +58,11 @@ def register(commands) -> None:
     export.add_argument("--raw", action="store_true",
                         help="npy only: the cache's vectors as they are, not L2-normalised (clip-retrieval normalises)")
     export.set_defaults(func=_export)
+    _register_removal(actions)
 
+
+def _register_removal(actions) -> None:
+    """`cache rm` and `cache gc`: what deletes files, kept apart from what only reads."""
     rm = actions.add_parser("rm", help="delete a cache and the data files no other cache names (or with --orphans "
                             "only its orphaned data files)",
                             description="Delete a cache: its manifest first, then its records, then the data files no "
@@ -66,7 +71,7 @@ def register(commands) -> None:
     rm.add_argument("cache", help="cache id (or unique prefix) under store.root, or a cache URL")
     add_config_args(rm)
     rm.add_argument("--orphans", action="store_true", help="delete only orphaned data files, keep the cache")
-    rm.add_argument("--shard", metavar="PART", help="take only this committed part out (its name, as errors and "
+    rm.add_argument("--part", metavar="PART", help="take only this committed part out (its name, as errors and "
                     "`cache show` give it), so the next `litpipe precompute` embeds it again")
     rm.add_argument("--dry-run", action="store_true", help="print what would be deleted and kept, delete nothing")
     rm.set_defaults(func=_rm)
@@ -142,7 +147,7 @@ def _show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
-    shards = cache.shards()
+    shards = cache.parts()
     errors = m.get("error_counts") if cache.complete else dict(Counter(e["reason"] for e in cache.errors()))
     print(f"cache {cache.id}  ({'complete' if cache.complete else 'partial: being written or interrupted'})")
     print(f"  url:            {cache.url}")
@@ -166,13 +171,13 @@ def _show(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     cache = _open(args)
-    problems = cache.verify()
+    problems = verify(cache, )
     for problem in problems:
         print(problem)
     if problems:
         print(f"cache {cache.id}: {len(problems)} problem(s)")
         return 1
-    print(f"cache {cache.id}: ok ({len(cache.shards())} shards, {cache.num_rows:,} rows)")
+    print(f"cache {cache.id}: ok ({len(cache.parts())} shards, {cache.num_rows:,} rows)")
     return 0
 
 
@@ -190,22 +195,22 @@ def _export(args: argparse.Namespace) -> int:
 
 def _rm(args: argparse.Namespace) -> int:
     cache = _open(args)
-    if args.shard:
+    if args.part:
         from litpipe.store.sharing import remove_part
 
         if args.orphans or args.dry_run:
-            raise UserError("cache rm: --shard takes one part out and goes alone; drop --orphans / --dry-run")
+            raise UserError("cache rm: --part takes one part out and goes alone; drop --orphans / --dry-run")
 
-        removed = remove_part(cache, args.shard)
-        print(f"cache {cache.id}: part {args.shard} taken out, the cache is partial; "
+        removed = remove_part(cache, args.part)
+        print(f"cache {cache.id}: part {args.part} taken out, the cache is partial; "
               + (f"deleted {removed['deleted']}" if removed["deleted"] else
                  f"its data file stays, cache(s) {', '.join(removed['named_by'])} name it: run `litpipe cache rm ID "
-                 f"--shard {args.shard}` for each")
+                 f"--part {args.part}` for each")
               + "; `litpipe precompute` embeds it again")
         return 0
     if args.orphans:
-        removed = cache.remove_orphans()
-        kept = len(cache.orphans())
+        removed = remove_orphans(cache, )
+        kept = len(orphans(cache, ))
         print(f"cache {cache.id}: removed {len(removed)} orphaned file(s)" + (
             f"; kept {kept} whose input is not committed yet (a running writer may still commit them)" if kept else ""))
         return 0

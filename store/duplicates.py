@@ -3,7 +3,7 @@
 Crawls that were merged or re-run hold the same `__key__` in several shards. A read task sees one
 shard (it applies the rule inside it, `sources.iter_shard`) and encoder actors commit parts in any
 order, so across shards the rule is applied to the committed parts, whose order (input, part, row)
-is fixed: `EmbeddingCache.finalize` rewrites each part holding a later copy without it and records
+is fixed: `commits.finalize` rewrites each part holding a later copy without it and records
 that copy as skipped ("duplicate key: first in SHARD"). Readers, exports and verify then see each key
 once, and a resumed or re-planned run finalizes to the same rows.
 
@@ -19,16 +19,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from litpipe.skips import duplicate_reason
+from litpipe.store.parts import open_part, read_part
 
 READ_THREADS = 16  # key columns read at once: on an object store each is a round trip or two
 
 
 def later_duplicates(cache, records: list[dict]) -> dict[int, list[tuple[int, str]]]:
     """{index in `records` of a part holding later copies: [(row, input URL of the first copy)]};
-    `records` in input order, as `EmbeddingCache.shards()` lists them."""
+    `records` in input order, as `EmbeddingCache.parts()` lists them."""
     def keys(record: dict) -> pa.Array:
-        return cache.read_part(cache.open_shard(record), record, ["key"]).column("key").combine_chunks()
+        return read_part(cache, open_part(cache, record), record, ["key"]).column("key").combine_chunks()
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         columns = list(pool.map(keys, records))
@@ -48,15 +48,3 @@ def later_duplicates(cache, records: list[dict]) -> dict[int, list[tuple[int, st
         if ordinal != first[key]:
             later.setdefault(ordinal >> 32, []).append((ordinal & 0xFFFFFFFF, records[first[key] >> 32]["input"]))
     return later
-
-
-def drop_later_duplicates(cache, records: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(`records` with each part that holds later copies rewritten without them, the records replaced)."""
-    later = later_duplicates(cache, records)
-    replaced = [records[i] for i in sorted(later)]
-    records = list(records)
-    for i, copies in later.items():
-        rows = sorted(copies)
-        records[i] = cache.rewrite_part(records[i], [row for row, _ in rows],
-                                        [duplicate_reason(first) for _, first in rows])
-    return records, replaced

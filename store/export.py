@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from litpipe.store.parts import open_part, read_part
 from litpipe.files import write_atomic
 from litpipe.store.cache import CacheError, EmbeddingCache, decode_embeddings
 
@@ -54,7 +55,7 @@ def export_cache(cache: EmbeddingCache, out: str, fmt: Literal["npy", "arrow"],
     normalise = fmt == "npy" and not raw
     dtype = "float32" if fmt == "arrow" else dtype or ("float16" if normalise else cache.embedding_dtype)
     fs, root = fsspec.core.url_to_fs(out)
-    records = cache.shards()
+    records = cache.parts()
     with_labels = any("label" in r["columns"] for r in records)
     if fmt == "npy":  # clip-retrieval writes no file for no rows (embedding-reader misaligns an empty .npy's metadata)
         records = [r for r in records if r["rows"]]
@@ -62,7 +63,7 @@ def export_cache(cache: EmbeddingCache, out: str, fmt: Literal["npy", "arrow"],
     digits = len(str(max(len(records), 1)))  # clip-retrieval's int(log10(count)) + 1
     with tqdm(total=sum(r["rows"] for r in records), unit="row", unit_scale=True, desc=f"export {cache.id}") as bar:
         for i, record in enumerate(records):
-            parquet = cache.open_shard(record)
+            parquet = open_part(cache, record)
             groups = (_rows(cache, parquet, record, g, with_labels, dtype, normalise, fmt)
                       for g in range(parquet.num_row_groups))
             if fmt == "npy":
@@ -80,7 +81,7 @@ def _rows(cache: EmbeddingCache, parquet: pq.ParquetFile, record: dict, group: i
           dtype: str, normalise: bool, fmt: str) -> tuple[np.ndarray, pa.Table]:
     """One row group: its vectors as [n, D] `dtype`, and its text columns in the export's schema."""
     present = [c for c in ("key", "captions", "label", "metadata", "embedding") if c in record["columns"]]
-    table = cache.read_part(parquet, record, present, group)
+    table = read_part(cache, parquet, record, present, group)
     vectors = decode_embeddings(table.column("embedding"), cache.dim, cache.embedding_dtype)
     if normalise:  # in float32, before the cast; a zero vector stays zero (clip-retrieval's `normalized`)
         vectors = vectors.astype(np.float32)

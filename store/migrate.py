@@ -12,6 +12,7 @@ finalizes, and removes the old cache by reference (its data files stay, named by
 
 from __future__ import annotations
 
+from litpipe.store.commits import adopt, finalize
 from litpipe.store.cache import FORMAT_VERSION, EmbeddingCache, list_caches
 from litpipe.store.fingerprint import canonical_json
 from litpipe.store.sharing import errors_by_input, part_errors, remove_cache
@@ -45,10 +46,10 @@ def adopt_legacy(root: str, encoder_fp: dict, dataset_fp: dict, embedding_dtype:
     cache = EmbeddingCache.open_or_create(root, encoder_fp, dataset_fp, embedding_dtype, donor.manifest["row_group_rows"],
                                           donor.rows_per_commit, dataset_name=dataset_name or donor.manifest.get("dataset_name"))
     skipped = errors_by_input(donor)
-    cache.adopt([(record, donor, part_errors(record, skipped)) for record in donor.shards()])
+    adopt(cache, [(record, donor, part_errors(record, skipped)) for record in donor.parts()])
     for folder in BESIDE:
         if donor.fs.exists(f"{donor.path}/{folder}"):
             donor.fs.mv(f"{donor.path}/{folder}", f"{cache.path}/{folder}", recursive=True)
-    cache.finalize(expected_inputs=donor.committed_inputs())
+    finalize(cache, expected_inputs=donor.committed_inputs())
     remove_cache(donor)
     return donor.id

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from litpipe.store.parts import open_part, read_part
 from litpipe.store.cache import CacheError, EmbeddingCache, decode_embeddings
 from litpipe.store.caption_rows import CaptionRows, pick_captions
 from litpipe.prefetch import prefetched
@@ -60,7 +61,7 @@ def _has_labels(records: list[dict]) -> bool:
 def _read(cache: EmbeddingCache, parquet, record: dict, columns: list[str], group: int | None = None) -> pa.Table:
     """`columns` of one shard (or one row group of it); a missing `label` column becomes -1s."""
     present = [c for c in columns if c in record["columns"]]
-    table = cache.read_part(parquet, record, present, group)
+    table = read_part(cache, parquet, record, present, group)
     if "label" in columns:
         labels = table.column("label") if "label" in present else pa.nulls(table.num_rows, pa.int64())
         table = table.drop_columns([c for c in ["label"] if c in present]).append_column("label", pc.fill_null(labels, -1))
@@ -75,7 +76,7 @@ def load_all(cache: EmbeddingCache, text: bool = True) -> CacheContents:
     """Every row, in shard order, into one preallocated float32 tensor: one float16->float32 pass
     per shard straight from Arrow's buffers. `text=False` skips keys and captions (they cost
     more than the vectors to turn into Python strings)."""
-    records = cache.shards()
+    records = cache.parts()
     dim = cache.dim or 0
     offsets = np.cumsum([0] + [r["rows"] for r in records])
     out = torch.empty((int(offsets[-1]), dim), dtype=torch.float32)
@@ -84,7 +85,7 @@ def load_all(cache: EmbeddingCache, text: bool = True) -> CacheContents:
     progress = tqdm(total=int(offsets[-1]), unit="row", unit_scale=True, desc=f"load {cache.id}", disable=None)
 
     def read(i: int) -> pa.Table:
-        table = _read(cache, cache.open_shard(records[i], whole=True), records[i], columns)
+        table = _read(cache, open_part(cache, records[i], whole=True), records[i], columns)
         row = int(offsets[i])
         for chunk in table.column("embedding").chunks:
             vectors = torch.from_numpy(decode_embeddings(chunk, dim, cache.embedding_dtype))
@@ -109,34 +110,34 @@ class StreamingReader:
     """This rank's batches of one epoch, shuffled deterministically and prefetched in a thread.
 
     The epoch's order: the cache's units (a row group of one shard file: rows of one input shard)
-    are shuffled by (seed, epoch) and taken `mix_units` at a time; the rows of such a group are
+    are shuffled by (seed, epoch) and taken `shuffle_row_groups` at a time; the rows of such a group are
     shuffled together, seeded by (seed, epoch, group), and the groups are laid end to end. Rank r
     takes an equal contiguous run of whole batches (the remainder is dropped, a different one each
-    epoch). So every batch draws from `mix_units` input shards at once (web datasets are sharded by
+    epoch). So every batch draws from `shuffle_row_groups` input shards at once (web datasets are sharded by
     crawl order or source: in-batch negatives need the mix), batch k is found without reading the
-    ones before it, and memory holds about two groups: 2 x mix_units x row-group rows.
+    ones before it, and memory holds about two groups: 2 x shuffle_row_groups x row-group rows.
     `batch_size` is the number of rows per batch on this rank. Rows without a caption (images of a
     classification set) are no image-text pairs and are left out; `uncaptioned` counts them.
     """
 
     def __init__(self, cache: EmbeddingCache, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, epoch: int = 0, shuffle: bool = True, start_step: int = 0,
-                 mix_units: int = 16, prefetch: int = 8, text: bool = True, per_caption: CaptionRows | None = None,
+                 shuffle_row_groups: int = 16, prefetch: int = 8, text: bool = True, per_caption: CaptionRows | None = None,
                  all_captions: bool = False):
         if not 0 <= rank < world_size:
             raise CacheError(f"rank {rank} is outside world_size {world_size}")
-        if batch_size < 1 or mix_units < 1:
-            raise CacheError(f"batch_size and mix_units must be at least 1; got {batch_size} and {mix_units}")
+        if batch_size < 1 or shuffle_row_groups < 1:
+            raise CacheError(f"batch_size and shuffle_row_groups must be at least 1; got {batch_size} and {shuffle_row_groups}")
         self.cache, self.batch_size, self.rank = cache, batch_size, rank
         self.seed, self.epoch, self.shuffle, self.start_step = seed, epoch, shuffle, start_step
         self.prefetch, self.dim, self.per_caption, self.all_captions = prefetch, cache.dim, per_caption, all_captions
-        self.records = cache.shards()
+        self.records = cache.parts()
         # A row without a caption (an image of a classification set) is no image-text pair: left out.
         units = [(s, g, rows - _uncaptioned(r, g)) for s, r in enumerate(self.records) for g, rows in enumerate(r["row_groups"])]
         self.uncaptioned = sum(sum(r.get("uncaptioned", [])) for r in self.records)
         if shuffle:
             units = [units[i] for i in np.random.default_rng([seed, epoch]).permutation(len(units))]
-        size = mix_units if shuffle else 1
+        size = shuffle_row_groups if shuffle else 1
         self.groups = [units[i:i + size] for i in range(0, len(units), size)]
         self.group_starts = np.cumsum([0] + [sum(u[2] for u in g) for g in self.groups]).tolist()
         per_rank = self.group_starts[-1] // world_size
@@ -242,7 +243,7 @@ class StreamingReader:
         record = self.records[shard]
         skip = _uncaptioned(record, group) > 0
         columns = self.columns + (["captions"] if skip and "captions" not in self.columns else [])
-        table = _read(self.cache, self._file(shard, self.cache.open_shard), record, columns, group)
+        table = _read(self.cache, self._file(shard, lambda r: open_part(self.cache, r)), record, columns, group)
         chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
                   for c in table.column("embedding").chunks]
         vectors = chunks[0] if len(chunks) == 1 else torch.cat(chunks)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fsspec
 
+from litpipe.store.commits import adopt, uncommit
 from litpipe.files import to_url
 from litpipe.store.cache import MANIFEST, EmbeddingCache, _join, list_caches, referenced_files
 from litpipe.store.fingerprint import canonical_json
@@ -46,7 +47,7 @@ def adopt_from_other_caches(cache: EmbeddingCache, inputs: list[str]) -> dict[st
             continue
         whole = donor.committed_inputs()
         by_input: dict[str, list[dict]] = {}
-        for record in donor.shards():
+        for record in donor.parts():
             if record["input"] in whole:
                 by_input.setdefault(record["input"], []).append(record)
         skipped = errors_by_input(donor) if donor.complete and by_input else {}
@@ -60,7 +61,7 @@ def adopt_from_other_caches(cache: EmbeddingCache, inputs: list[str]) -> dict[st
                 adopted[url] = donor.id
         if not wanted:
             break
-    cache.adopt(jobs)
+    adopt(cache, jobs)
     return adopted
 
 
@@ -76,7 +77,7 @@ def part_errors(record: dict, skipped: dict[str, list[dict]]) -> list[dict]:
     errors.jsonl) all of the input's with its last part, so the input's set is whole."""
     if "errors" in record:
         return record["errors"]
-    return skipped.get(record["input"], []) if record.get("last", True) else []
+    return skipped.get(record["input"], []) if record["last"] else []
 
 
 def remove_cache(cache: EmbeddingCache, dry_run: bool = False) -> dict[str, list[str]]:
@@ -84,7 +85,7 @@ def remove_cache(cache: EmbeddingCache, dry_run: bool = False) -> dict[str, list
     (kept: another cache names them too). `dry_run`: only say what would go."""
     fs = cache.fs
     still_named = _named_by_others(cache)
-    files = {(cache.owner(r), r["path"]): cache.file_path(r) for r in cache.shards()}
+    files = {(cache.owner(r), r["path"]): cache.file_path(r) for r in cache.parts()}
     shard_dir = _join(cache.path, "shards")
     fs.invalidate_cache(shard_dir)
     own = fs.find(shard_dir) if fs.exists(shard_dir) else []
@@ -112,7 +113,7 @@ def remove_part(cache: EmbeddingCache, name: str) -> dict:
     """Take part `name` out of `cache` (`EmbeddingCache.uncommit`) and delete its data file unless
     another cache names it; {"record", "deleted": the file's URL or None, "named_by": those caches' ids}.
     A damaged file is damaged for every cache that names it: each of them needs the same."""
-    record = cache.uncommit(name)
+    record = uncommit(cache, name)
     named_by = sorted(_named_by_others(cache).get((cache.owner(record), record["path"]), set()))
     deleted = None
     if not named_by:

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from litpipe.store.commits import commit_part, finalize
 from litpipe.config import validate_config
 from litpipe.models.image_encoder import load_encoder
 from litpipe.store import EmbeddingCache
@@ -130,8 +131,8 @@ def tiny_cache(tmp_path_factory):
     for part, rows in enumerate((slice(0, 48), slice(48, ROWS))):
         table = pa.table({"key": keys[rows], "captions": captions[rows],
                           "embedding": pa.FixedSizeListArray.from_arrays(embeddings[rows].reshape(-1), embeddings.shape[1])})
-        cache.commit_shard(str(tmp / "inputs" / f"part-{part}.tar"), table)
-    cache.finalize()
+        commit_part(cache, str(tmp / "inputs" / f"part-{part}.tar"), table)
+    finalize(cache, )
     return {"tmp": tmp, "images": dict(zip(keys, images)), "encoder": encoder}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import TINY_ARCHITECTURE
+from litpipe.store.parts import open_part
 from litpipe.store.cache import EmbeddingCache, decode_embeddings
 
 TINY_MODEL = "litpipe-test-tiny-vit"
@@ -102,8 +103,8 @@ def planted_config(data_dir: Path, root: str, **sections) -> dict:
 def cache_rows(cache: EmbeddingCache) -> dict:
     """key -> row of the committed shards, read straight from their Parquet files."""
     rows = {}
-    for record in cache.shards():
-        table = cache.open_shard(record).read()
+    for record in cache.parts():
+        table = open_part(cache, record).read()
         vectors = decode_embeddings(table.column("embedding"), cache.dim, cache.embedding_dtype)
         for row, vector in zip(table.drop_columns(["embedding"]).to_pylist(), vectors):
             assert row["key"] not in rows, f"key {row['key']} committed twice"

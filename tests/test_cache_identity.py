@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from conftest import TINY_ARCHITECTURE
+from litpipe.store.maintenance import verify
 from litpipe.config import load_config
 from litpipe.precompute import stage
 from litpipe.store.cache import CacheError, EmbeddingCache, list_caches, resolve_cache
@@ -142,7 +143,7 @@ def test_a_cache_made_before_identity_by_content_is_adopted_without_encoding(ray
         for key in before:
             np.testing.assert_array_equal(after[key]["embedding"], before[key]["embedding"])
         assert (Path(new.path) / "tokens").is_dir() and not (Path(old.path) / "manifest.json").exists()
-        assert new.verify() == []
+        assert verify(new, ) == []
         assert resolve_cache(cfg, "train").id == new.id
         assert train_stage.run(cfg)["steps"] == 2
     finally:

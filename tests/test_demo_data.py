@@ -14,11 +14,11 @@ from PIL import Image, ImageFont
 
 from litpipe.config import load_config
 from litpipe.files import content_digest
-from litpipe.demo_data import (
+from litpipe.demo.data import (
     DONE_MARKER, IMAGE_SIZE, KINDS, DemoDataError, Emoji, _font, _groups, _sample, build_demo_data, caption_kind,
     is_heldout, load_emojis,
 )
-from litpipe.demo_tower import ARCHITECTURE, CHECKPOINT, MODEL
+from litpipe.demo.tower import ARCHITECTURE, CHECKPOINT, MODEL
 from litpipe.models.image_encoder import load_encoder
 
 LIMIT, VIEWS = 40, 2
@@ -102,7 +102,7 @@ def test_heldout_split_is_disjoint_by_emoji_and_keeps_every_view(demo):
 
 def test_builds_in_two_processes_write_identical_bytes(demo, tmp_path):
     out, _ = demo
-    code = f"from litpipe.demo_data import build_demo_data; build_demo_data({str(tmp_path)!r}, limit={LIMIT}, views={VIEWS})"
+    code = f"from litpipe.demo.data import build_demo_data; build_demo_data({str(tmp_path)!r}, limit={LIMIT}, views={VIEWS})"
     env = {**os.environ, "PYTHONHASHSEED": "123"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
     names = sorted(p.name for p in out.iterdir())

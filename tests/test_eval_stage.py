@@ -14,6 +14,7 @@ import yaml
 from conftest import TINY_ARCHITECTURE
 from PIL import Image
 
+from litpipe.store.commits import commit_part, finalize
 from litpipe.config import validate_config
 from litpipe.store import EmbeddingCache
 from litpipe.models.image_encoder import load_encoder
@@ -73,8 +74,8 @@ def evaluated(tmp_path_factory):
     })
     cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["heldout"]),
                                           embedding_dtype="float32")
-    cache.commit_shard(expand_urls(cfg.data["heldout"].urls)[0], table)
-    cache.finalize()
+    commit_part(cache, expand_urls(cfg.data["heldout"].urls)[0], table)
+    finalize(cache, )
     torch.manual_seed(0)
     tower = build_text_tower(cfg.train.tower, embed_dim=embeddings.shape[1])
     save_text_tower(f"{cfg.workdir}/train/final", tower, clip_tokenizer(16))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import head_config
 
+from litpipe.store.parts import open_part
 from litpipe.config import TextModelConfig, validate_config
 from litpipe.models.text_model import FrozenTextModel
 from litpipe.store import load_all, resolve_cache
@@ -60,9 +61,9 @@ def test_the_text_feature_cache_holds_the_models_feature_of_every_caption(ray_lo
     assert features.complete and features.missing() == []
     contents = load_all(cache)
     got = {}
-    for record in cache.shards():
+    for record in cache.parts():
         parquet = features.open_file(record)
-        keys = cache.open_shard(record).read(columns=["key"]).column("key").to_pylist()
+        keys = open_part(cache, record).read(columns=["key"]).column("key").to_pylist()
         row = 0
         for group in range(len(record["row_groups"])):
             values, offsets = features.rows(parquet, group)

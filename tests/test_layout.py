@@ -1,5 +1,6 @@
-"""The tree's promises: stages depend on the store and the core only, the store is the cache only,
-and no module takes part in an import cycle (at module level or inside a function)."""
+"""The tree's promises: stages depend on the store and the core only, the store is the cache only, the
+core is the ground floor (no stage, no demo above it), no module takes part in an import cycle (at
+module level or inside a function), and no function or class in the stages and store outgrows a screen."""
 
 import ast
 import subprocess
@@ -8,7 +9,9 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("litpipe.precompute", "litpipe.train_text", "litpipe.eval")
+STAGES = ("litpipe.precompute", "litpipe.train_text", "litpipe.eval", "litpipe.serve")
+ROOF = ("litpipe.cli", "litpipe.__main__", "litpipe.run", "litpipe.demo")  # what sits on top of every stage
+MAX_FUNCTION_LINES, MAX_CLASS_LINES = 60, 300
 CORE_FOR_THE_STORE = ("litpipe", "litpipe.config", "litpipe.errors", "litpipe.files", "litpipe.prefetch", "litpipe.skips")
 
 
@@ -86,3 +89,32 @@ def test_every_module_imports_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, cwd=ROOT / "tests")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == str(len(names))
+
+
+def _room(module: str) -> str:
+    """The room a module lives in: a stage, the store, the roof, or the core."""
+    for room in (*STAGES, "litpipe.store", *ROOF):
+        if module == room or module.startswith(room + "."):
+            return room
+    return "core"
+
+
+def test_the_core_is_the_ground_floor_it_imports_no_stage_and_no_demo():
+    for module, targets in GRAPH.items():
+        if _room(module) == "core":
+            above = sorted(t for t in targets if _room(t) in (*STAGES, *ROOF))
+            assert not above, f"{module} (the core) imports what is built on it: {above}"
+
+
+def test_no_function_over_60_lines_and_no_class_over_300_in_the_stages_and_store():
+    long = []
+    for module, path in modules().items():
+        if _room(module) not in (*STAGES, "litpipe.store"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    long.append(f"{module}.{node.name}: {lines} lines (at most {limit})")
+    assert not long, "split these: " + "; ".join(long)

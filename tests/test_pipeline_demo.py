@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from litpipe.ablation import run_ablation
-from litpipe.demo_data import build_demo_data
-from litpipe.demo_tower import CHECKPOINT
+from litpipe.demo.ablation import run_ablation
+from litpipe.demo.data import build_demo_data
+from litpipe.demo.tower import CHECKPOINT
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from litpipe.store.maintenance import verify
 from litpipe.config import validate_config
 from litpipe.errors import UserError
 from litpipe.precompute import stage
@@ -138,7 +139,7 @@ def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_e
     expected_errors = sorted([("a", urls[1], urls[0]), ("b", urls[1], urls[0]), ("a", urls[2], urls[0]), ("c", urls[2], urls[0])])
     assert sorted((e["key"], e["input"], e["reason"].split("first in ")[1]) for e in cache.errors()) == expected_errors
     assert summary["skipped_by_reason"] == {"duplicate key": 4} and summary["rows_in_cache"] == 8
-    assert cache.verify() == []
+    assert verify(cache, ) == []
     assert sorted(load_all(cache).keys) == sorted(first_copies)
     reader = StreamingReader(cache, batch_size=8, shuffle=False)
     assert sorted(key for batch in reader for key in batch.keys) == sorted(first_copies)
@@ -147,7 +148,7 @@ def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_e
     assert sorted(exported) == sorted(first_copies)
 
     # Resume: the part of in-000000 holding "a" goes back out and is committed after the others.
-    (part,) = [r["name"] for r in cache.shards() if r["input"] == urls[0] and r["part"] == 0]
+    (part,) = [r["name"] for r in cache.parts() if r["input"] == urls[0] and r["part"] == 0]
     remove_part(cache, part)
     again = stage.run(cfg, ["all"])["datasets"]["all"]
     assert again["embedded"] == 2 and again["skipped"] == 0  # the first copies of a and b: nothing of them dropped
@@ -210,7 +211,7 @@ def test_parquet_and_folder_datasets_are_precomputed_into_an_s3_store(ray_local,
     assert {k: (r["captions"], r["label"]) for k, r in pq_rows.items()} == {f"part-0/{i}": ([f"p{i}"], i) for i in range(3)}
     assert [e["key"] for e in pq_cache.errors()] == ["part-0/3"]
     assert {k: r["captions"] for k, r in folder_rows.items()} == {f"f{i}": [f"folder {i}"] for i in range(3)}
-    assert len(folder_cache.shards()) == 2
+    assert len(folder_cache.parts()) == 2
 
 
 def test_shards_cut_into_parts_commit_each_part_once_and_resume_mid_shard_bit_identically(planted, planted_in_parts,
@@ -218,7 +219,7 @@ def test_shards_cut_into_parts_commit_each_part_once_and_resume_mid_shard_bit_id
     """rows_per_commit=2: every shard is several parts; a cache holding only the first part of a
     shard is finished by the next run, bit for bit as an uninterrupted run writes it."""
     base, reference = planted_in_parts["base"], planted_in_parts["cache"]
-    assert max(r.get("part", 0) for r in reference.shards()) >= 2 and reference.rows_per_commit == 2
+    assert max(r["part"] for r in reference.parts()) >= 2 and reference.rows_per_commit == 2
     assert list(cache_rows(reference)) == list(cache_rows(planted["cache"]))  # same keys, same order as one part a shard
 
     # What a kill right after part 0 of a multi-part shard commits leaves: the parts after it taken
@@ -226,8 +227,8 @@ def test_shards_cut_into_parts_commit_each_part_once_and_resume_mid_shard_bit_id
     shutil.copytree(base / "reference" / "store", tmp_path / "parts-cut")
     cfg = validate_config(planted_config(base / "data", str(tmp_path / "parts-cut"), precompute={"rows_per_commit": 2}))
     partial = EmbeddingCache.open(reference.id, root=cfg.store.root)
-    cut = next(r["input"] for r in reference.shards() if r["part"] == 2)
-    for record in reference.shards():
+    cut = next(r["input"] for r in reference.parts() if r["part"] == 2)
+    for record in reference.parts():
         if record["input"] == cut and record["part"] >= 1:
             remove_part(partial, record["name"])
     partial = EmbeddingCache.open(partial.url)
@@ -236,8 +237,8 @@ def test_shards_cut_into_parts_commit_each_part_once_and_resume_mid_shard_bit_id
     got, want = cache_rows(resumed), cache_rows(reference)
     assert list(got) == list(want)
     assert all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
-    assert [(r["input"], r["part"], r["rows"]) for r in resumed.shards()] == \
-        [(r["input"], r["part"], r["rows"]) for r in reference.shards()]
+    assert [(r["input"], r["part"], r["rows"]) for r in resumed.parts()] == \
+        [(r["input"], r["part"], r["rows"]) for r in reference.parts()]
 
 
 def test_a_misnamed_column_stops_the_run_before_any_commit_with_the_columns_named(ray_local, tmp_path, capsys):
@@ -360,7 +361,7 @@ def test_s3_faults_are_retried_and_a_shard_that_stays_unreadable_fails_without_a
         assert throttled.fired == 2 and reset.fired == 1 and broken.fired > 3
         cache = next(c for c in list_caches(str(tmp_path / "store")))
         assert not cache.complete and not any(e["input"].endswith("train-000002.tar") for e in cache.errors())
-        assert {r["input"].rsplit("/", 1)[1] for r in cache.shards()} == {"train-000000.tar", "train-000001.tar",
+        assert {r["input"].rsplit("/", 1)[1] for r in cache.parts()} == {"train-000000.tar", "train-000001.tar",
                                                                          "train-000003.tar"}
     # The rerun, faults gone: in this process, whose Ray workers reach the S3 server directly.
     second = stage.run(validate_config(raw))
@@ -386,26 +387,26 @@ def test_a_bit_flipped_in_a_shard_at_rest_fails_every_read_naming_the_file_and_r
     raw = planted_config(planted["base"] / "data", str(tmp_path / "store"))
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(raw))
     cache = EmbeddingCache.open(planted["cache"].id, root=str(tmp_path / "store"))
-    record = cache.shards()[0]
+    record = cache.parts()[0]
     path = Path(cache.file_path(record))
     data = bytearray(path.read_bytes())
     at = data.index(cache_rows(cache)["plain/2"]["embedding"].tobytes()) + 3
     data[at] ^= 0x04  # one bit of one stored vector: the file still parses, and no decoder would notice
     path.write_bytes(data)
 
-    named = f"{path}: corrupt data in a committed shard .*CRC.*litpipe cache rm {cache.id} --shard {record['name']}`"
+    named = f"{path}: corrupt data in a committed shard .*CRC.*litpipe cache rm {cache.id} --part {record['name']}`"
     with pytest.raises(CacheError, match=named):
         load_all(cache)
     with pytest.raises(CacheError, match=named):
         list(StreamingReader(cache, batch_size=4))
-    assert any(p.startswith(f"{path}: sha256 differs") for p in cache.verify())
-    assert main(["cache", "rm", cache.id, str(tmp_path / "pipeline.yaml"), "--shard", record["name"]]) == 0
+    assert any(p.startswith(f"{path}: sha256 differs") for p in verify(cache, ))
+    assert main(["cache", "rm", cache.id, str(tmp_path / "pipeline.yaml"), "--part", record["name"]]) == 0
     assert f"part {record['name']} taken out" in capsys.readouterr().out
 
     mended = stage.run(validate_config(raw))["datasets"]["train"]
     assert mended["inputs_processed"] == 1 and mended["embedded"] == len(GOOD_RGB)
     cache = EmbeddingCache.open(mended["cache_url"])
-    assert cache.verify() == []
+    assert verify(cache, ) == []
     got, want = cache_rows(cache), cache_rows(planted["cache"])
     assert list(got) == list(want) and all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
 
@@ -438,7 +439,7 @@ def test_a_grown_dataset_encodes_only_its_new_shards_and_removal_keeps_what_anot
     plan = remove_cache(EmbeddingCache.open(first["cache_url"]), dry_run=True)
     assert plan["deleted"] == [] and len(plan["kept"]) == 2  # both of v1's files are v2's too
     remove_cache(EmbeddingCache.open(first["cache_url"]))
-    assert [c.id for c in list_caches(root)] == [view.id] and view.verify() == []
+    assert [c.id for c in list_caches(root)] == [view.id] and verify(view, ) == []
     assert sorted(cache_rows(view)) == sorted(want)
     plan = remove_cache(view)  # now the last cache naming v1's files: they go too
     assert len(plan["deleted"]) == 3 and plan["kept"] == []

@@ -31,11 +31,12 @@ import yaml
 from conftest import TINY_ARCHITECTURE
 from PIL import Image
 
+from litpipe.store.commits import commit_part, finalize
 from litpipe.cli import main
 from litpipe.config import validate_config
-from litpipe.demo_data import build_demo_data
-from litpipe.eval.server import Explorer, create_app
-from litpipe.evaluation.zeroshot import build_classifier, classify, load_templates
+from litpipe.demo.data import build_demo_data
+from litpipe.serve.app import Explorer, create_app
+from litpipe.scoring.zeroshot import build_classifier, classify, load_templates
 from litpipe.store import EmbeddingCache
 from litpipe.models.image_encoder import load_encoder
 from litpipe.store.fingerprint import dataset_fingerprint
@@ -72,13 +73,13 @@ def _build_cache(cfg, encoder) -> EmbeddingCache:
             vectors = encoder.encode(pixels).numpy()
         else:
             vectors = np.zeros((0, encoder.dim), np.float32)
-        cache.commit_shard(url, pa.table({
+        commit_part(cache, url, pa.table({
             "key": [s.key for s in samples],
             "captions": [s.captions for s in samples],
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), encoder.dim),
             "label": pa.array([s.label for s in samples], pa.int64()),
         }))
-    cache.finalize()
+    finalize(cache, )
     return cache
 
 

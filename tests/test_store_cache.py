@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from litpipe.store.commits import commit_part, finalize
+from litpipe.store.maintenance import orphans, remove_orphans, verify
 from litpipe.config import validate_config
 from litpipe.store import CacheError, EmbeddingCache, list_caches, load_all, resolve_cache
 from litpipe.store.sharing import remove_cache
@@ -49,12 +51,12 @@ def test_committed_shards_read_back_exactly_and_finalize_consolidates(root):
     cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET, row_group_rows=4)
     tables = {url: shard_table(f"s{i}", 5 + i, seed=i) for i, url in enumerate(INPUTS)}
     for i, (url, table) in enumerate(tables.items()):
-        record = cache.commit_shard(url, table, [{"key": f"bad{i}", "reason": "undecodable image"}])
+        record = commit_part(cache, url, table, [{"key": f"bad{i}", "reason": "undecodable image"}])
         assert record["rows"] == table.num_rows and sum(record["row_groups"]) == table.num_rows and record["row_groups"][0] == 4
     assert cache.committed_inputs() == set(INPUTS) and not cache.complete
     assert sorted(e["key"] for e in cache.errors()) == ["bad0", "bad1", "bad2", "bad3"]
 
-    manifest = cache.finalize(expected_inputs=INPUTS)
+    manifest = finalize(cache, expected_inputs=INPUTS)
     assert manifest["complete"] and manifest["num_rows"] == sum(t.num_rows for t in tables.values())
     assert manifest["error_counts"] == {"undecodable image": 4} and manifest["format_version"] == FORMAT_VERSION
 
@@ -68,12 +70,12 @@ def test_committed_shards_read_back_exactly_and_finalize_consolidates(root):
     assert contents.keys == [k for t in tables.values() for k in t.column("key").to_pylist()]
     assert contents.captions[0] == ["caption s0 0", "alt"]
     assert contents.labels.tolist() == [i for t in tables.values() for i in range(t.num_rows)]
-    assert found.verify() == []
+    assert verify(found, ) == []
 
 
 def test_crash_before_commit_leaves_exactly_the_committed_shards_and_resume_writes_each_key_once(root):
     cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
-    cache.commit_shard(INPUTS[0], shard_table("s0", 6))
+    commit_part(cache, INPUTS[0], shard_table("s0", 6))
     # What a writer killed mid-shard leaves: a partial data file under its unique name, no record.
     fs, path = fsspec.core.url_to_fs(cache.url)
     partial = f"shards/{shard_name(INPUTS[1])}.0123456789ab.parquet"
@@ -84,13 +86,13 @@ def test_crash_before_commit_leaves_exactly_the_committed_shards_and_resume_writ
     assert load_all(reopened).keys == [f"s0/{i}" for i in range(6)]
     for i, url in enumerate(INPUTS):
         if url not in reopened.committed_inputs():
-            reopened.commit_shard(url, shard_table(f"s{i}", 6))
+            commit_part(reopened, url, shard_table(f"s{i}", 6))
     keys = load_all(reopened).keys
     assert len(keys) == len(set(keys)) == 6 * len(INPUTS)
-    assert [p.split(": ")[1] for p in reopened.verify()] == ["orphaned data file, in no commit record "
+    assert [p.split(": ")[1] for p in verify(reopened, )] == ["orphaned data file, in no commit record "
                                                              f"(a crashed or losing writer); `litpipe cache rm {cache.id} --orphans` deletes it"]
-    assert reopened.remove_orphans() == [partial]
-    assert reopened.verify() == []
+    assert remove_orphans(reopened, ) == [partial]
+    assert verify(reopened, ) == []
 
 
 def test_two_writers_racing_on_the_same_inputs_commit_each_key_once(root):
@@ -98,7 +100,7 @@ def test_two_writers_racing_on_the_same_inputs_commit_each_key_once(root):
 
     def write(writer):
         cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
-        results[writer] = [cache.commit_shard(url, shard_table(f"s{i}", 5, writer=writer)) for i, url in enumerate(INPUTS)]
+        results[writer] = [commit_part(cache, url, shard_table(f"s{i}", 5, writer=writer)) for i, url in enumerate(INPUTS)]
 
     threads = [threading.Thread(target=write, args=(w,)) for w in ("a", "b")]
     for t in threads:
@@ -106,18 +108,18 @@ def test_two_writers_racing_on_the_same_inputs_commit_each_key_once(root):
     for t in threads:
         t.join()
     cache = EmbeddingCache.find(root, ENCODER, DATASET)
-    assert sorted(s["input"] for s in cache.shards()) == sorted(INPUTS)
+    assert sorted(s["input"] for s in cache.parts()) == sorted(INPUTS)
     keys = load_all(cache).keys
     assert len(keys) == len(set(keys)) == 5 * len(INPUTS)
     if not root.startswith("s3://"):  # moto's conditional PUT is not atomic under races; AWS's is
         assert all((ra is None) != (rb is None) for ra, rb in zip(results["a"], results["b"]))
-    cache.remove_orphans()
-    assert cache.verify() == []
+    remove_orphans(cache, )
+    assert verify(cache, ) == []
 
 
 def _commit_all_in_process(root):
     cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
-    return [cache.commit_shard(url, shard_table(f"s{i}", 5)) is not None for i, url in enumerate(INPUTS)]
+    return [commit_part(cache, url, shard_table(f"s{i}", 5)) is not None for i, url in enumerate(INPUTS)]
 
 
 def test_two_writer_processes_on_local_disk_commit_each_input_once(tmp_path):
@@ -126,12 +128,12 @@ def test_two_writer_processes_on_local_disk_commit_each_input_once(tmp_path):
         won = pool.map(_commit_all_in_process, [root, root])
     assert [a + b for a, b in zip(*won)] == [1] * len(INPUTS)
     cache = EmbeddingCache.find(root, ENCODER, DATASET)
-    assert cache.num_rows == 5 * len(INPUTS) and cache.orphans() == [] and cache.verify() == []
+    assert cache.num_rows == 5 * len(INPUTS) and orphans(cache, ) == [] and verify(cache, ) == []
 
 
 def test_same_fingerprints_find_the_cache_and_changed_preprocessing_does_not(root):
     cache = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
-    cache.commit_shard(INPUTS[0], shard_table("s0", 3))
+    commit_part(cache, INPUTS[0], shard_table("s0", 3))
     assert EmbeddingCache.open_or_create(root, ENCODER, DATASET).id == cache.id
     assert EmbeddingCache.find(root, json.loads(json.dumps(ENCODER)), DATASET).num_rows == 3
     changed = {**ENCODER, "preprocess": {**ENCODER["preprocess"], "interpolation": "bilinear"}}
@@ -158,8 +160,8 @@ def test_resolve_cache_matches_encoder_spec_and_dataset_and_prefers_complete(tmp
     with pytest.raises(CacheError, match="no float16 cache of dataset `train`.*run `litpipe precompute`"):
         resolve_cache(cfg, "train")
     complete = EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "spec": spec}, data_fp)
-    complete.commit_shard(data_fp["inputs"][0]["url"], shard_table("a", 3))
-    complete.finalize()
+    commit_part(complete, data_fp["inputs"][0]["url"], shard_table("a", 3))
+    finalize(complete, )
     partial = EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "weights_sha256": "w2", "spec": spec}, data_fp)
     EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "spec": {**spec, "image_size": 64}}, data_fp)
     assert resolve_cache(cfg, "train").id == complete.id
@@ -170,25 +172,25 @@ def test_resolve_cache_matches_encoder_spec_and_dataset_and_prefers_complete(tmp
 def test_commit_refuses_wrong_dim_duplicate_keys_and_a_finalized_cache(tmp_path):
     cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET)
     with pytest.raises(CacheError, match=f"shard of {INPUTS[0]}: embedding dim 4 differs from the cache's 8"):
-        cache.commit_shard(INPUTS[0], shard_table("s", 3, dim=4))
+        commit_part(cache, INPUTS[0], shard_table("s", 3, dim=4))
     doubled = pa.concat_tables([shard_table("s", 2), shard_table("s", 2)])
     with pytest.raises(CacheError, match="duplicate keys"):
-        cache.commit_shard(INPUTS[0], doubled)
+        commit_part(cache, INPUTS[0], doubled)
     with pytest.raises(CacheError, match="missing column"):
-        cache.commit_shard(INPUTS[0], shard_table("s", 2).drop_columns(["captions"]))
-    cache.commit_shard(INPUTS[0], shard_table("s", 2))
+        commit_part(cache, INPUTS[0], shard_table("s", 2).drop_columns(["captions"]))
+    commit_part(cache, INPUTS[0], shard_table("s", 2))
     with pytest.raises(CacheError, match="1 input shard.*not committed.*re-run `litpipe precompute`"):
-        cache.finalize(expected_inputs=INPUTS[:2])
-    cache.finalize()
-    assert cache.commit_shard(INPUTS[0], shard_table("s", 2)) is None
+        finalize(cache, expected_inputs=INPUTS[:2])
+    finalize(cache, )
+    assert commit_part(cache, INPUTS[0], shard_table("s", 2)) is None
     with pytest.raises(CacheError, match="is complete"):
-        cache.commit_shard(INPUTS[1], shard_table("t", 2))
+        commit_part(cache, INPUTS[1], shard_table("t", 2))
 
 
 def test_float32_caches_keep_float32_vectors(tmp_path):
     cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET, embedding_dtype="float32")
     table = shard_table("s", 4)
-    cache.commit_shard(INPUTS[0], table)
+    commit_part(cache, INPUTS[0], table)
     expected = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, DIM)
     np.testing.assert_array_equal(load_all(cache).embeddings.numpy(), expected)
 
@@ -197,7 +199,7 @@ def test_float32_caches_keep_float32_vectors(tmp_path):
 def written(tmp_path):
     cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET)
     for i, url in enumerate(INPUTS[:2]):
-        cache.commit_shard(url, shard_table(f"s{i}", 5, seed=i))
+        commit_part(cache, url, shard_table(f"s{i}", 5, seed=i))
     return cache
 
 
@@ -217,7 +219,7 @@ def test_missing_corrupt_and_too_new_manifests_name_the_file_and_the_fix(written
 
 
 def test_truncated_shard_and_dim_mismatch_fail_reads_naming_the_shard(written, tmp_path):
-    shard = tmp_path / written.id / written.shards()[0]["path"]
+    shard = tmp_path / written.id / written.parts()[0]["path"]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 40])
     with pytest.raises(CacheError, match=f"{shard}: unreadable Parquet shard, truncated or corrupt.*litpipe cache verify"):
@@ -229,8 +231,8 @@ def test_truncated_shard_and_dim_mismatch_fail_reads_naming_the_shard(written, t
 
 
 def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_path, monkeypatch):
-    assert written.verify() == []
-    first, second = written.shards()
+    assert verify(written, ) == []
+    first, second = written.parts()
     path = tmp_path / written.id / second["path"]
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0xFF
@@ -239,17 +241,17 @@ def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_p
     vectors = bad.column("embedding").combine_chunks().flatten().to_numpy().copy()
     vectors[0] = np.nan
     bad = bad.set_column(2, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors), DIM))
-    written.commit_shard(INPUTS[2], bad)
-    problems = written.verify()
+    commit_part(written, INPUTS[2], bad)
+    problems = verify(written, )
     assert any(p.startswith(f"{written.url}/{second['path']}: sha256 differs") for p in problems)
-    third = next(s for s in written.shards() if s["input"] == INPUTS[2])
+    third = next(s for s in written.parts() if s["input"] == INPUTS[2])
     assert f"{written.url}/{third['path']}: 1 embedding(s) with NaN or inf" in problems
     assert not any("duplicate key" in p for p in problems)  # a partial cache's: finalize keeps the first copy
     # A complete cache that kept both copies (written by a litpipe before duplicates were dropped) is damaged.
     path.write_bytes(bytes(data[:len(data) // 3]) + bytes([data[len(data) // 3] ^ 0xFF]) + bytes(data[len(data) // 3 + 1:]))
-    monkeypatch.setattr("litpipe.store.cache.drop_later_duplicates", lambda cache, records: (records, []))
-    written.finalize()
-    assert f"{written.url}/{third['path']}: key 's0/0' also in {first['path']} (duplicate key)" in written.verify()
+    monkeypatch.setattr("litpipe.store.commits.later_duplicates", lambda cache, records: {})
+    finalize(written, )
+    assert f"{written.url}/{third['path']}: key 's0/0' also in {first['path']} (duplicate key)" in verify(written, )
 
 
 def test_a_commit_whose_reply_is_lost_is_still_the_writers_own(s3_server, s3_root):
@@ -264,10 +266,10 @@ def test_a_commit_whose_reply_is_lost_is_still_the_writers_own(s3_server, s3_roo
         cache = EmbeddingCache.open_or_create(s3_root, ENCODER, DATASET)
         cache.fs = fs  # this writer talks to the store through the proxy
         lost = proxy.add_rule("PUT", "/commits/", "lost_response", count=1)
-        record = cache.commit_shard(INPUTS[0], shard_table("s0", 4))
+        record = commit_part(cache, INPUTS[0], shard_table("s0", 4))
         assert lost.fired == 1 and record is not None
         assert fs.exists(f"{root}/{cache.id}/{record['path']}")
-    assert EmbeddingCache.open(cache.url).verify() == []
+    assert verify(EmbeddingCache.open(cache.url), ) == []
 
 
 def test_adopted_shards_read_through_the_view_and_a_removal_cut_short_is_finished_by_gc(root):
@@ -275,24 +277,24 @@ def test_adopted_shards_read_through_the_view_and_a_removal_cut_short_is_finishe
 
     donor = EmbeddingCache.open_or_create(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:3]})
     for i, url in enumerate(INPUTS[:3]):
-        donor.commit_shard(url, shard_table(f"s{i}", 4, seed=i), [{"key": f"s{i}/bad", "reason": "undecodable image"}])
-    donor.finalize()
+        commit_part(donor, url, shard_table(f"s{i}", 4, seed=i), [{"key": f"s{i}/bad", "reason": "undecodable image"}])
+    finalize(donor, )
     view = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
     other_encoder = EmbeddingCache.open_or_create(root, {**ENCODER, "weights_sha256": "w2"}, DATASET)
     assert adopt_from_other_caches(other_encoder, INPUTS) == {}  # other weights: nothing to share
     assert adopt_from_other_caches(view, INPUTS) == {url: donor.id for url in INPUTS[:3]}
-    view.commit_shard(INPUTS[3], shard_table("s3", 2, seed=3))
-    view.finalize()
+    commit_part(view, INPUTS[3], shard_table("s3", 2, seed=3))
+    finalize(view, )
     assert load_all(view).keys == [f"s{i}/{j}" for i in range(3) for j in range(4)] + ["s3/0", "s3/1"]
     assert sorted(e["key"] for e in view.errors()) == ["s0/bad", "s1/bad", "s2/bad"]  # skipped samples travel too
-    assert view.verify() == [] and donor.orphans() == []  # files the view names are no orphans of the donor
+    assert verify(view, ) == [] and orphans(donor, ) == []  # files the view names are no orphans of the donor
 
     donor.fs.rm_file(f"{donor.path}/manifest.json")  # `cache rm` of the donor killed after its first step
     assert {c.id for c in list_caches(root)} == {view.id, other_encoder.id}
     leftovers = collect_garbage(root, dry_run=True)  # the donor's records go; the files the view names stay
     assert leftovers and not any("/shards/" in url for url in leftovers)
     assert collect_garbage(root) == leftovers and collect_garbage(root) == []
-    assert view.verify() == [] and load_all(view).embeddings.shape == (14, DIM)
+    assert verify(view, ) == [] and load_all(view).embeddings.shape == (14, DIM)
     remove_cache(view)  # the last cache naming the donor's files
     assert collect_garbage(root) == []
     fs, path = fsspec.core.url_to_fs(root)
@@ -304,13 +306,13 @@ def test_a_part_taken_out_is_committed_again_and_its_file_stays_while_another_ca
 
     donor = EmbeddingCache.open_or_create(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:2]})
     for i, url in enumerate(INPUTS[:2]):
-        donor.commit_shard(url, shard_table(f"s{i}", 4, seed=i))
-    donor.finalize()
+        commit_part(donor, url, shard_table(f"s{i}", 4, seed=i))
+    finalize(donor, )
     view = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
     adopt_from_other_caches(view, INPUTS)
     for i in (2, 3):
-        view.commit_shard(INPUTS[i], shard_table(f"s{i}", 4, seed=i))
-    view.finalize()
+        commit_part(view, INPUTS[i], shard_table(f"s{i}", 4, seed=i))
+    finalize(view, )
     before = load_all(view)
 
     adopted = remove_part(view, shard_name(INPUTS[0]))  # the donor's file: it stays, the donor names it
@@ -321,14 +323,14 @@ def test_a_part_taken_out_is_committed_again_and_its_file_stays_while_another_ca
         remove_part(view, "nope")
     partial = EmbeddingCache.open(view.url)
     assert not partial.complete and partial.committed_inputs() == {INPUTS[1], INPUTS[2]}
-    assert donor.verify() == [] and load_all(donor).keys == before.keys[:8]
+    assert verify(donor, ) == [] and load_all(donor).keys == before.keys[:8]
 
     assert adopt_from_other_caches(partial, [INPUTS[0], INPUTS[3]]) == {INPUTS[0]: donor.id}  # what precompute does
-    partial.commit_shard(INPUTS[3], shard_table("s3", 4, seed=3))
-    partial.finalize()
+    commit_part(partial, INPUTS[3], shard_table("s3", 4, seed=3))
+    finalize(partial, )
     again = load_all(partial)
     assert again.keys == before.keys and np.array_equal(again.embeddings.numpy(), before.embeddings.numpy())
-    assert partial.verify() == []
+    assert verify(partial, ) == []
 
 
 def test_a_format_1_cache_reads_as_it_is_and_lends_its_shards(tmp_path):
@@ -339,12 +341,12 @@ def test_a_format_1_cache_reads_as_it_is_and_lends_its_shards(tmp_path):
     root = str(tmp_path / "store")
     old = EmbeddingCache.open_or_create(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:2]})
     for i, url in enumerate(INPUTS[:2]):
-        old.commit_shard(url, shard_table(f"s{i}", 3, seed=i))
-    manifest = old.finalize()
+        commit_part(old, url, shard_table(f"s{i}", 3, seed=i))
+    manifest = finalize(old, )
     assert all("owner" not in r for r in manifest["shards"])
     (tmp_path / "store" / old.id / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
     reopened = EmbeddingCache.open(old.url)
-    assert reopened.manifest["format_version"] == 1 and reopened.verify() == []
+    assert reopened.manifest["format_version"] == 1 and verify(reopened, ) == []
     assert load_all(reopened).keys == [f"s{i}/{j}" for i in range(2) for j in range(3)]
     grown = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
     assert adopt_from_other_caches(grown, INPUTS) == {INPUTS[0]: old.id, INPUTS[1]: old.id}
@@ -360,15 +362,15 @@ def test_finalize_keeps_a_key_repeated_across_parts_in_the_first_and_the_token_c
     cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET)
     later = shard_table("s1", 3, seed=1)
     later = later.set_column(0, "key", pa.array(["s1/0", "s0/2", "s1/2"]))  # s0/2 is in-0's too
-    cache.commit_shard(INPUTS[1], later)  # committed first, but in-1 comes after in-0
-    cache.commit_shard(INPUTS[0], shard_table("s0", 3))
+    commit_part(cache, INPUTS[1], later)  # committed first, but in-1 comes after in-0
+    commit_part(cache, INPUTS[0], shard_table("s0", 3))
     tokens = ensure_token_cache(cache, clip_tokenizer(8))
-    stale = {r["name"]: r["sha256"] for r in cache.shards()}
-    manifest = cache.finalize()
+    stale = {r["name"]: r["sha256"] for r in cache.parts()}
+    manifest = finalize(cache, )
     assert [(r["input"], r["rows"], r.get("duplicates_dropped", 0)) for r in manifest["shards"]] == [
         (INPUTS[0], 3, 0), (INPUTS[1], 2, 1)]
     assert cache.errors() == [{"key": "s0/2", "input": INPUTS[1], "reason": f"duplicate key: first in {INPUTS[0]}"}]
-    assert load_all(cache).keys == ["s0/0", "s0/1", "s0/2", "s1/0", "s1/2"] and cache.verify() == []
-    rewritten = [r for r in cache.shards() if r["sha256"] != stale[r["name"]]]
+    assert load_all(cache).keys == ["s0/0", "s0/1", "s0/2", "s1/0", "s1/2"] and verify(cache, ) == []
+    rewritten = [r for r in cache.parts() if r["sha256"] != stale[r["name"]]]
     assert [r["input"] for r in tokens.missing()] == [r["input"] for r in rewritten] == [INPUTS[1]]
     assert ensure_token_cache(cache, clip_tokenizer(8)).missing() == []

@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from litpipe.store.commits import commit_part, finalize
 from litpipe.cli import main
 from litpipe.store import EmbeddingCache
 from litpipe.store.cache import shard_name
@@ -24,7 +25,7 @@ def config(tmp_path):
 @pytest.fixture
 def cache(config, tmp_path):
     cache = EmbeddingCache.open_or_create(str(tmp_path / "store"), ENCODER, DATASET)
-    cache.commit_shard("/data/c-0.tar", pa.table({
+    commit_part(cache, "/data/c-0.tar", pa.table({
         "key": ["a", "b", "c"], "captions": [["x"], ["y"], ["z"]],
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(12, np.float32)), 4),
     }), [{"key": "d", "reason": "undecodable image"}])
@@ -56,7 +57,7 @@ def test_show_prints_the_manifest_readably_by_id_prefix(cache, config, capsys):
 def test_verify_exits_nonzero_naming_the_broken_shard(cache, config, tmp_path, capsys):
     assert main(["cache", "verify", cache.id, config]) == 0
     assert "ok (1 shards, 3 rows)" in capsys.readouterr().out
-    shard = tmp_path / "store" / cache.id / cache.shards()[0]["path"]
+    shard = tmp_path / "store" / cache.id / cache.parts()[0]["path"]
     shard.write_bytes(shard.read_bytes()[:-10])
     assert main(["cache", "verify", cache.id, config]) == 1
     assert f"{shard}: " in capsys.readouterr().out
@@ -92,18 +93,18 @@ def test_ls_json_and_du_count_what_caches_share_after_a_grown_dataset_adopted_it
         assert sorted(adopted) == (["/data/s-0.tar", "/data/s-1.tar"] if name == "v2" else [])
         for i, entry in enumerate(dataset["inputs"]):
             if entry["url"] not in adopted:
-                cache.commit_shard(entry["url"], pa.table({
+                commit_part(cache, entry["url"], pa.table({
                     "key": [f"{entry['url']}/{j}" for j in range(i + 1)], "captions": [["x"]] * (i + 1),
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(4 * (i + 1), np.float32)), 4),
                 }), [{"key": f"{entry['url']}/bad", "reason": "undecodable image"}])
         if name != "v2-other":
-            cache.finalize()
+            finalize(cache, )
         made[name] = cache
     assert main(["cache", "ls", config, "--json"]) == 0
     listed = {e["dataset"]: e for e in json.loads(capsys.readouterr().out)}
     assert {k: (e["state"], e["rows"], e["errors"], e["parts"], e["parts_shared"]) for k, e in listed.items()} == {
         "v1": ("complete", 3, 2, 2, 2), "v2": ("complete", 6, 3, 3, 2), "v2-other": ("partial", 6, 3, 3, 0)}
-    assert listed["v2"]["bytes"] == sum(r["bytes"] for r in made["v2"].shards()) > listed["v1"]["bytes"]
+    assert listed["v2"]["bytes"] == sum(r["bytes"] for r in made["v2"].parts()) > listed["v1"]["bytes"]
     assert listed["v2-other"]["encoder"]["weights_sha256"] == "f" * 12
     assert main(["cache", "du", config, "--json"]) == 0
     groups = json.loads(capsys.readouterr().out)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from litpipe.store.commits import commit_part, finalize
 from litpipe.store import EmbeddingCache, load_all
 from litpipe.store.export import export_cache
 
@@ -35,8 +36,8 @@ def cache(tmp_path_factory):
         if shard == "a.tar":
             columns["label"] = [i % 4 for i in range(rows)]
         errors = [{"key": f"{shard}/bad", "reason": "undecodable image"}] if rows == 0 else []
-        cache.commit_shard(shard, pa.table(columns), errors)
-    cache.finalize()
+        commit_part(cache, shard, pa.table(columns), errors)
+    finalize(cache, )
     return cache
 
 
@@ -100,11 +101,11 @@ def test_an_autofaiss_inner_product_index_of_the_npy_export_finds_each_row_first
 
 def test_a_folder_datasets_export_shows_each_images_path(tmp_path):
     cache = EmbeddingCache.open_or_create(str(tmp_path / "store"), {"model": "test", "dim": 2}, {"inputs": ["f"]})
-    cache.commit_shard("f", pa.table({
+    commit_part(cache, "f", pa.table({
         "key": ["cats/1", "dogs/2"], "captions": [["a cat"], ["a dog"]],
         "embedding": pa.FixedSizeListArray.from_arrays(np.ones(4, np.float32), 2),
         "metadata": ['{"path": "cats/1.jpg", "source": "x"}', '{"path": "dogs/2.png"}']}), [])
-    cache.finalize()
+    finalize(cache, )
     summary = export_cache(cache, str(tmp_path / "npy"), "npy")
     assert Path(summary["files"][0]["embeddings"]).name == "img_emb_0.npy"
     meta = pq.read_table(summary["files"][0]["metadata"])

@@ -7,6 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from litpipe.store.commits import commit_part, finalize
+from litpipe.store.parts import open_part
 from litpipe.store import CacheError, EmbeddingCache, StreamingReader, load_all
 from litpipe.store import reader as reader_module
 
@@ -24,7 +26,7 @@ def _write(root: str, embedding_dtype: str = "float16") -> tuple[EmbeddingCache,
     for s, (url, rows) in enumerate(zip(INPUTS, SHARD_ROWS)):
         vectors = np.random.default_rng(s).standard_normal((rows, DIM)).astype(np.float32)
         keys = [f"{s}/{i}" for i in range(rows)]
-        cache.commit_shard(url, pa.table({
+        commit_part(cache, url, pa.table({
             "key": keys,
             "captions": [[f"a photo of {k}"] for k in keys],
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
@@ -44,12 +46,12 @@ def _epoch(cache, **kwargs):
     return [(b.keys, b.embeddings.numpy().copy()) for b in StreamingReader(cache, **kwargs)]
 
 
-@pytest.mark.parametrize("world_size,batch_size,mix_units", [(1, 8, 4), (3, 5, 1), (4, 7, 100)])
-def test_every_key_at_most_once_per_epoch_with_equal_batch_counts_on_every_rank(written, world_size, batch_size, mix_units):
+@pytest.mark.parametrize("world_size,batch_size,shuffle_row_groups", [(1, 8, 4), (3, 5, 1), (4, 7, 100)])
+def test_every_key_at_most_once_per_epoch_with_equal_batch_counts_on_every_rank(written, world_size, batch_size, shuffle_row_groups):
     cache, reference = written
     total = sum(SHARD_ROWS)
     per_rank = [_epoch(cache, batch_size=batch_size, rank=r, world_size=world_size, seed=3, epoch=1,
-                       mix_units=mix_units) for r in range(world_size)]
+                       shuffle_row_groups=shuffle_row_groups) for r in range(world_size)]
     expected_batches = (total // world_size) // batch_size
     assert [len(batches) for batches in per_rank] == [expected_batches] * world_size
     assert len(StreamingReader(cache, batch_size, rank=0, world_size=world_size)) == expected_batches
@@ -80,7 +82,7 @@ def test_shuffle_is_a_function_of_seed_and_epoch(written):
 @pytest.mark.parametrize("start_step", [1, 5, 9])
 def test_resuming_from_a_step_yields_the_tail_of_the_full_epoch(written, start_step):
     cache, _ = written
-    kwargs = dict(batch_size=5, rank=1, world_size=2, seed=7, epoch=2, mix_units=2)
+    kwargs = dict(batch_size=5, rank=1, world_size=2, seed=7, epoch=2, shuffle_row_groups=2)
     full = _epoch(cache, **kwargs)
     resumed = StreamingReader(cache, start_step=start_step, **kwargs)
     assert len(resumed) == len(full) - start_step
@@ -129,7 +131,7 @@ def test_load_all_equals_what_was_written(written):
 def test_remote_caches_stream_and_load_like_local_ones(store, request):
     root = f"memory://reader-{uuid.uuid4().hex[:8]}" if store == "memory" else request.getfixturevalue("s3_root")
     cache, reference = _write(root, embedding_dtype="float32")
-    cache.finalize()
+    finalize(cache, )
     cache = EmbeddingCache.find(root, ENCODER, DATASET, "float32")
     keys = [k for b in StreamingReader(cache, batch_size=10, rank=0, world_size=2) for k in b.keys]
     keys += [k for b in StreamingReader(cache, batch_size=10, rank=1, world_size=2) for k in b.keys]
@@ -144,7 +146,7 @@ def test_shards_without_labels_read_as_label_minus_one_beside_labelled_shards(tm
                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(4 * DIM, np.float32)), DIM)}
         if labelled:
             columns["label"] = pa.array([7, None, 8, 9], pa.int64())
-        cache.commit_shard(INPUTS[s], pa.table(columns))
+        commit_part(cache, INPUTS[s], pa.table(columns))
     loaded = load_all(cache)
     by_key = dict(zip(loaded.keys, loaded.labels.tolist()))
     assert [by_key[f"1/{i}"] for i in range(4)] == [7, -1, 8, 9]
@@ -156,9 +158,9 @@ def test_shards_without_labels_read_as_label_minus_one_beside_labelled_shards(tm
 def test_an_epoch_keeps_few_shard_files_open_and_closes_them_all_at_its_end(written, monkeypatch):
     cache, reference = written
     monkeypatch.setattr(reader_module, "MAX_OPEN_SHARDS", 1)
-    opened, open_shard = [], cache.open_shard
-    monkeypatch.setattr(cache, "open_shard", lambda record: opened.append(open_shard(record)) or opened[-1])
-    batches = _epoch(cache, batch_size=5, seed=2, mix_units=3)
+    opened = []
+    monkeypatch.setattr(reader_module, "open_part", lambda cache, record: opened.append(open_part(cache, record)) or opened[-1])
+    batches = _epoch(cache, batch_size=5, seed=2, shuffle_row_groups=3)
     for keys, vectors in batches:  # evicted shards are reopened, rows unchanged
         np.testing.assert_array_equal(vectors.astype(np.float64), np.stack([reference[k] for k in keys]))
     assert len(opened) > len(SHARD_ROWS) and all(parquet.closed for parquet in opened)
@@ -173,8 +175,8 @@ def test_a_batch_mixes_rows_of_many_input_shards(tmp_path):
     cache = EmbeddingCache.open_or_create(str(tmp_path / "store"), encoder, dataset, row_group_rows=65536)
     one_caption_each = pa.ListArray.from_arrays(pa.array(np.arange(20_001, dtype=np.int32)), pa.array(["c"] * 20_000))
     for s, url in enumerate(inputs):
-        cache.commit_shard(url, pa.table({
+        commit_part(cache, url, pa.table({
             "key": [f"{s}/{i}" for i in range(20_000)], "captions": one_caption_each,
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(40_000, np.float32)), 2)}))
-    shards_per_batch = [len({k.split("/")[0] for k in b.keys}) for b in StreamingReader(cache, 256, seed=0, mix_units=16)]
+    shards_per_batch = [len({k.split("/")[0] for k in b.keys}) for b in StreamingReader(cache, 256, seed=0, shuffle_row_groups=16)]
     assert len(shards_per_batch) == 64 * 20_000 // 256 and min(shards_per_batch) >= 16

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_train_config
 
 from litpipe.config import ConfigError, validate_config
-from litpipe.evaluation.suite import EvalSuite, flat_metrics
+from litpipe.scoring.suite import EvalSuite, flat_metrics
 from litpipe.models.text_tower import load_text_tower
 from litpipe.train_text.trainer import train
 

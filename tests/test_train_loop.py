@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import yaml
 from conftest import tiny_train_config as config
 
+from litpipe.store.parts import open_part
 from litpipe.config import validate_config
-from litpipe.evaluation.search_index import build_index
+from litpipe.scoring.search_index import build_index
 from litpipe.models.text_tower import build_text_tower, load_text_tower
 from litpipe.store import load_all, resolve_cache
 from litpipe.train_text.export import export_model
@@ -124,8 +125,8 @@ def test_the_token_cache_holds_every_caption_tokenised_once_per_tokenizer(tiny_c
     tokenizer = clip_tokenizer(16)
     tokens = ensure_token_cache(cache, tokenizer)
     assert tokens.complete and tokens.missing() == []
-    for record in cache.shards():
-        captions = cache.open_shard(record).read(columns=["captions"]).column("captions").to_pylist()
+    for record in cache.parts():
+        captions = open_part(cache, record).read(columns=["captions"]).column("captions").to_pylist()
         parquet, row = tokens.open_file(record), 0
         for group, rows in enumerate(record["row_groups"]):
             ids, offsets = tokens.rows(parquet, group)
@@ -163,7 +164,7 @@ def test_a_token_cache_built_before_more_shards_were_committed_is_completed(tiny
 
     cache = resolve_cache(validate_config(config(tiny_cache, "tokens-grow")), "train")
     tokens = ensure_token_cache(cache, clip_tokenizer(16))
-    first = cache.shards()[0]
+    first = cache.parts()[0]
     Path(tokens.path, file_name(first)).unlink()  # as if this shard file came after the build
     assert tokens.complete and [r["name"] for r in tokens.missing()] == [first["name"]]
     assert ensure_token_cache(cache, clip_tokenizer(16)).missing() == []
@@ -254,7 +255,7 @@ def test_the_training_step_alone_gives_the_reference_loss_and_grad_cache_the_gra
             logits = run.tower.logit_scale.exp().double() * text @ F.normalize(batch.embeddings.double(), dim=-1).T
             labels = torch.arange(len(logits))
             expected = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-        loss, grad_norm = train_step(run, t, embedder(run, t), inputs, run.image_features(batch), owner)
+        loss, grad_norm = train_step(run, t, embedder(run, t), inputs, run.images(batch), owner)
         assert math.isclose(loss, expected.item(), rel_tol=1e-5) and grad_norm > 0
         grads[grad_cache] = {k: p.grad.clone() for k, p in run.tower.named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 5

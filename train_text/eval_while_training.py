@@ -14,7 +14,7 @@ import json
 import fsspec
 
 from litpipe.config import PipelineConfig
-from litpipe.evaluation.suite import EvalSuite, flat_metrics
+from litpipe.scoring.suite import EvalSuite, flat_metrics
 from litpipe.models.text_tower import CONFIG_FILE
 from litpipe.train_text.metrics_log import MetricsLog
 

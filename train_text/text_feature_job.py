@@ -59,7 +59,7 @@ class _ShardEncoder:
             raise UserError(f"train.text_model.model {text_cfg.model}: this worker loaded other weights or another "
                             "tokenizer than the driver described; give every node the same model folder")
         self.features = TextFeatureCache(EmbeddingCache.open(cache_url), fingerprint)
-        self.records = {r["name"]: r for r in self.features.cache.shards()}
+        self.records = {r["name"]: r for r in self.features.cache.parts()}
         self.batch_size = text_cfg.batch_size
 
     def __call__(self, batch: dict) -> dict:

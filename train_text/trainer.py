@@ -52,10 +52,6 @@ LATEST = "latest.json"
 WANDB_RUN = "wandb-run.json"  # the W&B run's id, beside the checkpoints it continues from
 
 
-def cached_vectors(batch: Batch) -> torch.Tensor:
-    return batch.embeddings
-
-
 @dataclass
 class Run:
     """What a training run is made of, built the same way for training, resuming and tests."""
@@ -73,14 +69,18 @@ class Run:
     per_caption: CaptionRows | None = None
     text_model: TextModelConfig | None = None  # head-only training's frozen text model, and its fingerprint
     text_model_fingerprint: dict | None = None
-    # A batch's image side: the cached vectors. Tests and bench/train.py put the locked image tower
-    # run on the fly here, the reference the cache is compared against.
-    image_features: Callable[[Batch], torch.Tensor] = cached_vectors
+    # A batch's image side, where it is not the cached vectors: tests and bench/train.py put the locked image
+    # tower run on the fly here, the reference the cache is compared against (`images`).
+    image_features: Callable[[Batch], torch.Tensor] | None = None
     # Captions -> model input, where no per-caption cache serves them: the tokenizer's ids as int32, as the token
     # cache holds them (half of int64's memory at a large batch; tests put the frozen text model run on the fly
     # here, the reference of the text-feature cache).
     encode_captions: Callable[[list[str]], torch.Tensor] | None = None
     _eval_tower: HeadTextTower | None = None
+
+    def images(self, batch: Batch) -> torch.Tensor:
+        """The batch's image side: its cached vectors (or the on-the-fly reference, `image_features`)."""
+        return self.image_features(batch) if self.image_features else batch.embeddings
 
     def save(self, url: str, meta: dict) -> None:
         """The trained text side as eval and serve read it: the text tower, or the heads beside their text model."""
@@ -204,7 +204,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
     for inputs, owner, batch in prefetched(text_batches(run, cfg, step), 2, "litpipe-tokenize"):
         waited = time.perf_counter() - last
         lr = run.scheduler.get_last_lr()[0]
-        loss_value, grad_norm = train_step(run, t, embed, inputs, run.image_features(batch), owner)
+        loss_value, grad_norm = train_step(run, t, embed, inputs, run.images(batch), owner)
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):  # the same on every rank: both are global
             skipped += 1
             if skipped > t.nonfinite_skips:
@@ -229,11 +229,17 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
                 on_checkpoint(step, saved)
         last = time.perf_counter()  # an evaluation or a checkpoint write is neither the step nor waiting for data
     bar.close()
-    elapsed = time.perf_counter() - started
+    return finish(cfg, run, log, losses, time.perf_counter() - started)
+
+
+def finish(cfg: PipelineConfig, run: Run, log: MetricsLog, losses: list[float], elapsed: float) -> dict:
+    """The run's summary; on rank 0 also the final tower, the closed log with its plots and summary.json."""
+    t = cfg.train
+    rank, size = world()
     summary = {"steps": run.total_steps, "resumed_at": run.total_steps - len(losses), "cache_id": run.cache.id,
                "final_loss": losses[-1] if losses else None, "samples_per_s": t.batch_size * len(losses) / max(elapsed, 1e-9),
                "artifact": cfg.final_text_tower, "world_size": size,
-               "uncaptioned": sum(sum(r.get("uncaptioned", [])) for r in run.cache.shards())}
+               "uncaptioned": sum(sum(r.get("uncaptioned", [])) for r in run.cache.parts())}
     if rank == 0:
         run.save(cfg.final_text_tower, {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss,
                                         "dataset": t.dataset, "lit": "LL (heads)" if t.text_model else t.tower.setting,
@@ -242,7 +248,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
         summary.update(log.plot())
         if t.keep_best:
             summary["best"] = f"{cfg.train_dir}/best"
-        with fsspec.open(f"{out}/summary.json", "w") as f:
+        with fsspec.open(f"{cfg.train_dir}/summary.json", "w") as f:
             f.write(json.dumps(summary, indent=2))
     return summary
 
@@ -271,7 +277,7 @@ def train_step(run: Run, t: TrainConfig, embed: Callable[[torch.Tensor], torch.T
     run.optimizer.zero_grad(set_to_none=True)
 
     def loss_fn(features):
-        image_side = run.tower.project_images(images) if isinstance(run.tower, Heads) else images
+        image_side = run.tower.project_images(images)
         return global_contrastive_loss(features, image_side, run.tower.logit_scale, run.tower.logit_bias, t.loss,
                                        t.chunk_size, owner)
 
@@ -308,9 +314,9 @@ def text_batches(run: Run, cfg: PipelineConfig, step: int):
     every = t.positives == "all"
     while step < run.total_steps:
         epoch, within = divmod(step, run.steps_per_epoch)
-        text = run.per_caption is None or run.image_features is not cached_vectors  # keys: for the on-the-fly reference
+        text = run.per_caption is None or run.image_features is not None  # keys: for the on-the-fly reference
         for batch in StreamingReader(run.cache, t.batch_size // size, rank, size, t.seed, epoch, start_step=within,
-                                     mix_units=t.shuffle_row_groups, prefetch=t.prefetch_batches, text=text,
+                                     shuffle_row_groups=t.shuffle_row_groups, prefetch=t.prefetch_batches, text=text,
                                      per_caption=run.per_caption, all_captions=every):
             if run.per_caption is not None and batch.per_caption is not None:
                 yield batch.per_caption, batch.owner, batch

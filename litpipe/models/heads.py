@@ -80,7 +80,10 @@ class HeadTextTower(torch.nn.Module):
         return self.heads(self.model.features(ids).to(self.heads.logit_scale.device))
 
     def project_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.heads.project_images(images)
+        """Cached vectors (on the CPU, any number) through the image head on its device, back on the CPU."""
+        device = self.logit_scale.device
+        return torch.cat([self.heads.project_images(chunk.to(device)).float().cpu() for chunk in images.split(65536)]) \
+            if len(images) else images
 
 
 def save_heads(url: str, heads: Heads, text_cfg: TextModelConfig, fingerprint: dict, meta: dict | None = None) -> None:

@@ -87,6 +87,11 @@ class TextTower(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(tokens), dim=-1)
 
+    def project_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The cached image vectors as this text side compares with them: as they are (the image tower is
+        locked and has no head; head-only training's `Heads` has one). Every text side answers this."""
+        return images
+
 
 def build_text_tower(tower_cfg, embed_dim: int, tokenizer: Tokenizer | None = None, init_temperature: float = 10.0,
                      init_bias: float = -10.0) -> TextTower:

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from litpipe.store.maintenance import remove_orphans, verify
 from litpipe.store.cache import EmbeddingCache
 
 from precompute_samples import cache_rows
@@ -21,11 +22,11 @@ def assert_same_cache(cache: EmbeddingCache, reference: EmbeddingCache) -> None:
         assert got[key]["embedding"].tobytes() == row["embedding"].tobytes(), key
         assert {k: v for k, v in got[key].items() if k != "embedding"} == {k: v for k, v in row.items() if k != "embedding"}
     assert sorted(map(json.dumps, cache.errors())) == sorted(map(json.dumps, reference.errors()))
-    problems = cache.verify()
+    problems = verify(cache, )
     assert all("cache rm" in p and "--orphans" in p for p in problems), problems  # only what --orphans removes
-    cache.remove_orphans()
-    assert cache.verify() == []
-    named = {"manifest.json", "errors.jsonl"} | {r["path"] for r in cache.shards()}
+    remove_orphans(cache, )
+    assert verify(cache, ) == []
+    named = {"manifest.json", "errors.jsonl"} | {r["path"] for r in cache.parts()}
     cache.fs.invalidate_cache(cache.path)
     present = {p[len(cache.path.rstrip("/")) + 1:] for p in cache.fs.find(cache.path)}
     assert {p for p in present if not p.startswith("commits/")} == named, present

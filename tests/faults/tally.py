@@ -8,11 +8,11 @@ import subprocess
 import sys
 from collections import Counter, defaultdict
 
-SITES = ("commit_shard", "finalize", "open_or_create", "save_checkpoint", "save_text_tower", "MetricsLog", "fit")
+SITES = ("commit_part", "finalize", "open_or_create", "save_checkpoint", "save_text_tower", "MetricsLog", "fit")
 
 
 def where(fault: str) -> str:
-    """A kill point's label, less its occurrence, as the site it hit: 'EmbeddingCache.finalize: replace manifest.json'."""
+    """A kill point's label, less its occurrence, as the site it hit: 'finalize: replace manifest.json'."""
     match = re.match(r"SIGKILL (\w+) #\d+ (\S+) (\w+) (\S+) \((\w+)\)", fault)
     if not match:
         return fault

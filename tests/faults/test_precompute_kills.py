@@ -23,8 +23,8 @@ from harness import KillPoint, draw_points, kill_session, python_command, run_ki
 from precompute_samples import planted_config
 
 pytestmark = pytest.mark.slow
-COMMIT_RECORD = "write_temp<EmbeddingCache._write_exclusive<EmbeddingCache.commit_shard open store/*/commits/train-*-*-p*.json.tmp-*"
-FINALIZE_MANIFEST = "write_atomic<EmbeddingCache.finalize<finish replace store/*/manifest.json"
+COMMIT_RECORD = "write_temp<write_exclusive<commit_part open store/*/commits/train-*-*-p*.json.tmp-*"
+FINALIZE_MANIFEST = "write_atomic<finalize<finish replace store/*/manifest.json"
 QUICK = [KillPoint(COMMIT_RECORD, 3, "before"), KillPoint(FINALIZE_MANIFEST, 1, "before")]
 DRAWN, WORKER_KILLS, SEED = 20, 4, 16
 
@@ -40,7 +40,7 @@ def drawn(reference):
     """The full run's points, drawn from the file events of an uninterrupted run in a subprocess."""
     base = reference["base"]
     events = trace(command(base, base / "traced"), base / "traced", base / "traced-work")
-    cover = {"EmbeddingCache.commit_shard": 8, "EmbeddingCache.finalize": 4, "open_or_create": 2}
+    cover = {"commit_part": 8, "finalize": 4, "open_or_create": 2}
     job = draw_points(events, DRAWN, SEED, cover)
     actor = draw_points([e for e in events if "PartEncoder" in e], WORKER_KILLS, SEED, {}, target="process")
     return job + actor

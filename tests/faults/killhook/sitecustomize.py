@@ -7,7 +7,7 @@ every process it spawns, Ray's workers included. The hook wraps the calls that c
 plan's root; each call is an event labelled by the (up to three) innermost litpipe functions on
 the stack, the operation and the path with its variable parts starred:
 
-    write_temp<EmbeddingCache._write_exclusive<EmbeddingCache.commit_shard open store/*/commits/train-*-*.json.tmp-*
+    write_temp<write_exclusive<commit_part open store/*/commits/train-*-*.json.tmp-*
 
 A plan either traces (every label goes to a file) or names a label, its n-th
 occurrence across all processes and when to strike: `before` the call, `after` it, or `torn`

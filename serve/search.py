@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from litpipe.config import PipelineConfig
-from litpipe.eval.image_source import ImageFetcher
-from litpipe.evaluation.search_index import build_index
-from litpipe.evaluation.suite import image_side
-from litpipe.evaluation.text_features import encode_texts
+from litpipe.serve.image_source import ImageFetcher
+from litpipe.scoring.search_index import build_index
+from litpipe.scoring.suite import image_side
+from litpipe.scoring.text_features import encode_texts
 from litpipe.store import load_all, resolve_cache
 from litpipe.models.text_tower import load_text_tower
 

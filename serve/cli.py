@@ -1,4 +1,5 @@
-"""`litpipe serve`: the command. Kept free of torch and FastAPI imports, since every `litpipe` call loads it."""
+"""`litpipe search` and `litpipe serve`: the commands. Kept free of torch and FastAPI imports, since every
+`litpipe` call loads them."""
 
 from __future__ import annotations
 
@@ -7,12 +8,22 @@ import ipaddress
 import socket
 import sys
 
-from litpipe.config import add_config_args, config_from_args
+from litpipe.config import add_config_args, chosen_checkpoint, chosen_dataset, config_from_args
 from litpipe.errors import UserError
-from litpipe.eval.defaults import chosen_checkpoint, chosen_dataset
 
 
 def register(commands) -> None:
+    search = commands.add_parser(
+        "search", help="text-to-image search over a cache with a trained text tower",
+        description="Embed a query with the text tower and print the closest cached images (key, score, caption).")
+    search.add_argument("query", help='what to look for, e.g. "a red apple"')
+    add_config_args(search)
+    search.add_argument("--k", type=int, default=10, help="results to show (default: %(default)s)")
+    search.add_argument("--dataset", help="the `data` entry to search (default: the first eval set, else train.dataset)")
+    search.add_argument("--checkpoint", help="a text-tower folder (default: eval.checkpoint or {workdir}/train/final)")
+    search.add_argument("--html", metavar="OUT.html", help="also write a contact sheet of the images found")
+    search.set_defaults(func=_search)
+
     serve = commands.add_parser(
         "serve", help="a local web page: search a cache by text, sort it with a zero-shot classifier",
         description="Load a cache and a trained text tower once, then serve a page (and a JSON API, documented "
@@ -29,6 +40,23 @@ def register(commands) -> None:
     serve.set_defaults(func=_serve)
 
 
+def _search(args: argparse.Namespace) -> int:
+    from litpipe.serve.search import CacheSearch, write_contact_sheet
+
+    cfg = config_from_args(args)
+    if args.k < 1:
+        raise UserError(f"--k {args.k}: must be at least 1")
+    dataset = chosen_dataset(cfg, args.dataset)
+    search = CacheSearch(cfg, dataset, chosen_checkpoint(cfg, args.checkpoint))
+    hits = search.search(args.query, args.k)
+    print(f"{args.query!r} in {dataset} (cache {search.cache.id}):")
+    for hit in hits:
+        print(f"{hit['rank']:>4}  {hit['score']:.3f}  {hit['key']}  {hit['captions'][0] if hit['captions'] else ''}")
+    if args.html:
+        print(f"contact sheet: {write_contact_sheet(search, args.query, hits, args.html)}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     dataset = chosen_dataset(cfg, args.dataset)
@@ -39,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from litpipe.eval.server import Explorer, create_app
+    from litpipe.serve.app import Explorer, create_app
 
     explorer = Explorer.load(cfg, dataset, chosen_checkpoint(cfg, args.checkpoint), args.cache)
     info = explorer.info()

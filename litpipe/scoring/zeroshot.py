@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from litpipe.errors import UserError
-from litpipe.evaluation.metrics import zeroshot_chance, zeroshot_metrics
+from litpipe.scoring.metrics import zeroshot_chance, zeroshot_metrics
 
 Template = Callable[[str], str]
 

@@ -15,10 +15,10 @@ import torch
 
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
-from litpipe.evaluation.retrieval import evaluate_retrieval, flatten_captions
-from litpipe.evaluation.search_index import require_faiss
-from litpipe.evaluation.text_features import encode_texts
-from litpipe.evaluation.zeroshot import build_classifier, evaluate_zeroshot, load_classnames, load_templates
+from litpipe.scoring.retrieval import evaluate_retrieval, flatten_captions
+from litpipe.scoring.search_index import require_faiss
+from litpipe.scoring.text_features import encode_texts
+from litpipe.scoring.zeroshot import build_classifier, evaluate_zeroshot, load_classnames, load_templates
 from litpipe.store import EmbeddingCache, load_all, resolve_cache
 
 
@@ -82,13 +82,9 @@ class EvalSuite:
 
 @torch.inference_mode()
 def image_side(tower: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The cached image vectors as the tower compares with them: through the trained image head of a
-    head-only run (`project_images`), else as cached."""
-    project = getattr(tower, "project_images", None)
-    if project is None:
-        return images
-    device = tower.logit_scale.device
-    return torch.cat([project(chunk.to(device)).float().cpu() for chunk in images.split(65536)]) if len(images) else images
+    """The cached image vectors as the tower compares with them (`project_images`: through the trained
+    image head of a head-only run, else as cached)."""
+    return tower.project_images(images)
 
 
 def flat_metrics(results: dict, field: str = "metrics") -> dict[str, float]:

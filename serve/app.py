@@ -24,10 +24,10 @@ from starlette.exceptions import HTTPException
 
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
-from litpipe.eval.image_source import ImageSourceError
-from litpipe.eval.search import CacheSearch, image_mime
-from litpipe.evaluation.text_features import encode_texts
-from litpipe.evaluation.zeroshot import build_classifier, classify, load_classnames, load_templates
+from litpipe.serve.image_source import ImageSourceError
+from litpipe.serve.search import CacheSearch, image_mime
+from litpipe.scoring.text_features import encode_texts
+from litpipe.scoring.zeroshot import build_classifier, classify, load_classnames, load_templates
 
 MAX_K = 500
 IMAGE_CACHE_SIZE = 1024  # thumbnails kept in memory: a page of results is fetched from its shards once
@@ -165,7 +165,7 @@ class Explorer:
 def create_app(explorer: Explorer) -> FastAPI:
     """The JSON API (documented at /docs) and the page at /."""
     app = FastAPI(title="litpipe serve", description="Text search and zero-shot classification over a litpipe cache.")
-    page = files("litpipe.eval").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = files("litpipe.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(UserError)
     def _user_error(request: Request, err: UserError) -> JSONResponse:

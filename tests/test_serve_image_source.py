@@ -1,12 +1,13 @@
-"""eval/image_source.py: a cached key leads back to its image bytes in a Parquet or folder source."""
+"""serve/image_source.py: a cached key leads back to its image bytes in a Parquet or folder source."""
 
 import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from litpipe.store.commits import commit_part, finalize
 from litpipe.config import DatasetConfig
-from litpipe.eval.image_source import ImageFetcher
+from litpipe.serve.image_source import ImageFetcher
 from litpipe.store import EmbeddingCache
 
 ENCODER_FP = {"model": "none", "dim": 2}
@@ -15,11 +16,11 @@ ENCODER_FP = {"model": "none", "dim": 2}
 def _cache_with(tmp_path, dataset, inputs_and_keys):
     cache = EmbeddingCache.open_or_create(str(tmp_path / "store"), ENCODER_FP, {"dataset": str(tmp_path)})
     for url, keys in inputs_and_keys:
-        cache.commit_shard(url, pa.table({
+        commit_part(cache, url, pa.table({
             "key": keys, "captions": [["c"]] * len(keys),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array([0.0] * 2 * len(keys), pa.float32()), 2),
         }))
-    cache.finalize()
+    finalize(cache, )
     return cache
 
 

@@ -1,4 +1,4 @@
-"""litpipe/evaluation/search_index.py: faiss search against a float64 reference."""
+"""litpipe/scoring/search_index.py: faiss search against a float64 reference."""
 
 import math
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from litpipe.evaluation.search_index import build_index
+from litpipe.scoring.search_index import build_index
 
 
 def _unit(n, d, seed):

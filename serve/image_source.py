@@ -7,6 +7,7 @@ samples and keys) for all the keys wanted from it. Used by `litpipe search --htm
 
 from __future__ import annotations
 
+from litpipe.store.parts import open_part
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
 from litpipe.store import EmbeddingCache
@@ -29,8 +30,8 @@ class ImageFetcher:
         """The input shard URL `key` was embedded from (the shards' key columns, read once)."""
         if self._input_of is None:  # built whole, then published: a thread or a failed read never sees half a map
             input_of = {}
-            for record in self.cache.shards():
-                keys = self.cache.open_shard(record).read(columns=["key"]).column("key").to_pylist()
+            for record in self.cache.parts():
+                keys = open_part(self.cache, record).read(columns=["key"]).column("key").to_pylist()
                 input_of.update(dict.fromkeys(keys, record["input"]))
             self._input_of = input_of
         if key not in self._input_of:

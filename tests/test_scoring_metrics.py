@@ -1,4 +1,4 @@
-"""litpipe/evaluation/metrics.py: CLIP_benchmark's definitions on hand-built cases, and against direct references."""
+"""litpipe/scoring/metrics.py: CLIP_benchmark's definitions on hand-built cases, and against direct references."""
 
 import itertools
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from litpipe.evaluation.metrics import (
+from litpipe.scoring.metrics import (
     image_to_text_recall,
     mean_per_class_recall,
     retrieval_chance,

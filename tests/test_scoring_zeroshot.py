@@ -1,9 +1,9 @@
-"""litpipe/evaluation/zeroshot.py: classifier construction, templates and class names, confusions."""
+"""litpipe/scoring/zeroshot.py: classifier construction, templates and class names, confusions."""
 
 import pytest
 import torch
 
-from litpipe.evaluation.zeroshot import (
+from litpipe.scoring.zeroshot import (
     ZeroShotError,
     build_classifier,
     evaluate_zeroshot,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from litpipe.evaluation.metrics import image_to_text_recall, retrieval_chance, text_to_image_recall
-from litpipe.evaluation.search_index import build_index
+from litpipe.scoring.metrics import image_to_text_recall, retrieval_chance, text_to_image_recall
+from litpipe.scoring.search_index import build_index
 
 
 def flatten_captions(captions: list[list[str]]) -> tuple[list[str], torch.Tensor]:
