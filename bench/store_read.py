@@ -46,7 +46,7 @@ def write_cache(root: str, rows: int, dim: int, shards: int, part_rows: int) -> 
                 "captions": [[f"a photo of thing number {i}", f"caption {i % 1000}"] for i in part],
                 "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
             }), part=k, last=k == len(parts) - 1)
-    finalize(cache, )
+    finalize(cache)
     return cache
 
 

@@ -77,7 +77,7 @@ def throughput(name: str, encoder_spec: dict, batch: int, steps: int) -> tuple[f
         commit_part(cache, str(tmp / "inputs" / "part-0.tar"), pa.table({
             "key": keys, "captions": captions,
             "embedding": pa.FixedSizeListArray.from_arrays(embeddings.reshape(-1), embeddings.shape[1])}))
-        finalize(cache, )
+        finalize(cache)
         cached = train(cfg)["samples_per_s"]
         run = build_run(cfg)
         run.image_features = lambda b: encoder.encode(torch.stack([by_key[k] for k in b.keys]))
@@ -180,7 +180,7 @@ def heads_throughput(batch: int, steps: int) -> tuple[float, float]:
         commit_part(cache, str(tmp / "inputs" / "part-0.tar"), pa.table({
             "key": [f"k{i:07d}" for i in range(rows)], "captions": captions,
             "embedding": pa.FixedSizeListArray.from_arrays(embeddings.reshape(-1), embeddings.shape[1])}))
-        finalize(cache, )
+        finalize(cache)
         started = time.perf_counter()
         run = build_run(cfg)  # builds the text-feature cache: the text model's one pass over every caption
         built = time.perf_counter() - started

@@ -171,7 +171,7 @@ def _show(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     cache = _open(args)
-    problems = verify(cache, )
+    problems = verify(cache)
     for problem in problems:
         print(problem)
     if problems:
@@ -209,8 +209,8 @@ def _rm(args: argparse.Namespace) -> int:
               + "; `litpipe precompute` embeds it again")
         return 0
     if args.orphans:
-        removed = remove_orphans(cache, )
-        kept = len(orphans(cache, ))
+        removed = remove_orphans(cache)
+        kept = len(orphans(cache))
         print(f"cache {cache.id}: removed {len(removed)} orphaned file(s)" + (
             f"; kept {kept} whose input is not committed yet (a running writer may still commit them)" if kept else ""))
         return 0

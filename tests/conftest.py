@@ -132,7 +132,7 @@ def tiny_cache(tmp_path_factory):
         table = pa.table({"key": keys[rows], "captions": captions[rows],
                           "embedding": pa.FixedSizeListArray.from_arrays(embeddings[rows].reshape(-1), embeddings.shape[1])})
         commit_part(cache, str(tmp / "inputs" / f"part-{part}.tar"), table)
-    finalize(cache, )
+    finalize(cache)
     return {"tmp": tmp, "images": dict(zip(keys, images)), "encoder": encoder}
 
 

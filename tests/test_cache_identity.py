@@ -143,7 +143,7 @@ def test_a_cache_made_before_identity_by_content_is_adopted_without_encoding(ray
         for key in before:
             np.testing.assert_array_equal(after[key]["embedding"], before[key]["embedding"])
         assert (Path(new.path) / "tokens").is_dir() and not (Path(old.path) / "manifest.json").exists()
-        assert verify(new, ) == []
+        assert verify(new) == []
         assert resolve_cache(cfg, "train").id == new.id
         assert train_stage.run(cfg)["steps"] == 2
     finally:

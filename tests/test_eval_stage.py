@@ -75,7 +75,7 @@ def evaluated(tmp_path_factory):
     cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fingerprint(cfg.data["heldout"]),
                                           embedding_dtype="float32")
     commit_part(cache, expand_urls(cfg.data["heldout"].urls)[0], table)
-    finalize(cache, )
+    finalize(cache)
     torch.manual_seed(0)
     tower = build_text_tower(cfg.train.tower, embed_dim=embeddings.shape[1])
     save_text_tower(f"{cfg.workdir}/train/final", tower, clip_tokenizer(16))

@@ -139,7 +139,7 @@ def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_e
     expected_errors = sorted([("a", urls[1], urls[0]), ("b", urls[1], urls[0]), ("a", urls[2], urls[0]), ("c", urls[2], urls[0])])
     assert sorted((e["key"], e["input"], e["reason"].split("first in ")[1]) for e in cache.errors()) == expected_errors
     assert summary["skipped_by_reason"] == {"duplicate key": 4} and summary["rows_in_cache"] == 8
-    assert verify(cache, ) == []
+    assert verify(cache) == []
     assert sorted(load_all(cache).keys) == sorted(first_copies)
     reader = StreamingReader(cache, batch_size=8, shuffle=False)
     assert sorted(key for batch in reader for key in batch.keys) == sorted(first_copies)
@@ -399,14 +399,14 @@ def test_a_bit_flipped_in_a_shard_at_rest_fails_every_read_naming_the_file_and_r
         load_all(cache)
     with pytest.raises(CacheError, match=named):
         list(StreamingReader(cache, batch_size=4))
-    assert any(p.startswith(f"{path}: sha256 differs") for p in verify(cache, ))
+    assert any(p.startswith(f"{path}: sha256 differs") for p in verify(cache))
     assert main(["cache", "rm", cache.id, str(tmp_path / "pipeline.yaml"), "--part", record["name"]]) == 0
     assert f"part {record['name']} taken out" in capsys.readouterr().out
 
     mended = stage.run(validate_config(raw))["datasets"]["train"]
     assert mended["inputs_processed"] == 1 and mended["embedded"] == len(GOOD_RGB)
     cache = EmbeddingCache.open(mended["cache_url"])
-    assert verify(cache, ) == []
+    assert verify(cache) == []
     got, want = cache_rows(cache), cache_rows(planted["cache"])
     assert list(got) == list(want) and all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
 
@@ -439,7 +439,7 @@ def test_a_grown_dataset_encodes_only_its_new_shards_and_removal_keeps_what_anot
     plan = remove_cache(EmbeddingCache.open(first["cache_url"]), dry_run=True)
     assert plan["deleted"] == [] and len(plan["kept"]) == 2  # both of v1's files are v2's too
     remove_cache(EmbeddingCache.open(first["cache_url"]))
-    assert [c.id for c in list_caches(root)] == [view.id] and verify(view, ) == []
+    assert [c.id for c in list_caches(root)] == [view.id] and verify(view) == []
     assert sorted(cache_rows(view)) == sorted(want)
     plan = remove_cache(view)  # now the last cache naming v1's files: they go too
     assert len(plan["deleted"]) == 3 and plan["kept"] == []

@@ -79,7 +79,7 @@ def _build_cache(cfg, encoder) -> EmbeddingCache:
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel(), pa.float32()), encoder.dim),
             "label": pa.array([s.label for s in samples], pa.int64()),
         }))
-    finalize(cache, )
+    finalize(cache)
     return cache
 
 

@@ -20,7 +20,7 @@ def _cache_with(tmp_path, dataset, inputs_and_keys):
             "key": keys, "captions": [["c"]] * len(keys),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array([0.0] * 2 * len(keys), pa.float32()), 2),
         }))
-    finalize(cache, )
+    finalize(cache)
     return cache
 
 

@@ -70,7 +70,7 @@ def test_committed_shards_read_back_exactly_and_finalize_consolidates(root):
     assert contents.keys == [k for t in tables.values() for k in t.column("key").to_pylist()]
     assert contents.captions[0] == ["caption s0 0", "alt"]
     assert contents.labels.tolist() == [i for t in tables.values() for i in range(t.num_rows)]
-    assert verify(found, ) == []
+    assert verify(found) == []
 
 
 def test_crash_before_commit_leaves_exactly_the_committed_shards_and_resume_writes_each_key_once(root):
@@ -89,10 +89,10 @@ def test_crash_before_commit_leaves_exactly_the_committed_shards_and_resume_writ
             commit_part(reopened, url, shard_table(f"s{i}", 6))
     keys = load_all(reopened).keys
     assert len(keys) == len(set(keys)) == 6 * len(INPUTS)
-    assert [p.split(": ")[1] for p in verify(reopened, )] == ["orphaned data file, in no commit record "
+    assert [p.split(": ")[1] for p in verify(reopened)] == ["orphaned data file, in no commit record "
                                                              f"(a crashed or losing writer); `litpipe cache rm {cache.id} --orphans` deletes it"]
-    assert remove_orphans(reopened, ) == [partial]
-    assert verify(reopened, ) == []
+    assert remove_orphans(reopened) == [partial]
+    assert verify(reopened) == []
 
 
 def test_two_writers_racing_on_the_same_inputs_commit_each_key_once(root):
@@ -113,8 +113,8 @@ def test_two_writers_racing_on_the_same_inputs_commit_each_key_once(root):
     assert len(keys) == len(set(keys)) == 5 * len(INPUTS)
     if not root.startswith("s3://"):  # moto's conditional PUT is not atomic under races; AWS's is
         assert all((ra is None) != (rb is None) for ra, rb in zip(results["a"], results["b"]))
-    remove_orphans(cache, )
-    assert verify(cache, ) == []
+    remove_orphans(cache)
+    assert verify(cache) == []
 
 
 def _commit_all_in_process(root):
@@ -128,7 +128,7 @@ def test_two_writer_processes_on_local_disk_commit_each_input_once(tmp_path):
         won = pool.map(_commit_all_in_process, [root, root])
     assert [a + b for a, b in zip(*won)] == [1] * len(INPUTS)
     cache = EmbeddingCache.find(root, ENCODER, DATASET)
-    assert cache.num_rows == 5 * len(INPUTS) and orphans(cache, ) == [] and verify(cache, ) == []
+    assert cache.num_rows == 5 * len(INPUTS) and orphans(cache) == [] and verify(cache) == []
 
 
 def test_same_fingerprints_find_the_cache_and_changed_preprocessing_does_not(root):
@@ -161,7 +161,7 @@ def test_resolve_cache_matches_encoder_spec_and_dataset_and_prefers_complete(tmp
         resolve_cache(cfg, "train")
     complete = EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "spec": spec}, data_fp)
     commit_part(complete, data_fp["inputs"][0]["url"], shard_table("a", 3))
-    finalize(complete, )
+    finalize(complete)
     partial = EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "weights_sha256": "w2", "spec": spec}, data_fp)
     EmbeddingCache.open_or_create(cfg.store.root, {**ENCODER, "spec": {**spec, "image_size": 64}}, data_fp)
     assert resolve_cache(cfg, "train").id == complete.id
@@ -181,7 +181,7 @@ def test_commit_refuses_wrong_dim_duplicate_keys_and_a_finalized_cache(tmp_path)
     commit_part(cache, INPUTS[0], shard_table("s", 2))
     with pytest.raises(CacheError, match="1 input shard.*not committed.*re-run `litpipe precompute`"):
         finalize(cache, expected_inputs=INPUTS[:2])
-    finalize(cache, )
+    finalize(cache)
     assert commit_part(cache, INPUTS[0], shard_table("s", 2)) is None
     with pytest.raises(CacheError, match="is complete"):
         commit_part(cache, INPUTS[1], shard_table("t", 2))
@@ -231,7 +231,7 @@ def test_truncated_shard_and_dim_mismatch_fail_reads_naming_the_shard(written, t
 
 
 def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_path, monkeypatch):
-    assert verify(written, ) == []
+    assert verify(written) == []
     first, second = written.parts()
     path = tmp_path / written.id / second["path"]
     data = bytearray(path.read_bytes())
@@ -242,7 +242,7 @@ def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_p
     vectors[0] = np.nan
     bad = bad.set_column(2, "embedding", pa.FixedSizeListArray.from_arrays(pa.array(vectors), DIM))
     commit_part(written, INPUTS[2], bad)
-    problems = verify(written, )
+    problems = verify(written)
     assert any(p.startswith(f"{written.url}/{second['path']}: sha256 differs") for p in problems)
     third = next(s for s in written.parts() if s["input"] == INPUTS[2])
     assert f"{written.url}/{third['path']}: 1 embedding(s) with NaN or inf" in problems
@@ -250,8 +250,8 @@ def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_p
     # A complete cache that kept both copies (written by a litpipe before duplicates were dropped) is damaged.
     path.write_bytes(bytes(data[:len(data) // 3]) + bytes([data[len(data) // 3] ^ 0xFF]) + bytes(data[len(data) // 3 + 1:]))
     monkeypatch.setattr("litpipe.store.commits.later_duplicates", lambda cache, records: {})
-    finalize(written, )
-    assert f"{written.url}/{third['path']}: key 's0/0' also in {first['path']} (duplicate key)" in verify(written, )
+    finalize(written)
+    assert f"{written.url}/{third['path']}: key 's0/0' also in {first['path']} (duplicate key)" in verify(written)
 
 
 def test_a_commit_whose_reply_is_lost_is_still_the_writers_own(s3_server, s3_root):
@@ -278,23 +278,23 @@ def test_adopted_shards_read_through_the_view_and_a_removal_cut_short_is_finishe
     donor = EmbeddingCache.open_or_create(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:3]})
     for i, url in enumerate(INPUTS[:3]):
         commit_part(donor, url, shard_table(f"s{i}", 4, seed=i), [{"key": f"s{i}/bad", "reason": "undecodable image"}])
-    finalize(donor, )
+    finalize(donor)
     view = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
     other_encoder = EmbeddingCache.open_or_create(root, {**ENCODER, "weights_sha256": "w2"}, DATASET)
     assert adopt_from_other_caches(other_encoder, INPUTS) == {}  # other weights: nothing to share
     assert adopt_from_other_caches(view, INPUTS) == {url: donor.id for url in INPUTS[:3]}
     commit_part(view, INPUTS[3], shard_table("s3", 2, seed=3))
-    finalize(view, )
+    finalize(view)
     assert load_all(view).keys == [f"s{i}/{j}" for i in range(3) for j in range(4)] + ["s3/0", "s3/1"]
     assert sorted(e["key"] for e in view.errors()) == ["s0/bad", "s1/bad", "s2/bad"]  # skipped samples travel too
-    assert verify(view, ) == [] and orphans(donor, ) == []  # files the view names are no orphans of the donor
+    assert verify(view) == [] and orphans(donor) == []  # files the view names are no orphans of the donor
 
     donor.fs.rm_file(f"{donor.path}/manifest.json")  # `cache rm` of the donor killed after its first step
     assert {c.id for c in list_caches(root)} == {view.id, other_encoder.id}
     leftovers = collect_garbage(root, dry_run=True)  # the donor's records go; the files the view names stay
     assert leftovers and not any("/shards/" in url for url in leftovers)
     assert collect_garbage(root) == leftovers and collect_garbage(root) == []
-    assert verify(view, ) == [] and load_all(view).embeddings.shape == (14, DIM)
+    assert verify(view) == [] and load_all(view).embeddings.shape == (14, DIM)
     remove_cache(view)  # the last cache naming the donor's files
     assert collect_garbage(root) == []
     fs, path = fsspec.core.url_to_fs(root)
@@ -307,12 +307,12 @@ def test_a_part_taken_out_is_committed_again_and_its_file_stays_while_another_ca
     donor = EmbeddingCache.open_or_create(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:2]})
     for i, url in enumerate(INPUTS[:2]):
         commit_part(donor, url, shard_table(f"s{i}", 4, seed=i))
-    finalize(donor, )
+    finalize(donor)
     view = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
     adopt_from_other_caches(view, INPUTS)
     for i in (2, 3):
         commit_part(view, INPUTS[i], shard_table(f"s{i}", 4, seed=i))
-    finalize(view, )
+    finalize(view)
     before = load_all(view)
 
     adopted = remove_part(view, shard_name(INPUTS[0]))  # the donor's file: it stays, the donor names it
@@ -323,14 +323,14 @@ def test_a_part_taken_out_is_committed_again_and_its_file_stays_while_another_ca
         remove_part(view, "nope")
     partial = EmbeddingCache.open(view.url)
     assert not partial.complete and partial.committed_inputs() == {INPUTS[1], INPUTS[2]}
-    assert verify(donor, ) == [] and load_all(donor).keys == before.keys[:8]
+    assert verify(donor) == [] and load_all(donor).keys == before.keys[:8]
 
     assert adopt_from_other_caches(partial, [INPUTS[0], INPUTS[3]]) == {INPUTS[0]: donor.id}  # what precompute does
     commit_part(partial, INPUTS[3], shard_table("s3", 4, seed=3))
-    finalize(partial, )
+    finalize(partial)
     again = load_all(partial)
     assert again.keys == before.keys and np.array_equal(again.embeddings.numpy(), before.embeddings.numpy())
-    assert verify(partial, ) == []
+    assert verify(partial) == []
 
 
 def test_a_format_1_cache_reads_as_it_is_and_lends_its_shards(tmp_path):
@@ -342,11 +342,11 @@ def test_a_format_1_cache_reads_as_it_is_and_lends_its_shards(tmp_path):
     old = EmbeddingCache.open_or_create(root, ENCODER, {**DATASET, "inputs": DATASET["inputs"][:2]})
     for i, url in enumerate(INPUTS[:2]):
         commit_part(old, url, shard_table(f"s{i}", 3, seed=i))
-    manifest = finalize(old, )
+    manifest = finalize(old)
     assert all("owner" not in r for r in manifest["shards"])
     (tmp_path / "store" / old.id / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
     reopened = EmbeddingCache.open(old.url)
-    assert reopened.manifest["format_version"] == 1 and verify(reopened, ) == []
+    assert reopened.manifest["format_version"] == 1 and verify(reopened) == []
     assert load_all(reopened).keys == [f"s{i}/{j}" for i in range(2) for j in range(3)]
     grown = EmbeddingCache.open_or_create(root, ENCODER, DATASET)
     assert adopt_from_other_caches(grown, INPUTS) == {INPUTS[0]: old.id, INPUTS[1]: old.id}
@@ -366,11 +366,11 @@ def test_finalize_keeps_a_key_repeated_across_parts_in_the_first_and_the_token_c
     commit_part(cache, INPUTS[0], shard_table("s0", 3))
     tokens = ensure_token_cache(cache, clip_tokenizer(8))
     stale = {r["name"]: r["sha256"] for r in cache.parts()}
-    manifest = finalize(cache, )
+    manifest = finalize(cache)
     assert [(r["input"], r["rows"], r.get("duplicates_dropped", 0)) for r in manifest["shards"]] == [
         (INPUTS[0], 3, 0), (INPUTS[1], 2, 1)]
     assert cache.errors() == [{"key": "s0/2", "input": INPUTS[1], "reason": f"duplicate key: first in {INPUTS[0]}"}]
-    assert load_all(cache).keys == ["s0/0", "s0/1", "s0/2", "s1/0", "s1/2"] and verify(cache, ) == []
+    assert load_all(cache).keys == ["s0/0", "s0/1", "s0/2", "s1/0", "s1/2"] and verify(cache) == []
     rewritten = [r for r in cache.parts() if r["sha256"] != stale[r["name"]]]
     assert [r["input"] for r in tokens.missing()] == [r["input"] for r in rewritten] == [INPUTS[1]]
     assert ensure_token_cache(cache, clip_tokenizer(8)).missing() == []

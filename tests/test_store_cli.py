@@ -98,7 +98,7 @@ def test_ls_json_and_du_count_what_caches_share_after_a_grown_dataset_adopted_it
                     "embedding": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(4 * (i + 1), np.float32)), 4),
                 }), [{"key": f"{entry['url']}/bad", "reason": "undecodable image"}])
         if name != "v2-other":
-            finalize(cache, )
+            finalize(cache)
         made[name] = cache
     assert main(["cache", "ls", config, "--json"]) == 0
     listed = {e["dataset"]: e for e in json.loads(capsys.readouterr().out)}

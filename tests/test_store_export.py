@@ -37,7 +37,7 @@ def cache(tmp_path_factory):
             columns["label"] = [i % 4 for i in range(rows)]
         errors = [{"key": f"{shard}/bad", "reason": "undecodable image"}] if rows == 0 else []
         commit_part(cache, shard, pa.table(columns), errors)
-    finalize(cache, )
+    finalize(cache)
     return cache
 
 
@@ -105,7 +105,7 @@ def test_a_folder_datasets_export_shows_each_images_path(tmp_path):
         "key": ["cats/1", "dogs/2"], "captions": [["a cat"], ["a dog"]],
         "embedding": pa.FixedSizeListArray.from_arrays(np.ones(4, np.float32), 2),
         "metadata": ['{"path": "cats/1.jpg", "source": "x"}', '{"path": "dogs/2.png"}']}), [])
-    finalize(cache, )
+    finalize(cache)
     summary = export_cache(cache, str(tmp_path / "npy"), "npy")
     assert Path(summary["files"][0]["embeddings"]).name == "img_emb_0.npy"
     meta = pq.read_table(summary["files"][0]["metadata"])

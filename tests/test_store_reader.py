@@ -131,7 +131,7 @@ def test_load_all_equals_what_was_written(written):
 def test_remote_caches_stream_and_load_like_local_ones(store, request):
     root = f"memory://reader-{uuid.uuid4().hex[:8]}" if store == "memory" else request.getfixturevalue("s3_root")
     cache, reference = _write(root, embedding_dtype="float32")
-    finalize(cache, )
+    finalize(cache)
     cache = EmbeddingCache.find(root, ENCODER, DATASET, "float32")
     keys = [k for b in StreamingReader(cache, batch_size=10, rank=0, world_size=2) for k in b.keys]
     keys += [k for b in StreamingReader(cache, batch_size=10, rank=1, world_size=2) for k in b.keys]

@@ -22,10 +22,10 @@ def assert_same_cache(cache: EmbeddingCache, reference: EmbeddingCache) -> None:
         assert got[key]["embedding"].tobytes() == row["embedding"].tobytes(), key
         assert {k: v for k, v in got[key].items() if k != "embedding"} == {k: v for k, v in row.items() if k != "embedding"}
     assert sorted(map(json.dumps, cache.errors())) == sorted(map(json.dumps, reference.errors()))
-    problems = verify(cache, )
+    problems = verify(cache)
     assert all("cache rm" in p and "--orphans" in p for p in problems), problems  # only what --orphans removes
-    remove_orphans(cache, )
-    assert verify(cache, ) == []
+    remove_orphans(cache)
+    assert verify(cache) == []
     named = {"manifest.json", "errors.jsonl"} | {r["path"] for r in cache.parts()}
     cache.fs.invalidate_cache(cache.path)
     present = {p[len(cache.path.rstrip("/")) + 1:] for p in cache.fs.find(cache.path)}

@@ -52,7 +52,7 @@ def test_a_full_disk_stops_the_parts_it_hits_naming_the_path_and_the_run_after_f
                                                    r".*rerun `litpipe precompute`"):
         raise_if_incomplete(summary)
     partial = EmbeddingCache.open(result["cache_url"])
-    assert all("orphan" in p or "temporary" in p for p in verify(partial, ))  # every committed part whole
+    assert all("orphan" in p or "temporary" in p for p in verify(partial))  # every committed part whole
     assert not partial.committed_inputs() & set(result["failed_inputs"])
 
     (small_disk / "ballast").unlink()
