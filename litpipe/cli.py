@@ -13,6 +13,7 @@ import sys
 import litpipe
 from litpipe.config import DEFAULT_CONFIG, add_config_args, config_from_args, defaults_yaml
 from litpipe.errors import INTERRUPTED, UserError
+from litpipe.progress import be_quiet
 from litpipe.ray_cluster import VERBOSE_ENV
 from litpipe.eval import cli as eval_cli
 from litpipe.serve import cli as serve_cli
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm's own switch, for every bar that does not set `disable` itself
+        be_quiet()
     try:
         return args.func(args) or 0
     except UserError as err:

@@ -383,7 +383,8 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _datasets_exist(self) -> PipelineConfig:
-        named = [("train.dataset", self.train.dataset)]
+        # A config written for precompute alone has no train section: its default dataset is checked when training.
+        named = [("train.dataset", self.train.dataset)] if "train" in self.model_fields_set else []
         named += [(f"eval.retrieval[{i}]", name) for i, name in enumerate(self.eval.retrieval)]
         named += [(f"eval.zeroshot[{i}].dataset", z.dataset) for i, z in enumerate(self.eval.zeroshot)]
         for key, name in named:
@@ -406,6 +407,14 @@ def chosen_checkpoint(cfg: PipelineConfig, requested: str | None = None) -> str:
     """The text tower an eval command uses when the user names none: `requested`, else eval.checkpoint, else
     where the train stage leaves its final text tower."""
     return requested or cfg.eval.checkpoint or cfg.final_text_tower
+
+
+def training_dataset(cfg: PipelineConfig) -> str:
+    """train.dataset, checked against `data` (a config without a train section is checked only when it trains)."""
+    if cfg.train.dataset not in cfg.data:
+        raise ConfigError(f"train.dataset: no dataset `{cfg.train.dataset}` under data; known: {', '.join(cfg.data)}; "
+                          "set train.dataset to the one to train on")
+    return cfg.train.dataset
 
 
 def chosen_dataset(cfg: PipelineConfig, requested: str | None = None) -> str:

@@ -118,8 +118,12 @@ def _reach(url: str, call):
         raise access_error(url, "data.*.urls", err) or err
 
 
+class NoFilesError(UserError):
+    """A path, glob or brace range that names no file; the caller prefixes the config key that gave it."""
+
+
 def _no_files(url: str) -> UserError:
-    return UserError(f"{url}: matches no files; check the path (and the {{000..009}} range or glob) in pipeline.yaml")
+    return NoFilesError(f"{url}: matches no files; check the path and its {{000..009}} range or glob")
 
 
 def file_info(info: dict) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import itertools
 import json
 import os
 import re
@@ -29,11 +30,12 @@ import pyarrow.parquet as pq
 
 from litpipe.config import DatasetConfig
 from litpipe.errors import UserError
-from litpipe.files import expand_urls
+from litpipe.files import NoFilesError, expand_urls
 from litpipe.skips import duplicate_reason
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 PARQUET_IMAGE_COLUMNS = ("jpg", "image", "img", "png", "webp", "image_bytes")
+FIRST_SAMPLES = 16  # samples of a first shard read before a job starts, to catch an image_column that matches nothing
 PARQUET_CAPTION_COLUMNS = ("caption", "captions", "txt", "text", "sentences")
 FOLDER_ROWS_MARK = "#rows="
 SHARD_ERROR_KEY = ""  # an error that is about the whole input shard, not one sample
@@ -203,7 +205,7 @@ def tar_sample(dataset: DatasetConfig, key: str, files: dict[str, bytes]) -> Sam
     label_ext = dataset.label_column or "cls"
     image = next((files[e] for e in image_exts if e in files), None)
     if image is None:
-        return Sample(key, error=f"no image (none of .{', .'.join(image_exts)})")
+        return Sample(key, error=f"no image (none of .{', .'.join(image_exts)}; it has .{', .'.join(sorted(files))})")
     metadata = None
     if "json" in files:
         try:
@@ -223,10 +225,30 @@ def tar_sample(dataset: DatasetConfig, key: str, files: dict[str, bytes]) -> Sam
 
 # --- Parquet -----------------------------------------------------------------------------
 
-def check_columns(dataset: DatasetConfig, url: str) -> None:
-    """A Parquet dataset's configured columns against one input file's schema (its footer alone),
-    so a misnamed column stops the job before any work, not as a skip record per shard; a
-    clip_benchmark set's type against what litpipe reads of it (one label or captions per image)."""
+def check_inputs(name: str, dataset: DatasetConfig) -> list[str]:
+    """The input shards of `data.<name>`, checked before any job starts (`check_columns`); errors name the key."""
+    try:
+        inputs = list_shards(dataset)
+    except NoFilesError as err:
+        raise UserError(f"data.{name}.urls: {err}") from None
+    check_columns(name, dataset, inputs[0])
+    return inputs
+
+
+def check_columns(name: str, dataset: DatasetConfig, url: str) -> None:
+    """A dataset's configured columns against one input file, so a misnamed column stops the job before
+    any work, not as a skip record per sample: a Parquet file's schema (its footer alone), the first
+    samples of a tar (a dataset none of whose first samples has an image of `image_column` embeds
+    nothing), a clip_benchmark set's type against what litpipe reads of it (one label or captions per image)."""
+    if dataset.format in ("webdataset", "clip_benchmark"):
+        try:
+            first = list(itertools.islice(iter_shard(dataset, url), FIRST_SAMPLES))
+        except TransientReadError:
+            first = []  # the job's read tasks retry it; this check is only a head start
+        if first and all((s.error or "").startswith("no image") for s in first):
+            raise UserError(f"data.{name}.image_column: {dataset.image_column or 'default'}: "
+                            f"{first[0].error.removeprefix('no image ')} in the first {len(first)} sample(s) of {url}; "
+                            "set it to the image's extension (e.g. image_column: jpg)")
     if dataset.format == "clip_benchmark":
         kind = _cat_or_none(*fsspec.core.url_to_fs(f"{dataset.benchmark_root}/dataset_type.txt"))
         if kind is not None and kind.decode().strip().lower() not in ("classification", "retrieval"):

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from ray.util.annotations import RayDeprecationWarning
-from tqdm import tqdm
+from litpipe.progress import progress
 
 from litpipe.store.commits import commit_part, finalize
 from litpipe.config import DatasetConfig, EncoderConfig, PipelineConfig
@@ -38,7 +38,7 @@ from litpipe.errors import UserError
 from litpipe.models.image_encoder import EncoderDescription, load_encoder
 from litpipe.ray_cluster import init_ray
 from litpipe.skips import DUPLICATE_KEY, reason_kind
-from litpipe.sources import check_columns, list_shards
+from litpipe.sources import list_shards
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.fingerprint import dataset_fingerprint
 from litpipe.store.migrate import adopt_legacy
@@ -61,13 +61,13 @@ def precompute(cfg: PipelineConfig, names: list[str], encoder: EncoderDescriptio
         encoding = [p for p in plans if p.to_encode]
         if encoding:
             encoded_any = True
-            with tqdm(desc="precompute " + ", ".join(f"{p.name} -> {p.cache.id}" for p in encoding), unit="img",
-                      dynamic_ncols=True, mininterval=1.0) as progress:
+            with progress(desc="precompute " + ", ".join(f"{p.name} -> {p.cache.id}" for p in encoding), unit="img",
+                          dynamic_ncols=True, mininterval=1.0) as bar:
                 by_name = {p.name: p for p in encoding}
                 for summary in part_summaries(cfg, encoding, encoder):
                     by_name[summary.dataset].count(summary)
-                    progress.update(summary.rows + summary.num_skipped)
-                    progress.set_postfix(parts=sum(p.parts for p in encoding),
+                    bar.update(summary.rows + summary.num_skipped)
+                    bar.set_postfix(parts=sum(p.parts for p in encoding),
                                          skipped=sum(sum(p.skipped.values()) for p in encoding))
                     if on_commit is not None and summary.committed:
                         on_commit(summary)
@@ -137,8 +137,7 @@ class Plan:
 def plan(cfg: PipelineConfig, name: str, encoder: EncoderDescription) -> Plan:
     """List the dataset's inputs, open (or create) its cache, adopt what other caches hold."""
     dataset = cfg.data[name]
-    inputs = list_shards(dataset)
-    check_columns(dataset, inputs[0])  # a misnamed column stops here, not as a skip record per shard
+    inputs = list_shards(dataset)  # checked before Ray started (`stage.run`: `check_inputs`)
     dataset_fp = dataset_fingerprint(dataset)
     legacy = adopt_legacy(cfg.store.root, encoder.fingerprint, dataset_fp, cfg.store.embedding_dtype, dataset_name=name)
     cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fp,

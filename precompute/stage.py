@@ -5,6 +5,8 @@ from __future__ import annotations
 from litpipe.config import PipelineConfig
 from litpipe.errors import RerunToFinish, UserError
 from litpipe.files import check_reachable
+from litpipe.models.image_towers import check_model_name
+from litpipe.sources import check_inputs
 from .job import describe_encoder, precompute
 
 
@@ -27,6 +29,9 @@ def run(cfg: PipelineConfig, datasets: list[str] | None = None) -> dict:
         raise UserError(f"store.root {cfg.store.root}: a memory:// store lives in one process, but precompute writes "
                         "from its Ray workers; use a local folder or an object store")
     check_reachable(cfg.store.root, "store.root")
+    for name in names:  # what the config names is there and fits, in seconds, before Ray or a model starts
+        check_inputs(name, cfg.data[name])
+    check_model_name(cfg.encoder)
     summary = precompute(cfg, names, describe_encoder(cfg))
     summary["report"] = [report_line(r) for r in summary["datasets"].values()]
     if summary["images_per_s"] is not None:

@@ -163,8 +163,10 @@ class Explorer:
 
 
 def create_app(explorer: Explorer) -> FastAPI:
-    """The JSON API (documented at /docs) and the page at /."""
-    app = FastAPI(title="litpipe serve", description="Text search and zero-shot classification over a litpipe cache.")
+    """The JSON API (described at /openapi.json) and the page at /. FastAPI's /docs and /redoc pages load
+    their scripts from a CDN and are blank offline, so they are left out."""
+    app = FastAPI(title="litpipe serve", description="Text search and zero-shot classification over a litpipe cache.",
+                  docs_url=None, redoc_url=None)
     page = files("litpipe.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.exception_handler(UserError)

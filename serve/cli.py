@@ -26,8 +26,8 @@ def register(commands) -> None:
 
     serve = commands.add_parser(
         "serve", help="a local web page: search a cache by text, sort it with a zero-shot classifier",
-        description="Load a cache and a trained text tower once, then serve a page (and a JSON API, documented "
-        "at /docs) to search the cached images by text and to classify them by class names you type.")
+        description="Load a cache and a trained text tower once, then serve a page (and a JSON API, described "
+        "at /openapi.json) to search the cached images by text and to classify them by class names you type.")
     add_config_args(serve)
     tower = serve.add_mutually_exclusive_group()
     tower.add_argument("--checkpoint", help="a text-tower folder (default: eval.checkpoint or {workdir}/train/final)")
@@ -75,7 +75,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"litpipe serve: {info['images_problem']}; results show keys and captions only", file=sys.stderr)
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"litpipe serve: {info['num_images']:,} images of `{dataset}` (cache {info['cache_id']}) at "
-          f"http://{host}:{args.port}  (API docs: /docs; Ctrl-C stops)", flush=True)
+          f"http://{host}:{args.port}  (API: /openapi.json; Ctrl-C stops)", flush=True)
     uvicorn.run(create_app(explorer), host=args.host, port=args.port, log_level="warning")
     return 0
 

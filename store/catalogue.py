@@ -1,8 +1,10 @@
 """What a store holds: cache by cache (`litpipe cache ls`) and encoder by encoder (`litpipe cache du`).
 
-Figures come from the manifests and commit records alone; no shard is opened. A cache's part is
-"shared" when another cache's record names the same data file (one adopted it: same encoder, same
-input bytes), and removing a cache frees only the files no other cache names.
+Rows come from the manifests and commit records; bytes from one listing of each cache's folder, which
+holds its own data files, records, token and text-feature rows (`disk_bytes`): summed over caches they
+are the store's bytes on disk, each file once. A cache's part is "shared" when another cache's record
+names the same data file (one adopted it: same encoder, same input bytes), and removing a cache frees
+only the files of its folder that no other cache names.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ def describe(caches: list[EmbeddingCache]) -> list[dict]:
     for c in caches:
         shards = c.parts()
         shared = [r for r in shards if len(named[(c.owner(r), r["path"])]) > 1]
+        kept_by_others = sum(r["bytes"] for r in shared if c.owner(r) == c.id)  # files of its folder others name
         fp = c.manifest["encoder"]
         out.append({
             "id": c.id, "url": c.url, "state": "complete" if c.complete else "partial", "created": c.manifest["created"],
@@ -30,6 +33,7 @@ def describe(caches: list[EmbeddingCache]) -> list[dict]:
             "rows": sum(r["rows"] for r in shards), "bytes": sum(r["bytes"] for r in shards),
             "errors": c.manifest["num_errors"] if c.complete else sum(len(r["errors"]) for r in shards),
             "parts": len(shards), "parts_shared": len(shared), "bytes_shared": sum(r["bytes"] for r in shared),
+            "disk_bytes": (disk := _folder_bytes(c)), "rm_frees": disk - kept_by_others,
         })
     return out
 
@@ -40,11 +44,17 @@ def disk_usage(described: list[dict], caches: list[EmbeddingCache]) -> list[dict
     groups: dict[str, dict] = {}
     for entry, cache in zip(described, caches):
         group = groups.setdefault(canonical_json(cache.manifest["encoder"]),
-                                  {"encoder": entry["encoder"], "caches": 0, "files": {}, "rm_frees": {}})
+                                  {"encoder": entry["encoder"], "caches": 0, "rows": {}, "bytes": 0, "rm_frees": {}})
         group["caches"] += 1
         for record in cache.parts():
-            group["files"][(cache.owner(record), record["path"])] = (record["rows"], record["bytes"])
-        group["rm_frees"][entry["id"]] = entry["bytes"] - entry["bytes_shared"]
-    return sorted(({"encoder": g["encoder"], "caches": g["caches"], "rows": sum(r for r, _ in g["files"].values()),
-                    "bytes": sum(b for _, b in g["files"].values()), "rm_frees": g["rm_frees"]}
-                   for g in groups.values()), key=lambda g: -g["bytes"])
+            group["rows"][(cache.owner(record), record["path"])] = record["rows"]
+        group["bytes"] += entry["disk_bytes"]
+        group["rm_frees"][entry["id"]] = entry["rm_frees"]
+    return sorted(({"encoder": g["encoder"], "caches": g["caches"], "rows": sum(g["rows"].values()), "bytes": g["bytes"],
+                    "rm_frees": g["rm_frees"]} for g in groups.values()), key=lambda g: -g["bytes"])
+
+
+def _folder_bytes(cache: EmbeddingCache) -> int:
+    """Every byte under the cache's folder: data files, records, manifest, token and text-feature rows."""
+    cache.fs.invalidate_cache(cache.path)
+    return int(cache.fs.du(cache.path, total=True))

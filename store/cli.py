@@ -117,7 +117,7 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'ID':16}  {'STATE':8}  {'ROWS':>10}  {'ERRORS':>6}  {'SIZE':>9}  {'SHARED':>9}  {'CREATED':19}  ENCODER  |  DATASET")
     for e in entries:
-        print(f"{e['id']:16}  {e['state']:8}  {e['rows']:>10,}  {e['errors']:>6,}  {_size(e['bytes']):>9}  "
+        print(f"{e['id']:16}  {e['state']:8}  {e['rows']:>10,}  {e['errors']:>6,}  {_size(e['disk_bytes']):>9}  "
               f"{e['parts_shared']:>4}/{e['parts']:<4}  {e['created'][:19]:19}  {_describe_encoder(e['encoder'])}  |  "
               f"{e['dataset'] or '-'} ({e['format']}, {e['first_input'] or 'no inputs'}"
               + (f" +{e['inputs'] - 1})" if e["inputs"] > 1 else ")"))
@@ -177,7 +177,11 @@ def _verify(args: argparse.Namespace) -> int:
     if problems:
         print(f"cache {cache.id}: {len(problems)} problem(s)")
         return 1
-    print(f"cache {cache.id}: ok ({len(cache.parts())} shards, {cache.num_rows:,} rows)")
+    if cache.complete:
+        print(f"cache {cache.id}: ok ({len(cache.parts())} parts, {cache.num_rows:,} rows)")
+    else:
+        print(f"cache {cache.id}: PARTIAL, {len(cache.parts())} part(s) committed so far ({cache.num_rows:,} rows), each "
+              "intact; `litpipe precompute` finishes it")
     return 0
 
 

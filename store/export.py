@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
+from litpipe.progress import progress
 
 from litpipe.store.parts import open_part, read_part
 from litpipe.files import write_atomic
@@ -61,7 +61,7 @@ def export_cache(cache: EmbeddingCache, out: str, fmt: Literal["npy", "arrow"],
         records = [r for r in records if r["rows"]]
     files = []
     digits = len(str(max(len(records), 1)))  # clip-retrieval's int(log10(count)) + 1
-    with tqdm(total=sum(r["rows"] for r in records), unit="row", unit_scale=True, desc=f"export {cache.id}") as bar:
+    with progress(total=sum(r["rows"] for r in records), unit="row", unit_scale=True, desc=f"export {cache.id}") as bar:
         for i, record in enumerate(records):
             parquet = open_part(cache, record)
             groups = (_rows(cache, parquet, record, g, with_labels, dtype, normalise, fmt)

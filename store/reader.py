@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
+from litpipe.progress import progress
 
 from litpipe.store.parts import open_part, read_part
 from litpipe.store.cache import CacheError, EmbeddingCache, decode_embeddings
@@ -82,7 +82,7 @@ def load_all(cache: EmbeddingCache, text: bool = True) -> CacheContents:
     out = torch.empty((int(offsets[-1]), dim), dtype=torch.float32)
     with_labels = _has_labels(records)
     columns = ["embedding"] + (["key", "captions"] if text else []) + (["label"] if with_labels else [])
-    progress = tqdm(total=int(offsets[-1]), unit="row", unit_scale=True, desc=f"load {cache.id}", disable=None)
+    bar = progress(total=int(offsets[-1]), unit="row", unit_scale=True, desc=f"load {cache.id}", disable=None)
 
     def read(i: int) -> pa.Table:
         table = _read(cache, open_part(cache, records[i], whole=True), records[i], columns)
@@ -91,11 +91,11 @@ def load_all(cache: EmbeddingCache, text: bool = True) -> CacheContents:
             vectors = torch.from_numpy(decode_embeddings(chunk, dim, cache.embedding_dtype))
             out[row:row + len(vectors)].copy_(vectors)  # torch casts float16 ~10x faster than numpy
             row += len(vectors)
-        progress.update(table.num_rows)
+        bar.update(table.num_rows)
         return table.drop_columns(["embedding"])
 
     # Threads overlap one shard's I/O with another's conversion; both release the GIL.
-    with progress, ThreadPoolExecutor(max_workers=2) as pool:
+    with bar, ThreadPoolExecutor(max_workers=2) as pool:
         tables = list(pool.map(read, range(len(records))))
     rest = pa.concat_tables(tables) if tables else None
     return CacheContents(

@@ -1,5 +1,6 @@
 """`litpipe` as a user meets it: help for every command, `--set` overrides, bad configs as messages."""
 
+import os
 import argparse
 import subprocess
 import sys
@@ -184,3 +185,16 @@ def test_a_clean_run_prints_litpipes_lines_and_ray_keeps_its_own_in_its_logs(tmp
     for chatter in ("Token authentication", "Started a local Ray instance", "Starting execution of Dataset",
                     "Progress bars disabled"):
         assert chatter not in result.stderr, result.stderr
+
+
+def test_quiet_silences_every_progress_bar_in_this_process_and_the_ones_it_starts(monkeypatch, capsys):
+    from litpipe.progress import QUIET, QUIET_LIBRARIES, progress
+
+    for name in (QUIET, *QUIET_LIBRARIES):
+        monkeypatch.setenv(name, "")  # restored after the test
+    list(progress(range(3), desc="shown"))
+    assert "shown" in capsys.readouterr().err
+    assert main(["-q", "config", "--defaults"]) == 0
+    list(progress(range(3), desc="hidden", disable=False))  # a bar that sets `disable` itself is silenced too
+    assert "hidden" not in capsys.readouterr().err
+    assert all(os.environ[name] for name in (QUIET, *QUIET_LIBRARIES))  # Ray's workers inherit these

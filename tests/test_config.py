@@ -78,3 +78,13 @@ def test_config_defaults_print_every_key_with_the_value_litpipe_uses(capsys):
 
     for key in keys(PipelineConfig):
         assert present(printed, key), key
+
+
+def test_a_config_for_precompute_alone_needs_no_train_section_and_training_names_the_key():
+    from litpipe.config import ConfigError, training_dataset
+
+    cfg = validate_config({"data": {"imagenet": {"format": "webdataset", "urls": "/d/*.tar"}}})
+    with pytest.raises(ConfigError, match="train.dataset: no dataset `train` under data; known: imagenet"):
+        training_dataset(cfg)
+    with pytest.raises(ConfigError, match="train.dataset: no dataset `train`"):
+        validate_config({"data": {"imagenet": {"format": "webdataset", "urls": "/d/*.tar"}}, "train": {"lr": 0.01}})

@@ -107,7 +107,7 @@ def test_a_url_that_matches_nothing_is_named_with_the_fix(root, missing):
     two_folders(root)
     pattern = missing.format(root=root)
     first_missing = [url for url in braceexpand(pattern) if not per_file_reference([url])][0]
-    message = f"{first_missing}: matches no files; check the path (and the {{000..009}} range or glob) in pipeline.yaml"
+    message = f"{first_missing}: matches no files; check the path and its {{000..009}} range or glob"
     with pytest.raises(UserError, match=re.escape(message)):
         list_files(pattern)
 

@@ -17,6 +17,7 @@ from conftest import TINY_ARCHITECTURE
 from litpipe.config import EncoderConfig
 from litpipe.errors import UserError
 from litpipe.models.image_encoder import load_encoder
+from litpipe.models.pixels import PixelSteps
 
 
 def photo(seed: int, size=(640, 480)) -> Image.Image:
@@ -92,3 +93,21 @@ def test_the_path_is_in_the_encoder_fingerprint_so_caches_never_mix():
 def test_the_tensor_path_refuses_open_clips_pad_to_square_mode_with_the_fix():
     with pytest.raises(UserError, match="encoder.preprocess: tensor cannot do the `longest` resize mode .open_clip's .*preprocess: pil"):
         encoder("tensor", image_resize_mode="longest")
+
+
+def test_the_tensor_path_crops_odd_margins_where_a_hugging_face_processor_does():
+    """transformers' center_crop floors the offset; torchvision's rounds half to even: on a margin of 3 they
+    differ by a row. Resizing is left out (the image is already at the processor's size) so the crop is all."""
+    from transformers import CLIPImageProcessor
+
+    from litpipe.models.image_towers import hf_transform
+
+    processor = CLIPImageProcessor(do_resize=False, size={"shortest_edge": 35}, crop_size={"height": 32, "width": 32},
+                                   do_center_crop=True, do_convert_rgb=True)
+    image = np.random.default_rng(3).integers(0, 256, (35, 50, 3), dtype=np.uint8)
+    transform, settings = hf_transform(processor)
+    expected = torch.from_numpy(processor(images=Image.fromarray(image), return_tensors="np")["pixel_values"])
+    got = PixelSteps(transform, settings, "tensor").to_device([image], torch.device("cpu"))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    rounded = PixelSteps(transform, {**settings, "crop": "round"}, "tensor").to_device([image], torch.device("cpu"))
+    assert (rounded - expected).abs().max() > 0.1  # torchvision's rule would be a row off

@@ -157,6 +157,15 @@ def _search(server, query: str, k: int = 12) -> tuple[int, dict]:
 # --- the API ---------------------------------------------------------------------------------
 
 
+def test_the_api_is_described_offline_and_no_page_loads_scripts_from_a_cdn(server):
+    status, described = _json(f"{server['url']}/openapi.json")
+    assert status == 200 and "/api/search" in described["paths"]
+    for page in ("docs", "redoc"):
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{server['url']}/{page}", timeout=30)
+        assert missing.value.code == 404
+
+
 def test_info_names_the_cache_dataset_and_classnames(server):
     status, info = _json(f"{server['url']}/api/info")
     assert status == 200

@@ -54,9 +54,18 @@ def test_show_prints_the_manifest_readably_by_id_prefix(cache, config, capsys):
     assert '"format_version": 3' in capsys.readouterr().out
 
 
+def test_verify_says_a_partial_cache_is_partial_even_with_no_part(config, tmp_path, capsys):
+    empty = EmbeddingCache.open_or_create(str(tmp_path / "store"), ENCODER, DATASET)
+    assert main(["cache", "verify", empty.id, config]) == 0
+    assert "PARTIAL, 0 part(s) committed so far" in capsys.readouterr().out
+
+
 def test_verify_exits_nonzero_naming_the_broken_shard(cache, config, tmp_path, capsys):
     assert main(["cache", "verify", cache.id, config]) == 0
-    assert "ok (1 shards, 3 rows)" in capsys.readouterr().out
+    assert "PARTIAL, 1 part(s) committed so far (3 rows), each intact" in capsys.readouterr().out
+    finalize(cache)
+    assert main(["cache", "verify", cache.id, config]) == 0
+    assert "ok (1 parts, 3 rows)" in capsys.readouterr().out
     shard = tmp_path / "store" / cache.id / cache.parts()[0]["path"]
     shard.write_bytes(shard.read_bytes()[:-10])
     assert main(["cache", "verify", cache.id, config]) == 1
@@ -110,9 +119,25 @@ def test_ls_json_and_du_count_what_caches_share_after_a_grown_dataset_adopted_it
     groups = json.loads(capsys.readouterr().out)
     assert sorted((g["caches"], g["rows"]) for g in groups) == [(1, 6), (2, 6)]  # a shared file counts once
     both = next(g for g in groups if g["caches"] == 2)
-    assert both["bytes"] == listed["v2"]["bytes"]
-    third = listed["v2"]["bytes"] - listed["v1"]["bytes"]
-    assert both["rm_frees"] == {made["v1"].id: 0, made["v2"].id: third}  # v1's files are v2's too
+    folder = {name: sum(f.stat().st_size for f in (tmp_path / "store" / made[name].id).rglob("*") if f.is_file())
+              for name in ("v1", "v2")}
+    assert both["bytes"] == folder["v1"] + folder["v2"]  # on disk, each file once: in the folder of the cache that wrote it
+    assert both["rm_frees"] == {made["v1"].id: folder["v1"] - listed["v1"]["bytes"],  # v1's data files are v2's too
+                                made["v2"].id: folder["v2"]}
     assert main(["cache", "ls", config]) == 0
     table = capsys.readouterr().out
     assert "   2/3   " in table and "v2-other (webdataset, /data/s-0.tar +2)" in table
+
+
+def test_ls_and_du_count_every_byte_on_disk_token_rows_included(cache, config, tmp_path, capsys):
+    finalize(cache)
+    rows = tmp_path / "store" / cache.id / "tokens" / "0123456789abcdef"
+    rows.mkdir(parents=True)
+    (rows / "part.parquet").write_bytes(b"t" * 5000)  # stands for a token cache's rows beside the vectors
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "store").rglob("*") if f.is_file())
+    assert main(["cache", "ls", config, "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["disk_bytes"] == entry["rm_frees"] == on_disk > entry["bytes"] + 5000
+    assert main(["cache", "du", config, "--json"]) == 0
+    (group,) = json.loads(capsys.readouterr().out)
+    assert group["bytes"] == on_disk and group["rm_frees"] == {cache.id: on_disk}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from litpipe.config import add_config_args, config_from_args
 
 
@@ -69,8 +71,12 @@ def _export(args) -> int:
 
     cfg = config_from_args(args)
     folder = export_model(cfg, args.out, args.checkpoint)
-    how = ("the README's snippet under 'Exporting a Hugging Face image tower'" if cfg.encoder.source == "hf"
-           else f"open_clip.create_model_and_transforms('local-dir:{folder}')")
+    if (folder / "open_clip_config.json").exists():
+        how = f"open_clip.create_model_and_transforms('local-dir:{folder}')"
+    else:  # a Hugging Face image tower, or heads open_clip cannot hold: image_tower.json says which and why
+        why = json.loads((folder / "image_tower.json").read_text()).get("not_open_clip")
+        how = (f"litpipe.models.text_tower.load_text_tower('{folder}') and the README's snippet for it"
+               + (f" (open_clip cannot hold it: {why})" if why else ""))
     print(f"exported to {folder}; load with {how}")
     return 0
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from litpipe.config import PipelineConfig
+from litpipe.config import PipelineConfig, training_dataset
 
 
 def run(cfg: PipelineConfig, resume: bool = False) -> dict:
+    from litpipe.store import resolve_cache
+
+    cache = resolve_cache(cfg, training_dataset(cfg), cfg.train.cache)  # a missing cache is said here, before Ray starts
     text_features = None
     if cfg.train.text_model:  # head-only: the driver builds the text-feature cache once, the workers read it
-        from litpipe.store import resolve_cache
         from litpipe.train_text.text_feature_job import ensure_text_features
 
-        text_features = ensure_text_features(cfg, resolve_cache(cfg, cfg.train.dataset, cfg.train.cache)).id
+        text_features = ensure_text_features(cfg, cache).id
     if cfg.train.workers > 1:
         from litpipe.train_text.distributed import train_distributed
 

@@ -12,7 +12,7 @@ a Ray worker (the driver never holds a language model), and each actor checks it
 from __future__ import annotations
 
 import numpy as np
-from tqdm import tqdm
+from litpipe.progress import progress
 
 from litpipe.config import PipelineConfig, TextModelConfig
 from litpipe.errors import UserError
@@ -38,7 +38,7 @@ def ensure_text_features(cfg: PipelineConfig, cache: EmbeddingCache) -> TextFeat
             _ShardEncoder, batch_size=1, fn_constructor_kwargs={"text_cfg": text_cfg, "cache_url": cache.url,
                                                                 "fingerprint": features.fingerprint, "use_gpu": use_gpu},
             compute=ray.data.ActorPoolStrategy(size=text_cfg.actors), num_gpus=1 if use_gpu else 0)
-        with tqdm(total=sum(r["rows"] for r in todo), unit="image", unit_scale=True,
+        with progress(total=sum(r["rows"] for r in todo), unit="image", unit_scale=True,
                   desc=f"text features {cache.id} ({text_cfg.model})") as bar:
             for row in stream.iter_rows():
                 bar.update(int(row["rows"]))

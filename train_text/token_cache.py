@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from multiprocessing import get_context
 
-from tqdm import tqdm
+from litpipe.progress import progress
 
 from litpipe.models.tokenizer import Tokenizer
 from litpipe.store import EmbeddingCache
@@ -31,7 +31,7 @@ def ensure_token_cache(cache: EmbeddingCache, tokenizer: Tokenizer, workers: int
     parallel = workers > 1 and sum(r["rows"] for r in todo) > PARALLEL_ROWS  # else process start-up outweighs it
     # spawn, not fork: the trainer's process may hold Ray's and torch's threads
     with (ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if parallel else nullcontext()) as pool, \
-            tqdm(total=sum(r["rows"] for r in todo), unit="image", unit_scale=True, desc=f"tokenise {cache.id}") as bar:
+            progress(total=sum(r["rows"] for r in todo), unit="image", unit_scale=True, desc=f"tokenise {cache.id}") as bar:
         for rows in (pool.map(_tokenise_shard, jobs) if pool else map(_tokenise_shard, jobs)):
             bar.update(rows)
     tokens.finalize()

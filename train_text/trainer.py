@@ -26,7 +26,7 @@ from typing import Callable
 import fsspec
 import numpy as np
 import torch
-from tqdm import tqdm
+from litpipe.progress import progress
 
 from litpipe.config import PipelineConfig, TextModelConfig, TrainConfig
 from litpipe.devices import autocast, resolve_device, resolve_precision
@@ -197,7 +197,7 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
     log = MetricsLog(out, enabled=rank == 0, resumed_at=step if resume else None, wandb=t.wandb, config=cfg.model_dump(),
                      wandb_id=f"{ckpt_dir}/{WANDB_RUN}")
     evaluate = EvalWhileTraining(cfg, log) if t.eval_every and rank == 0 else None
-    bar = tqdm(total=run.total_steps, initial=step, disable=rank != 0, desc="train", unit="step")
+    bar = progress(total=run.total_steps, initial=step, disable=rank != 0, desc="train", unit="step")
     started, losses, skipped = time.perf_counter(), [], 0
     last = started  # a step's time runs from the previous step's end, so waiting for data counts
     run.tower.train()

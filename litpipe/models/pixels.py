@@ -41,6 +41,9 @@ class PixelSteps:
                               else InterpolationMode.BICUBIC)
         self.resize_mode = preprocess_cfg["resize_mode"]
         self.resize_to = preprocess_cfg.get("resize_to") or self.size[0]  # the shorter side before the crop
+        # Where an odd margin puts the centre crop: torchvision rounds half to even (open_clip's and timm's
+        # CenterCrop), transformers floors (a Hugging Face processor's center_crop): one pixel apart.
+        self.crop = preprocess_cfg.get("crop", "round")
         if mode == "tensor" and self.resize_mode not in ("shortest", "squash"):
             raise UserError(f"encoder.preprocess: tensor cannot do the `{self.resize_mode}` resize mode (open_clip's "
                             "`longest` pads to square; timm's non-centre crops); set encoder.preprocess: pil")
@@ -49,7 +52,8 @@ class PixelSteps:
 
     def describe(self) -> dict:
         """What decides the pixels this path makes, for the encoder fingerprint."""
-        return {"path": self.mode, "version": VERSION, **({"reduce_margin": REDUCE_MARGIN} if self.mode == "tensor" else {})}
+        tensor = {"reduce_margin": REDUCE_MARGIN, **({"crop": self.crop} if self.crop != "round" else {})}
+        return {"path": self.mode, "version": VERSION, **(tensor if self.mode == "tensor" else {})}
 
     def to_device(self, images: list, device: torch.device) -> torch.Tensor:
         """The encoder's float32 input [B, 3, *size] on `device`, in input order, from uint8 images:
@@ -82,6 +86,9 @@ class PixelSteps:
             scale = max(self.size[0] / height, self.size[1] / width)
             target = [max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale))]
         resized = TF.resize(batch, target, interpolation=self.interpolation, antialias=True)
+        if self.crop == "floor":
+            top, left = (resized.shape[-2] - self.size[0]) // 2, (resized.shape[-1] - self.size[1]) // 2
+            return resized[..., top:top + self.size[0], left:left + self.size[1]]
         return TF.center_crop(resized, list(self.size))
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from tqdm import tqdm
+from litpipe.progress import progress
 
 
 @torch.inference_mode()
@@ -11,7 +11,7 @@ def encode_texts(tower: torch.nn.Module, tokenizer, texts: list[str], batch_size
                  device: str | torch.device = "cpu", desc: str = "text features") -> torch.Tensor:
     """float32 [len(texts), D] on the CPU."""
     out = []
-    with tqdm(total=len(texts), desc=desc, unit="text", unit_scale=True, disable=len(texts) < 4 * batch_size) as bar:
+    with progress(total=len(texts), desc=desc, unit="text", unit_scale=True, disable=len(texts) < 4 * batch_size) as bar:
         for start in range(0, len(texts), batch_size):
             batch = texts[start:start + batch_size]
             tokens = tokenizer(batch).to(device)
