@@ -35,7 +35,8 @@ ADOPT_BATCH = 5000  # adopted parts per batch record
 FINALIZED_KEYS = ("completed", "num_rows", "bytes", "num_errors", "error_counts", "shards")  # what finalize adds
 
 
-def commit_part(cache: EmbeddingCache, input_url: str, table: pa.Table, errors=(), part: int = 0, last: bool = True) -> dict | None:
+def commit_part(cache: EmbeddingCache, input_url: str, table: pa.Table, errors=(), part: int = 0,
+                last: bool = True) -> dict | None:
     """Publish the output of one input shard, or of its `part`-th run of `rows_per_commit`
     samples (`last`: no samples follow); None if that part is already committed.
 

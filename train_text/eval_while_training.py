@@ -41,7 +41,7 @@ class EvalWhileTraining:
         name = self.cfg.train.keep_best
         if name and name in metrics and (self.best is None or metrics[name] > self.best):
             self.best = metrics[name]
-            run.save(self.best_dir, {
+            run.tower.save(self.best_dir, {
                 "cache_id": run.cache.id, "step": step, "keep_best": name, "value": metrics[name],
                 "loss": self.cfg.train.loss, "dataset": self.cfg.train.dataset,
                 "encoder": self.cfg.encoder.spec()})

@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from litpipe.progress import progress
 
-from litpipe.config import PipelineConfig, TextModelConfig, TrainConfig
+from litpipe.config import PipelineConfig, TrainConfig
 from litpipe.devices import autocast, resolve_device, resolve_precision
 from litpipe.errors import UserError
 from litpipe.files import TEMP_MARK, write_atomic
-from litpipe.models.heads import Heads, HeadTextTower, save_heads
-from litpipe.models.text_tower import TextTower, build_text_tower, save_text_tower
+from litpipe.models.heads import Heads
+from litpipe.models.text_tower import TextTower, build_text_tower
 from litpipe.models.tokenizer import Tokenizer, load_tokenizer
 from litpipe.prefetch import prefetched
 from litpipe.store import Batch, EmbeddingCache, StreamingReader, load_all, resolve_cache
@@ -67,8 +67,6 @@ class Run:
     swapped_captions: dict[str, list[str]] | None = None  # the shuffled-caption control's pairing
     # Each caption's model input read with the vectors: token ids (train.pretokenize) or, head-only, text features.
     per_caption: CaptionRows | None = None
-    text_model: TextModelConfig | None = None  # head-only training's frozen text model, and its fingerprint
-    text_model_fingerprint: dict | None = None
     # A batch's image side, where it is not the cached vectors: tests and bench/train.py put the locked image
     # tower run on the fly here, the reference the cache is compared against (`images`).
     image_features: Callable[[Batch], torch.Tensor] | None = None
@@ -76,28 +74,14 @@ class Run:
     # cache holds them (half of int64's memory at a large batch; tests put the frozen text model run on the fly
     # here, the reference of the text-feature cache).
     encode_captions: Callable[[list[str]], torch.Tensor] | None = None
-    _eval_tower: HeadTextTower | None = None
 
     def images(self, batch: Batch) -> torch.Tensor:
         """The batch's image side: its cached vectors (or the on-the-fly reference, `image_features`)."""
         return self.image_features(batch) if self.image_features else batch.embeddings
 
-    def save(self, url: str, meta: dict) -> None:
-        """The trained text side as eval and serve read it: the text tower, or the heads beside their text model."""
-        if isinstance(self.tower, Heads):
-            save_heads(url, self.tower, self.text_model, self.text_model_fingerprint, meta)
-        else:
-            save_text_tower(url, self.tower, self.tokenizer, meta)
-
     def text_side(self) -> tuple[torch.nn.Module, Callable]:
-        """(tower, tokenizer) as eval calls them; head-only: the frozen text model (loaded on first use) + the heads."""
-        if not isinstance(self.tower, Heads):
-            return self.tower, self.tokenizer
-        if self._eval_tower is None:
-            from litpipe.models.text_model import FrozenTextModel
-
-            self._eval_tower = HeadTextTower(FrozenTextModel(self.text_model, self.device), self.tower)
-        return self._eval_tower, self._eval_tower.model.tokenize
+        """(tower, tokenizer) as eval calls them: the tower, or head-only the frozen text model + the heads."""
+        return self.tower.for_eval(self.device)
 
 
 def swap_captions(cache: EmbeddingCache, seed: int) -> dict[str, list[str]]:
@@ -123,12 +107,14 @@ def build_run(cfg: PipelineConfig, text_features: str | None = None) -> Run:
         per_caption = open_text_features(cache, text_features) if text_features else ensure_text_features(cfg, cache)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed)  # the same initial weights on every rank
-            tower = Heads(t.heads, per_caption.width, cache.dim, t.init_temperature, t.init_bias).to(device)
+            tower = Heads(t.heads, per_caption.width, cache.dim, t.init_temperature, t.init_bias, t.text_model,
+                          per_caption.fingerprint).to(device)
     else:
         tokenizer = load_tokenizer(t.tokenizer, t.tower.context_length, t.tower.hf_model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(t.seed)  # the same initial weights on every rank
             tower = build_text_tower(t.tower, cache.dim, tokenizer, t.init_temperature, t.init_bias).to(device)
+        tower.tokenizer = tokenizer
         tokenizer.context_length = tower.context_length  # an open_clip `init` brings its own
         check_tokenizer_fits(tokenizer, tower, t.tower)
     decay, no_decay = [], []  # weight decay on matrices only, not on gains, biases or positions; LL: projection only
@@ -145,7 +131,6 @@ def build_run(cfg: PipelineConfig, text_features: str | None = None) -> Run:
         barrier()
         per_caption = TokenCache(cache, tokenizer.fingerprint())
     return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped, per_caption,
-               t.text_model, per_caption.fingerprint if t.text_model else None,
                encode_captions=(lambda captions: tokenizer(captions).to(torch.int32)) if tokenizer else None)
 
 
@@ -241,7 +226,7 @@ def finish(cfg: PipelineConfig, run: Run, log: MetricsLog, losses: list[float], 
                "artifact": cfg.final_text_tower, "world_size": size,
                "uncaptioned": sum(sum(r.get("uncaptioned", [])) for r in run.cache.parts())}
     if rank == 0:
-        run.save(cfg.final_text_tower, {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss,
+        run.tower.save(cfg.final_text_tower, {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss,
                                         "dataset": t.dataset, "lit": "LL (heads)" if t.text_model else t.tower.setting,
                                         "encoder": cfg.encoder.spec()})
         log.close()

@@ -45,12 +45,19 @@ def build_head(cfg: HeadConfig, in_dim: int, out_dim: int) -> torch.nn.Module:
 
 
 class Heads(torch.nn.Module):
-    """Text head and image head into a `embed_dim` space; `forward(text features)` gives unit rows."""
+    """Text head and image head into a `embed_dim` space; `forward(text features)` gives unit rows.
+
+    A text side as the trainer sees one (as `TextTower` is): `project_images`, `save`, `for_eval`. It keeps
+    the frozen text model it was trained over (`text_model`, its fingerprint), which saving names and
+    eval runs."""
 
     def __init__(self, cfg: HeadsConfig, text_dim: int, image_dim: int, init_temperature: float = 10.0,
-                 init_bias: float = -10.0):
+                 init_bias: float = -10.0, text_model: TextModelConfig | None = None,
+                 text_model_fingerprint: dict | None = None):
         super().__init__()
         self.cfg, self.text_dim, self.image_dim = cfg, text_dim, image_dim
+        self.text_model, self.text_model_fingerprint = text_model, text_model_fingerprint
+        self._for_eval: dict = {}  # a plain dict: the eval tower (with the frozen model) is no submodule to save
         self.embed_dim = cfg.dim or image_dim
         if cfg.text.kind == "none" and text_dim != self.embed_dim:
             raise UserError(f"train.heads.text: none keeps the text model's {text_dim}-d features, but the shared space "
@@ -66,6 +73,18 @@ class Heads(torch.nn.Module):
     def project_images(self, images: torch.Tensor) -> torch.Tensor:
         """Cached image vectors into the shared space (not normalised: the loss and eval normalise)."""
         return self.image(images.float())
+
+    def save(self, url: str, meta: dict | None = None) -> None:
+        save_heads(url, self, self.text_model, self.text_model_fingerprint, meta)
+
+    def for_eval(self, device: torch.device):
+        """(text tower, tokenizer) as eval calls them: the frozen text model (loaded on first use) + these heads."""
+        if device not in self._for_eval:
+            from litpipe.models.text_model import FrozenTextModel
+
+            tower = HeadTextTower(FrozenTextModel(self.text_model, device), self)
+            self._for_eval[device] = (tower, tower.model.tokenize)
+        return self._for_eval[device]
 
 
 class HeadTextTower(torch.nn.Module):
@@ -118,11 +137,12 @@ def load_heads(url: str, config: dict, device: str = "cpu"):
     fs, root = fsspec.core.url_to_fs(url)
     with fs.open(f"{root}/{WEIGHTS_FILE}", "rb") as f:
         state = load_safetensors(f.read())
-    heads = Heads(HeadsConfig(**config["heads"]), config["text_dim"], config["image_dim"])
-    heads.load_state_dict(state)
     text_cfg = TextModelConfig(**config["text_model"])
     if text_cfg.model == TEXT_MODEL_FOLDER and fs.isdir(f"{root}/{TEXT_MODEL_FOLDER}"):
         text_cfg.model = f"{root}/{TEXT_MODEL_FOLDER}"  # the copy inside the folder, wherever it was moved
+    heads = Heads(HeadsConfig(**config["heads"]), config["text_dim"], config["image_dim"], text_model=text_cfg,
+                  text_model_fingerprint=config["text_model_fingerprint"])
+    heads.load_state_dict(state)
     model = FrozenTextModel(text_cfg, device=device)
     if model.fingerprint()["weights_sha256"] != config["text_model_fingerprint"]["weights_sha256"]:
         raise UserError(f"{url}: its heads were trained on features of other weights than {config['text_model']['model']} "

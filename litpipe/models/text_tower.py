@@ -53,6 +53,7 @@ class TextTower(torch.nn.Module):
 
     def __init__(self, text_cfg: dict, embed_dim: int, init_temperature: float = 10.0, init_bias: float = -10.0):
         super().__init__()
+        self.tokenizer: Tokenizer | None = None  # what turns captions into its input ids; saved beside it
         cfg = CLIPTextCfg(**text_cfg)
         self.text_cfg = asdict(cfg)
         self.embed_dim = embed_dim
@@ -91,6 +92,14 @@ class TextTower(torch.nn.Module):
         """The cached image vectors as this text side compares with them: as they are (the image tower is
         locked and has no head; head-only training's `Heads` has one). Every text side answers this."""
         return images
+
+    def save(self, url: str, meta: dict | None = None) -> None:
+        """The tower with the tokenizer it was trained with (`tokenizer`, set by whoever built it)."""
+        save_text_tower(url, self, self.tokenizer, meta)
+
+    def for_eval(self, device: torch.device):
+        """(text tower, tokenizer) as eval calls them."""
+        return self, self.tokenizer
 
 
 def build_text_tower(tower_cfg, embed_dim: int, tokenizer: Tokenizer | None = None, init_temperature: float = 10.0,
@@ -192,7 +201,9 @@ def save_text_tower(url: str, tower: TextTower, tokenizer: Tokenizer, meta: dict
 
 
 def load_text_tower(url: str, device: str = "cpu") -> tuple[TextTower, Tokenizer, dict]:
-    """Read a folder written by `save_text_tower` or `litpipe export`: (tower in eval mode, tokenizer, meta)."""
+    """Read a trained text side: (tower in eval mode, tokenizer, meta) of a folder written by `save_text_tower`,
+    by `litpipe export`, or by head-only training (`models.heads`: the frozen text model with its heads, which
+    eval and serve call the same way: `tower(tokenizer(texts))`, `tower.project_images(vectors)`)."""
     fs, root = fsspec.core.url_to_fs(url)
     exported = fs.exists(f"{root}/{EXPORT_CONFIG_FILE}")  # an HF tower's export has a config.json too: the model's
     if not exported:
@@ -234,4 +245,5 @@ def load_text_tower(url: str, device: str = "cpu") -> tuple[TextTower, Tokenizer
     from tokenizers import Tokenizer as RustTokenizer
 
     tokenizer = Tokenizer(RustTokenizer.from_str(tokenizer_json), tower.context_length)
+    tower.tokenizer = tokenizer
     return tower.to(device).eval(), tokenizer, config.get("meta", {})
