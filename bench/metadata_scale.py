@@ -73,7 +73,7 @@ def step(results: dict, name: str, parts: int, requests: Requests, fn):
 
 
 def commit_parts(fs, cache: EmbeddingCache, inputs: list[str], start: int) -> None:
-    """Data files and commit records of one part per input, as `commit_shard` writes them, uploaded
+    """Data files and commit records of one part per input, as `commit_part` writes them, uploaded
     in concurrent batches (the setup is not what is measured). Input 1 repeats a key of input 0."""
     files = {}
     for i, url in enumerate(inputs, start):

@@ -5,7 +5,7 @@ is narrower: the encoder fingerprint, how the store keeps them (dtype, row group
 dataset's format and options, and that one input's own bytes (URL, size, etag or mtime). Two
 caches that agree on all of it for an input hold the same vectors, so precompute embeds only the
 inputs no cache under store.root holds; the others are adopted, by batch commit records that name
-the donor's data files (`EmbeddingCache.adopt`). Dataset v2 = v1 + k shards encodes k shards.
+the donor's data files (`commits.adopt`). Dataset v2 = v1 + k shards encodes k shards.
 
 Files live in the folder of the cache that wrote them, and several caches may name them, so
 removal goes by reference: `remove_cache` deletes a cache's manifest first (it stops being a
@@ -110,7 +110,7 @@ def remove_cache(cache: EmbeddingCache, dry_run: bool = False) -> dict[str, list
 
 
 def remove_part(cache: EmbeddingCache, name: str) -> dict:
-    """Take part `name` out of `cache` (`EmbeddingCache.uncommit`) and delete its data file unless
+    """Take part `name` out of `cache` (`commits.uncommit`) and delete its data file unless
     another cache names it; {"record", "deleted": the file's URL or None, "named_by": those caches' ids}.
     A damaged file is damaged for every cache that names it: each of them needs the same."""
     record = uncommit(cache, name)
