@@ -191,7 +191,7 @@ def finish(p: Plan) -> dict:
         "inputs_reused": len(p.adopted), "reused_from": sorted(set(p.adopted.values())),
         "skipped": sum(p.skipped.values()), "skipped_by_reason": dict(p.skipped), "rows_in_cache": p.cache.num_rows,
         "legacy_captions": p.legacy_captions, "encoded_by": sorted(p.actors), "decoded_by": sorted(p.readers),
-        "uncaptioned": sum(sum(r.get("uncaptioned", [])) for r in p.cache.parts()),
+        "uncaptioned": p.cache.uncaptioned,
     }
 
 

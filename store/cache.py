@@ -220,6 +220,11 @@ class EmbeddingCache:
         return sum(s["rows"] for s in self.parts())
 
     @property
+    def uncaptioned(self) -> int:
+        """Rows without a caption (images of a classification set): kept for zero-shot, left out of training."""
+        return sum(sum(r.get("uncaptioned", [])) for r in self.parts())
+
+    @property
     def rows_per_commit(self) -> int | None:
         """Samples per committed part of an input shard; None: one part per input shard."""
         return self.manifest.get("rows_per_commit")

@@ -134,7 +134,7 @@ class StreamingReader:
         self.records = cache.parts()
         # A row without a caption (an image of a classification set) is no image-text pair: left out.
         units = [(s, g, rows - _uncaptioned(r, g)) for s, r in enumerate(self.records) for g, rows in enumerate(r["row_groups"])]
-        self.uncaptioned = sum(sum(r.get("uncaptioned", [])) for r in self.records)
+        self.uncaptioned = cache.uncaptioned
         if shuffle:
             units = [units[i] for i in np.random.default_rng([seed, epoch]).permutation(len(units))]
         size = shuffle_row_groups if shuffle else 1

@@ -224,7 +224,7 @@ def finish(cfg: PipelineConfig, run: Run, log: MetricsLog, losses: list[float], 
     summary = {"steps": run.total_steps, "resumed_at": run.total_steps - len(losses), "cache_id": run.cache.id,
                "final_loss": losses[-1] if losses else None, "samples_per_s": t.batch_size * len(losses) / max(elapsed, 1e-9),
                "artifact": cfg.final_text_tower, "world_size": size,
-               "uncaptioned": sum(sum(r.get("uncaptioned", [])) for r in run.cache.parts())}
+               "uncaptioned": run.cache.uncaptioned}
     if rank == 0:
         run.tower.save(cfg.final_text_tower, {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss,
                                         "dataset": t.dataset, "lit": "LL (heads)" if t.text_model else t.tower.setting,
