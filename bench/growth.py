@@ -23,6 +23,7 @@ from precompute_samples import image_bytes, sample_members, tiny_config, write_t
 
 from litpipe.config import validate_config  # noqa: E402
 from litpipe.precompute import stage  # noqa: E402
+from litpipe.precompute.results import DatasetResult  # noqa: E402
 
 
 def main() -> None:
@@ -39,24 +40,24 @@ def main() -> None:
             write_tar(data / f"part-{s:06d}.tar", [m for i in range(args.images) for m in
                                                    sample_members(f"{s}/{i}", image_bytes(s * args.images + i, (64, 48)), "x")])
 
-        def run(count: int, root: str) -> tuple[float, dict]:
+        def run(count: int, root: str) -> tuple[float, DatasetResult]:
             dataset = {"format": "webdataset", "urls": str(data / f"part-{{000000..{count - 1:06d}}}.tar")}
             cfg = validate_config(tiny_config({"d": dataset}, root, train={"dataset": "d"}))
             start = time.perf_counter()
-            result = stage.run(cfg)["datasets"]["d"]
+            result = stage.run(cfg).datasets["d"]
             return time.perf_counter() - start, result
 
         v1_root = f"{tmp}/v1"
         seconds, result = run(args.shards, v1_root)
-        print(f"v1: {args.shards} shards, {result['embedded']} images encoded in {seconds:.1f} s", flush=True)
+        print(f"v1: {args.shards} shards, {result.embedded} images encoded in {seconds:.1f} s", flush=True)
         rows = []
         for k in args.ks:
             root = f"{tmp}/k{k}"
             shutil.copytree(v1_root, root)
             seconds, result = run(args.shards + k, root)
-            rows.append({"k": k, "seconds": round(seconds, 2), "encoded": result["embedded"],
-                         "adopted_shards": result["inputs_reused"]})
-            print(f"v2 = v1 + {k}: {result['embedded']} images encoded, {result['inputs_reused']} shards adopted, "
+            rows.append({"k": k, "seconds": round(seconds, 2), "encoded": result.embedded,
+                         "adopted_shards": result.inputs_reused})
+            print(f"v2 = v1 + {k}: {result.embedded} images encoded, {result.inputs_reused} shards adopted, "
                   f"{seconds:.1f} s", flush=True)
         slope, intercept = np.polyfit([r["k"] for r in rows], [r["seconds"] for r in rows], 1)
         print(f"time = {intercept:.1f} s + {slope:.2f} s per new shard")

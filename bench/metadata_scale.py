@@ -117,7 +117,7 @@ def simulate(fs, root: str, data: str, parts: int, requests: Requests) -> dict:
     assert len(p.to_encode) == parts - resumed
     commit_parts(fs, p.cache, inputs[resumed:], resumed)
     summary = step(results, "finish (finalize)", parts, requests, lambda: finish(p))
-    assert summary["complete"] and summary["rows_in_cache"] == parts * ROWS - 1, summary
+    assert summary.complete and summary.rows_in_cache == parts * ROWS - 1, summary
     step(results, "open (complete)", parts, requests, lambda: EmbeddingCache.open(cache.url).parts())
     problems = step(results, "verify", parts, requests, lambda: verify(EmbeddingCache.open(cache.url), ))
     assert problems == [], problems[:3]

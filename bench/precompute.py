@@ -216,8 +216,8 @@ def run_pipeline(args) -> dict:
         summary = precompute(cfg, ["train"], encoder,
                              on_commit=lambda s: commits.append((time.perf_counter(), time.process_time(), s.rows)))
         driver_cpu, wall = time.process_time() - cpu_before, time.perf_counter() - start
-        images = summary["images"]
-        return {"pipeline": summary["images_per_s"], "ray_cpus": cpus, "first_commit_s": commits[0][0] - start,
+        images = summary.images
+        return {"pipeline": summary.images_per_s, "ray_cpus": cpus, "first_commit_s": commits[0][0] - start,
                 "steady": sum(rows for *_, rows in commits[1:]) / (commits[-1][0] - commits[0][0]),
                 "driver_ms_per_part": (commits[-1][1] - commits[0][1]) / (len(commits) - 1) * 1000,
                 "parts_per_s": (len(commits) - 1) / (commits[-1][0] - commits[0][0]),

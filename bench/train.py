@@ -78,10 +78,10 @@ def throughput(name: str, encoder_spec: dict, batch: int, steps: int) -> tuple[f
             "key": keys, "captions": captions,
             "embedding": pa.FixedSizeListArray.from_arrays(embeddings.reshape(-1), embeddings.shape[1])}))
         finalize(cache)
-        cached = train(cfg)["samples_per_s"]
+        cached = train(cfg).samples_per_s
         run = build_run(cfg)
         run.image_features = lambda b: encoder.encode(torch.stack([by_key[k] for k in b.keys]))
-        on_the_fly = fit(cfg, run)["samples_per_s"]
+        on_the_fly = fit(cfg, run).samples_per_s
     print(f"{name}: (a) cached {cached:,.0f} samples/s, (b) on the fly {on_the_fly:,.0f} samples/s, "
           f"speedup (a)/(b) = {cached / on_the_fly:.1f}x", flush=True)
     return cached, on_the_fly
@@ -184,11 +184,11 @@ def heads_throughput(batch: int, steps: int) -> tuple[float, float]:
         started = time.perf_counter()
         run = build_run(cfg)  # builds the text-feature cache: the text model's one pass over every caption
         built = time.perf_counter() - started
-        cached = fit(cfg, run)["samples_per_s"]
+        cached = fit(cfg, run).samples_per_s
         live_run = build_run(cfg)
         live_run.per_caption = None
         live_run.encode_captions = FrozenTextModel(cfg.train.text_model).encode
-        live = fit(cfg, live_run)["samples_per_s"]
+        live = fit(cfg, live_run).samples_per_s
     print(f"text-feature cache: {2 * rows:,} captions in {built:.1f} s (Ray start and the model's load included)")
     print(f"head-only: (c) both caches {cached:,.0f} samples/s, (d) text model live (LL) {live:,.0f} samples/s, "
           f"speedup (c)/(d) = {cached / live:.1f}x", flush=True)

@@ -1,8 +1,6 @@
 """`python -m litpipe`: the `litpipe` command."""
 
-import sys
-
-from litpipe.cli import main
+from litpipe.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -7,8 +7,12 @@ here in pipeline order.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import traceback
+from typing import NoReturn
 
 import litpipe
 from litpipe.config import DEFAULT_CONFIG, add_config_args, config_from_args, defaults_yaml
@@ -124,5 +128,47 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
 
 
+def leave(code: int) -> NoReturn:
+    """End the process with `code` and nothing after it.
+
+    Python's own exit stops the threads still alive at that point (Arrow's I/O pool calling back into
+    fsspec, a prefetch thread in torch, Ray's) by unwinding them in place, and a C++ frame answers that
+    with std::terminate or a segfault: "ok", then an abort (apache/arrow#34314, #38352); "interrupted",
+    then exit -11. So the work that needs an orderly end gets it here (Ray's local cluster is shut
+    down, with Ctrl-C held off so a second one cannot break it; log handlers and the streams are
+    flushed) and the process ends with os._exit. Every file litpipe writes is closed or committed
+    before `main` returns.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+                pass
+        os._exit(code)
+
+
+def entry() -> NoReturn:
+    """The `litpipe` command (and `python -m litpipe`): `main`, and whatever it raises, end through `leave`."""
+    try:
+        code = main()
+    except SystemExit as done:  # argparse: --help, a usage error
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+    except KeyboardInterrupt:  # before a command started (its own are answered by `main`)
+        print("litpipe: interrupted", file=sys.stderr)
+        code = INTERRUPTED
+    except BaseException:  # a bug: its traceback, then the same orderly end
+        traceback.print_exc()
+        code = 1
+    leave(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

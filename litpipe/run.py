@@ -7,6 +7,7 @@ fingerprint) or under `workdir` (the train stage's final text tower), so this fi
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from litpipe.config import PipelineConfig
@@ -14,20 +15,34 @@ from litpipe.eval import stage as eval_stage
 from litpipe.scoring.search_index import require_faiss
 from litpipe.precompute import stage as precompute_stage
 from litpipe.train_text import stage as train_stage
+from litpipe.eval.stage import EvalSummary
+from litpipe.precompute.results import PrecomputeSummary
+from litpipe.train_text.results import TrainSummary
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
-    """Each stage's `run(cfg) -> dict` in order; write and print the summary."""
+@dataclass
+class RunSummary:
+    """Each stage's own summary, in the order they ran."""
+
+    precompute: PrecomputeSummary
+    train: TrainSummary
+    eval: EvalSummary
+
+    def stages(self) -> dict:
+        return {"precompute": self.precompute, "train": self.train, "eval": self.eval}
+
+
+def run_pipeline(cfg: PipelineConfig) -> RunSummary:
+    """Each stage's `run(cfg)` in order; write {workdir}/summary.json and print every stage's report."""
     require_faiss()  # the eval stage needs it: say so before hours of precompute and training
-    summary = {"precompute": precompute_stage.run(cfg)}
-    precompute_stage.raise_if_incomplete(summary["precompute"])  # never train on a cache with holes
-    summary["train"] = train_stage.run(cfg)
-    summary["eval"] = eval_stage.run(cfg)
+    precomputed = precompute_stage.run(cfg)
+    precomputed.raise_if_incomplete()  # never train on a cache with holes
+    summary = RunSummary(precomputed, train_stage.run(cfg), eval_stage.run(cfg))
     out = Path(cfg.workdir) / "summary.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2, default=str))
+    out.write_text(json.dumps({name: stage.as_json() for name, stage in summary.stages().items()}, indent=2))
     print(f"\n== litpipe run: done; summary: {out}")
-    for name, stage_summary in summary.items():
-        for line in stage_summary.get("report", []):
+    for name, stage in summary.stages().items():
+        for line in stage.report:
             print(f"[{name}] {line}")
     return summary

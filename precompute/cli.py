@@ -22,12 +22,12 @@ def register(commands) -> None:
 
 
 def _precompute(args: argparse.Namespace) -> int:
-    from .stage import raise_if_incomplete, run
+    from .stage import run
 
     summary = run(config_from_args(args), datasets=args.dataset)
     if args.json:
-        print(json.dumps(summary["datasets"], indent=2))
-    for line in summary["report"]:
+        print(json.dumps(summary.as_json()["datasets"], indent=2))
+    for line in summary.report:
         print(line)
-    raise_if_incomplete(summary)
+    summary.raise_if_incomplete()
     return 0

@@ -47,9 +47,10 @@ from litpipe.store.sharing import adopt_from_other_caches, shard_identities
 from .decode import Part
 from .device_decode import finish_decoding
 from .read import read_parts
+from .results import DatasetResult, PrecomputeSummary
 
 
-def precompute(cfg: PipelineConfig, names: list[str], encoder: EncoderDescription, on_commit=None) -> dict:
+def precompute(cfg: PipelineConfig, names: list[str], encoder: EncoderDescription, on_commit=None) -> PrecomputeSummary:
     """Fill (or reuse) the caches of datasets `names`; `on_commit(summary)` is called after each part.
 
     The datasets share one Ray Data job, so the encoder actors start once and go from one
@@ -75,8 +76,8 @@ def precompute(cfg: PipelineConfig, names: list[str], encoder: EncoderDescriptio
             results[p.name] = finish(p)
             processed += p.embedded + sum(p.skipped.values())
     seconds = time.perf_counter() - start
-    return {"datasets": {name: results[name] for name in names}, "images": processed, "seconds": round(seconds, 2),
-            "images_per_s": round(processed / seconds, 1) if encoded_any else None}
+    return PrecomputeSummary({name: results[name] for name in names}, processed, round(seconds, 2),
+                             round(processed / seconds, 1) if encoded_any else None)
 
 
 @dataclass
@@ -172,8 +173,8 @@ def waves(cfg: PipelineConfig, names: list[str], encoder: EncoderDescription):
         pending = later
 
 
-def finish(p: Plan) -> dict:
-    """Finalize the dataset's cache if every input is committed; its summary."""
+def finish(p: Plan) -> DatasetResult:
+    """Finalize the dataset's cache if every input is committed; its result."""
     failed = sorted(set(p.to_encode) - p.cache.committed_inputs()) if p.to_encode else []
     if not failed and not p.cache.complete:
         manifest = finalize(p.cache, expected_inputs=p.inputs)
@@ -184,15 +185,13 @@ def finish(p: Plan) -> dict:
         if dropped:
             p.embedded -= dropped
             p.skipped[DUPLICATE_KEY] += dropped
-    return {
-        "dataset": p.name, "cache_id": p.cache.id, "cache_url": p.cache.url, "reused": not p.to_encode,
-        "complete": p.cache.complete, "inputs": len(p.inputs), "inputs_processed": len(p.to_encode), "failed_inputs": failed,
-        "embedded": p.embedded, "failures": {url: p.failures[url] for url in failed if url in p.failures},
-        "inputs_reused": len(p.adopted), "reused_from": sorted(set(p.adopted.values())),
-        "skipped": sum(p.skipped.values()), "skipped_by_reason": dict(p.skipped), "rows_in_cache": p.cache.num_rows,
-        "legacy_captions": p.legacy_captions, "encoded_by": sorted(p.actors), "decoded_by": sorted(p.readers),
-        "uncaptioned": p.cache.uncaptioned,
-    }
+    return DatasetResult(
+        dataset=p.name, cache_id=p.cache.id, cache_url=p.cache.url, reused=not p.to_encode, complete=p.cache.complete,
+        inputs=len(p.inputs), inputs_processed=len(p.to_encode), failed_inputs=failed,
+        failures={url: p.failures[url] for url in failed if url in p.failures}, embedded=p.embedded,
+        skipped=sum(p.skipped.values()), skipped_by_reason=dict(p.skipped), inputs_reused=len(p.adopted),
+        reused_from=sorted(set(p.adopted.values())), rows_in_cache=p.cache.num_rows, legacy_captions=p.legacy_captions,
+        uncaptioned=p.cache.uncaptioned, encoded_by=sorted(p.actors), decoded_by=sorted(p.readers))
 
 
 def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: EncoderDescription):

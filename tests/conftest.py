@@ -91,7 +91,7 @@ def planted_in_parts(ray_local, tmp_path_factory):
     base = tmp_path_factory.mktemp("planted-in-parts")
     build_planted_dataset(base / "data")
     cfg = validate_config(planted_config(base / "data", str(base / "reference" / "store"), precompute={"rows_per_commit": 2}))
-    return {"base": base, "cache": EmbeddingCache.open(stage.run(cfg)["datasets"]["train"]["cache_url"])}
+    return {"base": base, "cache": EmbeddingCache.open(stage.run(cfg).datasets["train"].cache_url)}
 
 
 # --- a tiny trained-on cache for the trainer's tests ------------------------------------

@@ -58,15 +58,15 @@ def project(tmp_path_factory):
 def test_the_same_weights_and_shards_named_three_ways_make_one_cache(ray_local, project, monkeypatch):
     root, elsewhere = project
     monkeypatch.chdir(root)
-    first = stage.run(load_config("pipeline.yaml"))["datasets"]["train"]
-    assert first["embedded"] == 6
+    first = stage.run(load_config("pipeline.yaml")).datasets["train"]
+    assert first.embedded == 6
     monkeypatch.chdir(elsewhere)
     for config in (root / "pipeline.yaml", root / "configs" / "exp1.yaml"):
-        again = stage.run(load_config(str(config)))["datasets"]["train"]
-        assert (again["cache_id"], again["reused"], again["embedded"]) == (first["cache_id"], True, 0)
-    assert [c.id for c in list_caches(str(root / "store"))] == [first["cache_id"]]
+        again = stage.run(load_config(str(config))).datasets["train"]
+        assert (again.cache_id, again.reused, again.embedded) == (first.cache_id, True, 0)
+    assert [c.id for c in list_caches(str(root / "store"))] == [first.cache_id]
     # Nothing in the cache's identity spells a path: the checkpoint is named by its bytes.
-    manifest = EmbeddingCache.open(first["cache_url"]).manifest
+    manifest = EmbeddingCache.open(first.cache_url).manifest
     assert manifest["encoder"]["pretrained"].startswith("sha256:") and "tower.pt" not in str(manifest["encoder"])
 
 
@@ -82,9 +82,9 @@ def test_train_eval_export_and_search_run_from_another_directory_and_a_moved_exp
     stage.run(load_config("pipeline.yaml"))
     monkeypatch.chdir(elsewhere)
     config = str(root / "configs" / "exp1.yaml")
-    assert train_stage.run(load_config(config))["steps"] == 2
+    assert train_stage.run(load_config(config)).steps == 2
     assert (root / "runs" / "exp1" / "train" / "final").is_dir() and not (elsewhere / "runs").exists()
-    assert evaluate(load_config(config))["eval_json"] == str(root / "runs" / "exp1" / "eval" / "eval.json")
+    assert evaluate(load_config(config)).eval_json == str(root / "runs" / "exp1" / "eval" / "eval.json")
     assert main(["search", "a 3", config, "--k", "2"]) == 0
     printed = capsys.readouterr().out
     assert sum(f" k{i} " in printed for i in range(6)) == 2, printed  # two keys of the cache, found by search
@@ -134,8 +134,8 @@ def test_a_cache_made_before_identity_by_content_is_adopted_without_encoding(ray
         with pytest.raises(CacheError, match="made by an earlier litpipe: `litpipe precompute` adopts"):
             resolve_cache(cfg, "train")
         monkeypatch.chdir(tmp_path)
-        result = stage.run(cfg)["datasets"]["train"]
-        assert (result["reused"], result["embedded"], result["reused_from"]) == (True, 0, [old.id])
+        result = stage.run(cfg).datasets["train"]
+        assert (result.reused, result.embedded, result.reused_from) == (True, 0, [old.id])
         (new,) = list_caches(store)
         assert new.id != old.id and new.manifest["format_version"] == 3 and new.complete
         after = cache_rows(new)
@@ -145,6 +145,6 @@ def test_a_cache_made_before_identity_by_content_is_adopted_without_encoding(ray
         assert (Path(new.path) / "tokens").is_dir() and not (Path(old.path) / "manifest.json").exists()
         assert verify(new) == []
         assert resolve_cache(cfg, "train").id == new.id
-        assert train_stage.run(cfg)["steps"] == 2
+        assert train_stage.run(cfg).steps == 2
     finally:
         shutil.rmtree(LEGACY_ROOT, ignore_errors=True)

@@ -113,7 +113,7 @@ def test_the_config_may_follow_the_options(tmp_path, capsys):
 def test_rerun_to_finish_exits_75_and_ctrl_c_exits_130_without_a_traceback(monkeypatch, capsys):
     """A scheduler tells "fix the config" (2) from "retry" (75); Ctrl-C is 128 + SIGINT."""
     from litpipe import cli
-    from litpipe.precompute.stage import PrecomputeIncomplete
+    from litpipe.precompute.results import PrecomputeIncomplete
 
     def incomplete(args):
         raise PrecomputeIncomplete("1 input shard(s) failed after retries")

@@ -72,15 +72,15 @@ def benchmark(ray_local, tmp_path_factory):
 
 
 def test_a_classification_set_without_captions_is_cached_with_its_labels(benchmark):
-    cls = benchmark["precompute"]["datasets"]["cls"]
-    assert (cls["embedded"], cls["skipped"], cls["uncaptioned"]) == (30, 0, 30)
-    assert "30 image(s) without a caption" in " ".join(benchmark["precompute"]["report"])
+    cls = benchmark["precompute"].datasets["cls"]
+    assert (cls.embedded, cls.skipped, cls.uncaptioned) == (30, 0, 30)
+    assert "30 image(s) without a caption" in " ".join(benchmark["precompute"].report)
     zeroshot = benchmark["report"]["zeroshot"]["cls"]
     assert zeroshot["num_classes"] == 6 and zeroshot["templates"].endswith("wds_cls/zeroshot_classification_templates.txt")
 
 
 def test_a_retrieval_set_keeps_every_caption_of_each_image(benchmark):
-    cache = EmbeddingCache.open(benchmark["precompute"]["datasets"]["ret"]["cache_url"])
+    cache = EmbeddingCache.open(benchmark["precompute"].datasets["ret"].cache_url)
     from litpipe.store import load_all
 
     contents = load_all(cache)

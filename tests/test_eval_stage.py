@@ -141,7 +141,7 @@ def test_eval_json_names_the_cache_and_checkpoint_and_the_table_shows_chance(eva
     assert report["zeroshot"]["heldout"]["cache_id"] == evaluated["cache"].id
     assert report["zeroshot"]["heldout"]["chance"]["acc1"] == pytest.approx(1 / 6)
     assert report["retrieval"]["heldout"]["chance"]["image_retrieval_recall@5"] == pytest.approx(5 / 30)
-    lines = evaluated["summary"]["report"]
+    lines = evaluated["summary"].report
     assert lines[0] == "| dataset | task | metric | value | chance |"
     assert any("text→image R@5" in line and "16.67%" in line for line in lines)
     png = (evaluated["root"] / "run" / "eval" / "eval.png").read_bytes()

@@ -98,7 +98,7 @@ def test_heads_on_both_caches_train_as_with_the_frozen_text_model_run_live(ray_l
     got, want = losses(cached_raw["workdir"]), losses(live_cfg.workdir)
     assert [s for s, _ in got] == [s for s, _ in want] == [1, 2, 3, 4, 5]
     assert np.abs(np.array(got)[:, 1] - np.array(want)[:, 1]).max() < 1e-6
-    assert abs(cached["final_loss"] - live["final_loss"]) < 1e-6
+    assert abs(cached.final_loss - live.final_loss) < 1e-6
 
 
 def test_heads_are_evaluated_and_served_through_the_frozen_text_model(ray_local, tiny_cache, text_models):
@@ -109,7 +109,7 @@ def test_heads_are_evaluated_and_served_through_the_frozen_text_model(ray_local,
     raw = head_config(tiny_cache, "heads-eval", text_models, eval_every=5)
     raw["eval"] = {"retrieval": ["train"]}
     summary = train(validate_config(raw))
-    tower, tokenizer, meta = load_text_tower(summary["artifact"])
+    tower, tokenizer, meta = load_text_tower(summary.artifact)
     features = tower(tokenizer(["red cat", "a blue dog"]))
     assert features.shape == (2, 20) and torch.allclose(features.norm(dim=-1), torch.ones(2))
     assert tower.project_images(torch.zeros(3, 32)).shape == (3, 20)
@@ -136,7 +136,7 @@ def test_heads_open_clip_can_hold_export_as_an_open_clip_model_with_the_same_tex
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     texts = ["red cat", "a blue dog smiling under the moon", "star heart"]
-    tower, tokenize, _ = load_text_tower(summary["artifact"])
+    tower, tokenize, _ = load_text_tower(summary.artifact)
     with torch.no_grad():
         got = torch.nn.functional.normalize(model.eval().encode_text(tokenizer(texts)), dim=-1)
         torch.testing.assert_close(got, tower(tokenize(texts)), atol=1e-5, rtol=1e-5)
@@ -155,7 +155,7 @@ def test_heads_open_clip_cannot_hold_export_with_the_image_tower_named_and_load_
     raw = head_config(tiny_cache, "heads-export", {**text_models, "bert": str(model)})  # an MLP text head with biases,
     summary = train(validate_config(raw))                                               # a linear image head
     exported = export_model(validate_config(raw), str(tmp_path / "export"))
-    tower, tokenize, _ = load_text_tower(summary["artifact"])
+    tower, tokenize, _ = load_text_tower(summary.artifact)
     shutil.rmtree(model)
     (tmp_path / "moved").mkdir()
     folder = shutil.move(exported, tmp_path / "moved" / "export")  # and the export moved: it holds the model it needs
@@ -182,6 +182,6 @@ def test_heads_train_on_two_ray_train_workers_from_the_feature_cache_the_driver_
 
     raw = head_config(tiny_cache, "heads-two-workers", text_models, workers=2, steps=2, loss="sigmoid", positives="all")
     summary = run(validate_config(raw))
-    assert summary["world_size"] == 2 and summary["steps"] == 2 and np.isfinite(summary["final_loss"])
-    tower, tokenize, meta = load_text_tower(summary["artifact"])
+    assert summary.world_size == 2 and summary.steps == 2 and np.isfinite(summary.final_loss)
+    tower, tokenize, meta = load_text_tower(summary.artifact)
     assert meta["loss"] == "sigmoid" and tower(tokenize(["red cat"])).shape == (1, 20)

@@ -64,8 +64,8 @@ def precompute(towers, name: str, encoder: dict) -> tuple[torch.Tensor, object]:
                            "encoder": encoder, "store": {"root": str(towers["root"] / f"store-{name}"),
                                                          "embedding_dtype": "float32"},
                            "precompute": {"batch_size": 4}})
-    summary = stage.run(cfg)["datasets"]["train"]
-    assert summary["embedded"] == len(SIZES) and summary["skipped"] == 0
+    summary = stage.run(cfg).datasets["train"]
+    assert summary.embedded == len(SIZES) and summary.skipped == 0
     contents = load_all(resolve_cache(cfg, "train"))
     order = np.argsort([int(k[1:]) for k in contents.keys])
     return contents.embeddings[order], cfg

@@ -36,9 +36,9 @@ def planted(ray_local, tmp_path_factory):
     base = tmp_path_factory.mktemp("precompute")
     good = build_planted_dataset(base / "data")
     cfg = validate_config(planted_config(base / "data", str(base / "store")))
-    summary = stage.run(cfg)["datasets"]["train"]
+    summary = stage.run(cfg).datasets["train"]
     return {"base": base, "good": good, "cfg": cfg, "summary": summary,
-            "cache": EmbeddingCache.open(summary["cache_url"])}
+            "cache": EmbeddingCache.open(summary.cache_url)}
 
 
 def test_planted_bad_inputs_are_recorded_and_every_good_sample_kept(planted):
@@ -46,18 +46,18 @@ def test_planted_bad_inputs_are_recorded_and_every_good_sample_kept(planted):
     assert cache.complete
     assert sorted(cache_rows(cache)) == sorted(planted["good"])
     errors = cache.errors()
-    assert len(errors) == PLANTED_ERRORS == summary["skipped"] == cache.manifest["num_errors"]
+    assert len(errors) == PLANTED_ERRORS == summary.skipped == cache.manifest["num_errors"]
     reasons = {e["key"]: e["reason"] for e in errors}
     assert reasons["bad/zero-byte"].startswith("empty image")
     assert reasons["bad/truncated"].startswith("truncated image")
     assert reasons["bad/undecodable"].startswith("undecodable image")
     assert reasons["bad/bomb"].startswith("decompression bomb")
-    assert cache_rows(cache)["odd/no-caption"]["captions"] == [] and summary["uncaptioned"] == 1
+    assert cache_rows(cache)["odd/no-caption"]["captions"] == [] and summary.uncaptioned == 1
     assert reasons["cut/2"].startswith("truncated shard")
     assert reasons["plain/2"] == f"duplicate key: first in {planted['base'] / 'data' / 'train-000000.tar'}"
-    assert summary["skipped_by_reason"]["duplicate key"] == 1
+    assert summary.skipped_by_reason["duplicate key"] == 1
     assert [e["input"].endswith("train-000003.tar") for e in errors if e["reason"].startswith("unreadable shard")] == [True]
-    assert summary["embedded"] == len(planted["good"])
+    assert summary.embedded == len(planted["good"])
 
 
 def test_cached_embeddings_equal_open_clip_encode_image_of_the_same_images(planted):
@@ -81,10 +81,10 @@ def test_captions_labels_and_metadata_pass_through(planted):
 
 def test_second_run_with_same_encoder_and_data_encodes_nothing(planted):
     again = stage.run(planted["cfg"])
-    result = again["datasets"]["train"]
-    assert result["reused"] and result["embedded"] == 0 and result["inputs_processed"] == 0
-    assert result["cache_id"] == planted["cache"].id
-    assert "nothing encoded" in again["report"][0]
+    result = again.datasets["train"]
+    assert result.reused and result.embedded == 0 and result.inputs_processed == 0
+    assert result.cache_id == planted["cache"].id
+    assert "nothing encoded" in again.report[0]
 
 
 def test_the_datasets_of_a_run_share_one_encoder_actor_and_a_later_one_adopts_what_an_earlier_one_embedded(
@@ -96,12 +96,12 @@ def test_the_datasets_of_a_run_share_one_encoder_actor_and_a_later_one_adopts_wh
     raw["data"] = {"first": {"format": "webdataset", "urls": str(data / "train-000000.tar")},
                    "second": {"format": "webdataset", "urls": str(data / "train-000001.tar")},
                    "both": {"format": "webdataset", "urls": str(data / "train-{000000..000001}.tar")}}
-    summary = stage.run(validate_config(raw))["datasets"]
+    summary = stage.run(validate_config(raw)).datasets
     first, second, both = summary["first"], summary["second"], summary["both"]
-    assert len(first["encoded_by"]) == 1 and second["encoded_by"] == first["encoded_by"]
-    assert (both["inputs_reused"], both["embedded"], both["encoded_by"]) == (2, 0, [])
-    assert both["reused_from"] == sorted([first["cache_id"], second["cache_id"]])
-    caches = {name: cache_rows(EmbeddingCache.open(result["cache_url"])) for name, result in summary.items()}
+    assert len(first.encoded_by) == 1 and second.encoded_by == first.encoded_by
+    assert (both.inputs_reused, both.embedded, both.encoded_by) == (2, 0, [])
+    assert both.reused_from == sorted([first.cache_id, second.cache_id])
+    caches = {name: cache_rows(EmbeddingCache.open(result.cache_url)) for name, result in summary.items()}
     assert caches["both"].keys() == caches["first"].keys() | caches["second"].keys()
     reference = cache_rows(planted["cache"])
     assert all(row["embedding"].tobytes() == reference[key]["embedding"].tobytes() for key, row in caches["both"].items())
@@ -128,17 +128,17 @@ def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_e
                       train={"dataset": "all"})
     raw["precompute"].update(rows_per_commit=2, encoder_actors=2, batch_size=2)
     cfg = validate_config(raw)
-    summary = stage.run(cfg, ["all"])["datasets"]["all"]
-    cache = EmbeddingCache.open(summary["cache_url"])
+    summary = stage.run(cfg, ["all"]).datasets["all"]
+    cache = EmbeddingCache.open(summary.cache_url)
     first_copies = {"a": 0, "b": 0, "c": 0, "d": 0, "e": 1, "f": 1, "g": 2, "h": 2}
     rows = cache_rows(cache)  # asserts each key once
     assert {key: row["captions"] for key, row in rows.items()} == {**{k: [f"{k} in {s}"] for k, s in first_copies.items()},
                                                                    "h": ["h in 2, café"]}
-    assert summary["legacy_captions"] == 1 and "1 caption(s) were not UTF-8" in stage.report_line(summary)
-    assert not set(summary["decoded_by"]) & set(summary["encoded_by"])  # read tasks decode apart from the actors
+    assert summary.legacy_captions == 1 and "1 caption(s) were not UTF-8" in summary.report_line()
+    assert not set(summary.decoded_by) & set(summary.encoded_by)  # read tasks decode apart from the actors
     expected_errors = sorted([("a", urls[1], urls[0]), ("b", urls[1], urls[0]), ("a", urls[2], urls[0]), ("c", urls[2], urls[0])])
     assert sorted((e["key"], e["input"], e["reason"].split("first in ")[1]) for e in cache.errors()) == expected_errors
-    assert summary["skipped_by_reason"] == {"duplicate key": 4} and summary["rows_in_cache"] == 8
+    assert summary.skipped_by_reason == {"duplicate key": 4} and summary.rows_in_cache == 8
     assert verify(cache) == []
     assert sorted(load_all(cache).keys) == sorted(first_copies)
     reader = StreamingReader(cache, batch_size=8, shuffle=False)
@@ -150,18 +150,18 @@ def test_a_key_repeated_across_input_shards_is_kept_in_its_first_shard_only_by_e
     # Resume: the part of in-000000 holding "a" goes back out and is committed after the others.
     (part,) = [r["name"] for r in cache.parts() if r["input"] == urls[0] and r["part"] == 0]
     remove_part(cache, part)
-    again = stage.run(cfg, ["all"])["datasets"]["all"]
-    assert again["embedded"] == 2 and again["skipped"] == 0  # the first copies of a and b: nothing of them dropped
-    resumed = EmbeddingCache.open(again["cache_url"])
+    again = stage.run(cfg, ["all"]).datasets["all"]
+    assert again.embedded == 2 and again.skipped == 0  # the first copies of a and b: nothing of them dropped
+    resumed = EmbeddingCache.open(again.cache_url)
     assert {k: r["embedding"].tobytes() for k, r in cache_rows(resumed).items()} == \
         {k: r["embedding"].tobytes() for k, r in rows.items()}
     assert sorted((e["key"], e["input"], e["reason"]) for e in resumed.errors()) == \
         sorted((e["key"], e["input"], e["reason"]) for e in cache.errors())
 
     # A dataset of in-000001 alone: its "a" and "b" are first there; the rewritten part is not adopted.
-    later = stage.run(cfg, ["later"])["datasets"]["later"]
-    assert later["inputs_reused"] == 0 and later["embedded"] == 4 and later["skipped"] == 0
-    assert sorted(cache_rows(EmbeddingCache.open(later["cache_url"]))) == ["a", "b", "e", "f"]
+    later = stage.run(cfg, ["later"]).datasets["later"]
+    assert later.inputs_reused == 0 and later.embedded == 4 and later.skipped == 0
+    assert sorted(cache_rows(EmbeddingCache.open(later.cache_url))) == ["a", "b", "e", "f"]
 
 
 def test_the_driver_never_builds_the_image_tower_and_names_the_cache_as_the_tower_does(ray_local, tmp_path, monkeypatch):
@@ -178,9 +178,9 @@ def test_the_driver_never_builds_the_image_tower_and_names_the_cache_as_the_towe
 
     for factory in ("create_model", "create_model_and_transforms"):  # Ray workers import open_clip afresh
         monkeypatch.setattr(open_clip, factory, refuse)
-    summary = stage.run(cfg)["datasets"]["train"]
-    assert summary["complete"] and summary["embedded"] == 1
-    assert EmbeddingCache.open(summary["cache_url"]).manifest["encoder"] == json.loads(json.dumps(fingerprint))
+    summary = stage.run(cfg).datasets["train"]
+    assert summary.complete and summary.embedded == 1
+    assert EmbeddingCache.open(summary.cache_url).manifest["encoder"] == json.loads(json.dumps(fingerprint))
 
 
 def test_encoder_actors_that_would_take_every_cpu_stop_the_run_naming_the_key(ray_local, tmp_path):
@@ -204,8 +204,8 @@ def test_parquet_and_folder_datasets_are_precomputed_into_an_s3_store(ray_local,
     data = {"pq": {"format": "parquet", "urls": str(tmp_path / "*.parquet")},
             "folder": {"format": "folder", "urls": str(tmp_path / "images"), "captions_file": str(tmp_path / "captions.jsonl"),
                        "shard_rows": 2}}
-    summary = stage.run(validate_config(tiny_config(data, s3_root, train={"dataset": "pq"})))["datasets"]
-    pq_cache, folder_cache = (EmbeddingCache.open(summary[n]["cache_url"]) for n in ("pq", "folder"))
+    summary = stage.run(validate_config(tiny_config(data, s3_root, train={"dataset": "pq"}))).datasets
+    pq_cache, folder_cache = (EmbeddingCache.open(summary[n].cache_url) for n in ("pq", "folder"))
     assert pq_cache.url.startswith("s3://") and pq_cache.complete and folder_cache.complete
     pq_rows, folder_rows = cache_rows(pq_cache), cache_rows(folder_cache)
     assert {k: (r["captions"], r["label"]) for k, r in pq_rows.items()} == {f"part-0/{i}": ([f"p{i}"], i) for i in range(3)}
@@ -233,7 +233,7 @@ def test_shards_cut_into_parts_commit_each_part_once_and_resume_mid_shard_bit_id
             remove_part(partial, record["name"])
     partial = EmbeddingCache.open(partial.url)
     assert not partial.complete and cut not in partial.committed_inputs() and partial.committed_parts()[cut] == {0}
-    resumed = EmbeddingCache.open(stage.run(cfg)["datasets"]["train"]["cache_url"])
+    resumed = EmbeddingCache.open(stage.run(cfg).datasets["train"].cache_url)
     got, want = cache_rows(resumed), cache_rows(reference)
     assert list(got) == list(want)
     assert all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
@@ -288,9 +288,9 @@ for _ in range(2):
 cluster.wait_for_nodes()
 raw = json.loads(sys.argv[1])
 raw["ray"] = {"address": cluster.address}
-summary = stage.run(validate_config(raw))["datasets"]["train"]
+summary = stage.run(validate_config(raw)).datasets["train"]
 nodes = len([n for n in ray.nodes() if n["Alive"]])
-print(json.dumps({"cache_url": summary["cache_url"], "nodes": nodes}))
+print(json.dumps({"cache_url": summary.cache_url, "nodes": nodes}))
 ray.shutdown()
 cluster.shutdown()
 """
@@ -327,7 +327,7 @@ def test_jpegs_decoded_by_the_encoder_give_the_cache_the_cpu_decoder_gives(ray_l
         raw = tiny_config({"train": {"format": "webdataset", "urls": str(tmp_path / "data" / "*.tar")}},
                           str(tmp_path / f"store-{decode}"))
         raw["encoder"].update(jpeg_decode=decode, preprocess="tensor")
-        caches[decode] = EmbeddingCache.open(stage.run(validate_config(raw))["datasets"]["train"]["cache_url"])
+        caches[decode] = EmbeddingCache.open(stage.run(validate_config(raw)).datasets["train"].cache_url)
     cpu, device = cache_rows(caches["cpu"]), cache_rows(caches["device"])
     assert list(device) == list(cpu) == [k for k in images if k != "j/cut"]
     assert caches["device"].errors() == caches["cpu"].errors() and caches["cpu"].errors()[0]["key"] == "j/cut"
@@ -365,8 +365,8 @@ def test_s3_faults_are_retried_and_a_shard_that_stays_unreadable_fails_without_a
                                                                          "train-000003.tar"}
     # The rerun, faults gone: in this process, whose Ray workers reach the S3 server directly.
     second = stage.run(validate_config(raw))
-    stage.raise_if_incomplete(second)
-    assert second["datasets"]["train"]["inputs_processed"] == 1  # the failed shard alone
+    second.raise_if_incomplete()
+    assert second.datasets["train"].inputs_processed == 1  # the failed shard alone
     cache = EmbeddingCache.open(cache.url)
     got, want = cache_rows(cache), cache_rows(planted["cache"])
     assert cache.complete and list(got) == list(want)
@@ -403,9 +403,9 @@ def test_a_bit_flipped_in_a_shard_at_rest_fails_every_read_naming_the_file_and_r
     assert main(["cache", "rm", cache.id, str(tmp_path / "pipeline.yaml"), "--part", record["name"]]) == 0
     assert f"part {record['name']} taken out" in capsys.readouterr().out
 
-    mended = stage.run(validate_config(raw))["datasets"]["train"]
-    assert mended["inputs_processed"] == 1 and mended["embedded"] == len(GOOD_RGB)
-    cache = EmbeddingCache.open(mended["cache_url"])
+    mended = stage.run(validate_config(raw)).datasets["train"]
+    assert mended.inputs_processed == 1 and mended.embedded == len(GOOD_RGB)
+    cache = EmbeddingCache.open(mended.cache_url)
     assert verify(cache) == []
     got, want = cache_rows(cache), cache_rows(planted["cache"])
     assert list(got) == list(want) and all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
@@ -425,20 +425,20 @@ def test_a_grown_dataset_encodes_only_its_new_shards_and_removal_keeps_what_anot
     def config(name, dataset, store):
         return validate_config(tiny_config({name: dataset}, store, train={"dataset": name}))
 
-    first = stage.run(config("v1", v1, root))["datasets"]["v1"]
+    first = stage.run(config("v1", v1, root)).datasets["v1"]
     grown = stage.run(config("v2", v2, root))
-    second = grown["datasets"]["v2"]
-    assert (first["embedded"], second["embedded"], second["inputs_processed"], second["inputs_reused"]) == (9, 6, 1, 2)
-    assert second["reused_from"] == [first["cache_id"]] and "2 input shard(s) adopted from cache(s)" in grown["report"][0]
-    alone = stage.run(config("v2", v2, str(tmp_path / "alone")))["datasets"]["v2"]
-    view, reference = EmbeddingCache.open(second["cache_url"]), EmbeddingCache.open(alone["cache_url"])
+    second = grown.datasets["v2"]
+    assert (first.embedded, second.embedded, second.inputs_processed, second.inputs_reused) == (9, 6, 1, 2)
+    assert second.reused_from == [first.cache_id] and "2 input shard(s) adopted from cache(s)" in grown.report[0]
+    alone = stage.run(config("v2", v2, str(tmp_path / "alone"))).datasets["v2"]
+    view, reference = EmbeddingCache.open(second.cache_url), EmbeddingCache.open(alone.cache_url)
     assert view.id == reference.id and view.complete
     got, want = cache_rows(view), cache_rows(reference)  # the view reads the same rows as a cache built alone
     assert sorted(got) == sorted(want) and all(got[k]["embedding"].tobytes() == want[k]["embedding"].tobytes() for k in want)
 
-    plan = remove_cache(EmbeddingCache.open(first["cache_url"]), dry_run=True)
+    plan = remove_cache(EmbeddingCache.open(first.cache_url), dry_run=True)
     assert plan["deleted"] == [] and len(plan["kept"]) == 2  # both of v1's files are v2's too
-    remove_cache(EmbeddingCache.open(first["cache_url"]))
+    remove_cache(EmbeddingCache.open(first.cache_url))
     assert [c.id for c in list_caches(root)] == [view.id] and verify(view) == []
     assert sorted(cache_rows(view)) == sorted(want)
     plan = remove_cache(view)  # now the last cache naming v1's files: they go too

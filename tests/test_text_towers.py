@@ -146,7 +146,7 @@ def test_each_tower_kind_trains_exports_and_loads_in_plain_open_clip_with_equal_
     assert cfg.train.tower.setting == kind.rsplit("-", 1)[1]
     start = build_run(cfg).tower.state_dict()
     summary = train(cfg)
-    trained, tokenizer, meta = load_text_tower(summary["artifact"])
+    trained, tokenizer, meta = load_text_tower(summary.artifact)
     assert meta["lit"] == cfg.train.tower.setting
     if "hf_model" in tower:
         pretrained = transformers.AutoModel.from_pretrained(tower["hf_model"])

@@ -117,12 +117,12 @@ def test_train_stage_with_two_workers_runs_ray_train_and_writes_the_text_tower(r
     raw = tiny_train_config(tiny_cache, "two-workers", workers=2, steps=2, eval_every=1)
     raw["eval"] = {"retrieval": ["train"]}
     summary = run(validate_config(raw))
-    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert summary.world_size == 2 and summary.steps == 2
     records = [json.loads(line) for line in open(f"{raw['workdir']}/train/metrics.jsonl")]
     assert [r["step"] for r in records if "eval" in r] == [1, 2]  # rank 0 alone evaluates, once per eval step
-    tower, tokenizer, meta = load_text_tower(summary["artifact"])
+    tower, tokenizer, meta = load_text_tower(summary.artifact)
     assert meta["steps"] == 2 and tower(tokenizer(["a red cat"])).shape == (1, 32)
-    assert any("2 worker(s)" in line for line in summary["report"])
+    assert any("2 worker(s)" in line for line in summary.report)
 
 
 @pytest.mark.long

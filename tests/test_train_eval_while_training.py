@@ -41,13 +41,13 @@ def test_eval_every_n_steps_logs_plots_and_keeps_the_best_tower_without_changing
     assert losses(raw["workdir"]) == losses(plain["workdir"])
 
     cfg = validate_config(raw)  # the logged numbers are what the eval stage's suite gives for the final tower
-    final, tokenizer, _ = load_text_tower(summary["artifact"])
+    final, tokenizer, _ = load_text_tower(summary.artifact)
     with torch.no_grad():
         assert flat_metrics(EvalSuite(cfg).evaluate(final, tokenizer)) == pytest.approx(evals[-1]["eval"])
-    best, _, meta = load_text_tower(summary["best"])
+    best, _, meta = load_text_tower(summary.best)
     best_record = max(evals, key=lambda r: r["eval"][METRIC])  # the first of equal values is kept
     assert (meta["step"], meta["value"]) == (best_record["step"], best_record["eval"][METRIC])
-    assert Path(summary["eval_curve"]).stat().st_size > 10_000
+    assert Path(summary.eval_curve).stat().st_size > 10_000
 
     events = EventAccumulator(str(Path(raw["workdir"]) / "train" / "tensorboard"))
     events.Reload()

@@ -37,7 +37,7 @@ def test_training_from_the_cache_equals_on_the_fly_locked_image_training(tiny_ca
     run = build_run(fly_cfg)
     run.image_features = lambda batch: encoder.encode(torch.stack([images[k] for k in batch.keys]))
     on_the_fly = fit(fly_cfg, run)
-    expected, got = losses(cached["artifact"].rsplit("/train", 1)[0]), losses(on_the_fly["artifact"].rsplit("/train", 1)[0])
+    expected, got = losses(cached.artifact.rsplit("/train", 1)[0]), losses(on_the_fly.artifact.rsplit("/train", 1)[0])
     assert list(got) == [1, 2, 3, 4]
     np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=1e-5)
 
@@ -50,7 +50,7 @@ def test_export_loads_in_open_clip_with_the_trained_text_and_cached_image_featur
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     model.eval()
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    tower, our_tokenizer, _ = load_text_tower(summary["artifact"])
+    tower, our_tokenizer, _ = load_text_tower(summary.artifact)
     texts = ["a red cat", "smiling face", "blue rocket moon"]
     assert torch.equal(tokenizer(texts), our_tokenizer(texts))
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_checkpoints_on_s3_restore_weights_optimiser_and_schedule(tiny_cache, s3
     summary = train(cfg)
     run = build_run(cfg)
     assert load_checkpoint(cfg.train.checkpoint_dir, run) == 2
-    final, _, _ = load_text_tower(summary["artifact"])
+    final, _, _ = load_text_tower(summary.artifact)
     for name, value in final.state_dict().items():
         torch.testing.assert_close(run.tower.state_dict()[name], value, msg=name)
     assert run.scheduler.last_epoch == 2 and run.optimizer.state_dict()["state"]
@@ -112,8 +112,8 @@ def test_checkpoints_on_s3_restore_weights_optimiser_and_schedule(tiny_cache, s3
 def test_training_on_the_token_cache_equals_tokenising_every_step(tiny_cache):
     cached = train(validate_config(config(tiny_cache, "tokens-cached", steps=6)))
     on_the_fly = train(validate_config(config(tiny_cache, "tokens-fly", steps=6, pretokenize=False)))
-    assert cached["final_loss"] == on_the_fly["final_loss"]
-    assert losses(cached["artifact"].rsplit("/train", 1)[0]) == losses(on_the_fly["artifact"].rsplit("/train", 1)[0])
+    assert cached.final_loss == on_the_fly.final_loss
+    assert losses(cached.artifact.rsplit("/train", 1)[0]) == losses(on_the_fly.artifact.rsplit("/train", 1)[0])
 
 
 def test_the_token_cache_holds_every_caption_tokenised_once_per_tokenizer(tiny_cache):
@@ -149,7 +149,7 @@ def test_throughput_counts_the_time_spent_waiting_for_data(tiny_cache, monkeypat
 
     monkeypatch.setattr(trainer, "StreamingReader", SlowReader)
     summary = train(validate_config(config(tiny_cache, "slow-data", steps=6, prefetch_batches=1)))
-    records = [json.loads(line) for line in (Path(summary["artifact"]).parent / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(summary.artifact).parent / "metrics.jsonl").read_text().splitlines()]
     steady = records[3:]  # once the prefetch buffers have drained, steps wait for their batch
     # medians: a step slowed by another process lets the next batch arrive early, but not every step's
     assert np.median([r["data_wait"] for r in steady]) > 0.5  # the tower's own step takes ~0.2 s here
@@ -234,7 +234,7 @@ def test_a_non_finite_loss_stops_the_run_before_its_update_leaving_the_last_chec
     run.image_features = poisoned_at(3)
     summary = fit(skipping, run)
     records = [json.loads(line) for line in (Path(skipping.train_dir) / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped"] for r in records if "loss" in r] == [0, 0, 1, 1, 1] and math.isfinite(summary["final_loss"])
+    assert [r["skipped"] for r in records if "loss" in r] == [0, 0, 1, 1, 1] and math.isfinite(summary.final_loss)
     assert all(torch.isfinite(p).all() for p in run.tower.parameters())
 
 

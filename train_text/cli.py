@@ -47,7 +47,7 @@ def register(commands) -> None:
 def _train(args) -> int:
     from litpipe.train_text.stage import run
 
-    for line in run(config_from_args(args), resume=args.resume)["report"]:
+    for line in run(config_from_args(args), resume=args.resume).report:
         print(line)
     return 0
 

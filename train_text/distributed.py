@@ -18,11 +18,12 @@ import fsspec
 from litpipe.config import PipelineConfig
 from litpipe.errors import UserError
 from litpipe.ray_cluster import init_ray
+from litpipe.train_text.results import TrainSummary
 
 STOPPED = "stopped.json"  # a NonFiniteStep's message, rank 0's, for the driver
 
 
-def train_distributed(cfg: PipelineConfig, resume: bool = False, text_features: str | None = None) -> dict:
+def train_distributed(cfg: PipelineConfig, resume: bool = False, text_features: str | None = None) -> TrainSummary:
     """Run `trainer.train` on `train.workers` Ray Train workers; rank 0's summary."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -51,8 +52,7 @@ def train_distributed(cfg: PipelineConfig, resume: bool = False, text_features: 
         raise _user_error(err) or err
     if fs.exists(f"{root}/{STOPPED}"):
         raise UserError(json.loads(fs.cat_file(f"{root}/{STOPPED}"))["error"])
-    with fsspec.open(f"{cfg.train_dir}/summary.json", "r") as f:  # written by rank 0
-        return json.load(f)
+    return TrainSummary.read(f"{cfg.train_dir}/summary.json")  # written by rank 0
 
 
 def _user_error(err: BaseException) -> UserError | None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from litpipe.config import PipelineConfig, training_dataset
+from litpipe.train_text.results import TrainSummary
 
 
-def run(cfg: PipelineConfig, resume: bool = False) -> dict:
+def run(cfg: PipelineConfig, resume: bool = False) -> TrainSummary:
+    """Train on one process or on `train.workers` Ray Train workers; the same summary either way."""
     from litpipe.store import resolve_cache
 
     cache = resolve_cache(cfg, training_dataset(cfg), cfg.train.cache)  # a missing cache is said here, before Ray starts
@@ -17,21 +19,7 @@ def run(cfg: PipelineConfig, resume: bool = False) -> dict:
     if cfg.train.workers > 1:
         from litpipe.train_text.distributed import train_distributed
 
-        summary = train_distributed(cfg, resume, text_features)
-    else:
-        from litpipe.train_text.trainer import train
+        return train_distributed(cfg, resume, text_features)
+    from litpipe.train_text.trainer import train
 
-        summary = train(cfg, resume, text_features)
-    resumed = f", resumed at step {summary['resumed_at']}" if summary["resumed_at"] else ""
-    summary["report"] = [
-        f"{summary['steps']} steps on cache {summary['cache_id']} ({summary['world_size']} worker(s){resumed}): "
-        f"final loss {summary['final_loss'] or float('nan'):.4f}, {summary['samples_per_s']:,.0f} samples/s",
-        f"text tower: {summary['artifact']}; loss curve: {summary.get('loss_curve')}",
-    ]
-    if summary.get("uncaptioned"):
-        summary["report"].insert(1, f"{summary['uncaptioned']} image(s) of cache {summary['cache_id']} have no caption "
-                                    "(a classification set's): left out of training, kept for zero-shot eval")
-    if summary.get("eval_curve"):
-        summary["report"].append(f"eval while training: {summary['eval_curve']}"
-                                 + (f"; best tower by train.keep_best: {summary['best']}" if summary.get("best") else ""))
-    return summary
+    return train(cfg, resume, text_features)

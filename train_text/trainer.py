@@ -45,6 +45,7 @@ from litpipe.train_text.gather import barrier, sum_gradients, world
 from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
 from litpipe.train_text.loss import global_contrastive_loss
 from litpipe.train_text.metrics_log import MetricsLog
+from litpipe.train_text.results import TrainSummary
 from litpipe.train_text.text_feature_job import ensure_text_features
 from litpipe.train_text.token_cache import ensure_token_cache
 
@@ -162,13 +163,13 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 def train(cfg: PipelineConfig, resume: bool = False, text_features: str | None = None,
-          on_checkpoint: Callable[[int, str | None], None] | None = None) -> dict:
+          on_checkpoint: Callable[[int, str | None], None] | None = None) -> TrainSummary:
     """Train (or continue) the text tower of `cfg`; rank 0 writes metrics, checkpoints and the final artifact."""
     return fit(cfg, build_run(cfg, text_features), resume, on_checkpoint)
 
 
 def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
-        on_checkpoint: Callable[[int, str | None], None] | None = None) -> dict:
+        on_checkpoint: Callable[[int, str | None], None] | None = None) -> TrainSummary:
     """The training loop over a built `run`, and its bookkeeping: data wait, logging, evaluation, checkpoints
     (each then passed to `on_checkpoint(step, url)` on every rank, url None but on rank 0), the final tower
     and the summary; see `train`."""
@@ -217,24 +218,24 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
     return finish(cfg, run, log, losses, time.perf_counter() - started)
 
 
-def finish(cfg: PipelineConfig, run: Run, log: MetricsLog, losses: list[float], elapsed: float) -> dict:
+def finish(cfg: PipelineConfig, run: Run, log: MetricsLog, losses: list[float], elapsed: float) -> TrainSummary:
     """The run's summary; on rank 0 also the final tower, the closed log with its plots and summary.json."""
     t = cfg.train
     rank, size = world()
-    summary = {"steps": run.total_steps, "resumed_at": run.total_steps - len(losses), "cache_id": run.cache.id,
-               "final_loss": losses[-1] if losses else None, "samples_per_s": t.batch_size * len(losses) / max(elapsed, 1e-9),
-               "artifact": cfg.final_text_tower, "world_size": size,
-               "uncaptioned": run.cache.uncaptioned}
+    summary = TrainSummary(steps=run.total_steps, resumed_at=run.total_steps - len(losses), cache_id=run.cache.id,
+                           final_loss=losses[-1] if losses else None,
+                           samples_per_s=t.batch_size * len(losses) / max(elapsed, 1e-9),
+                           artifact=cfg.final_text_tower, world_size=size, uncaptioned=run.cache.uncaptioned)
     if rank == 0:
         run.tower.save(cfg.final_text_tower, {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss,
                                         "dataset": t.dataset, "lit": "LL (heads)" if t.text_model else t.tower.setting,
                                         "encoder": cfg.encoder.spec()})
         log.close()
-        summary.update(log.plot())
+        curves = log.plot()
+        summary.loss_curve, summary.eval_curve = curves["loss_curve"], curves.get("eval_curve")
         if t.keep_best:
-            summary["best"] = f"{cfg.train_dir}/best"
-        with fsspec.open(f"{cfg.train_dir}/summary.json", "w") as f:
-            f.write(json.dumps(summary, indent=2))
+            summary.best = f"{cfg.train_dir}/best"
+        summary.write(f"{cfg.train_dir}/summary.json")
     return summary
 
 

@@ -36,7 +36,7 @@ def run_ablation(config: str, overrides: list[str], out: str | Path) -> dict:
     for arm, (what, extra) in ARMS.items():
         print(f"\n== litpipe ablation: {arm} ({what})")
         summary = run_pipeline(load_config(config, [*overrides, f"workdir={out / arm}", *extra]))
-        evals[arm] = json.loads(Path(summary["eval"]["eval_json"]).read_text())
+        evals[arm] = json.loads(Path(summary.eval.eval_json).read_text())
     rows = [{"dataset": dataset, "task": task, "metric": name, "chance": result["chance"][name],
              **{arm: evals[arm][task][dataset]["metrics"][name] for arm in ARMS}}
             for task in ("retrieval", "zeroshot") for dataset, result in evals["L"][task].items()

@@ -15,7 +15,7 @@ import pytest
 from litpipe.store.maintenance import verify
 from litpipe.config import validate_config
 from litpipe.precompute import stage
-from litpipe.precompute.stage import PrecomputeIncomplete, raise_if_incomplete
+from litpipe.precompute.results import PrecomputeIncomplete
 from litpipe.store.cache import EmbeddingCache
 
 from checks import assert_same_cache, record
@@ -40,24 +40,24 @@ def test_a_full_disk_stops_the_parts_it_hits_naming_the_path_and_the_run_after_f
         ray_local, tmp_path, small_disk):
     build_planted_dataset(tmp_path / "data")
     reference = EmbeddingCache.open(stage.run(validate_config(planted_config(
-        tmp_path / "data", str(tmp_path / "reference"), precompute={"rows_per_commit": 2})))["datasets"]["train"]["cache_url"])
+        tmp_path / "data", str(tmp_path / "reference"), precompute={"rows_per_commit": 2}))).datasets["train"].cache_url)
     stat = os.statvfs(small_disk)
     (small_disk / "ballast").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - ROOM))
     cfg = validate_config(planted_config(tmp_path / "data", str(small_disk / "store"), precompute={"rows_per_commit": 2}))
 
     summary = stage.run(cfg)
-    result = summary["datasets"]["train"]
-    assert result["failed_inputs"] and not result["complete"]
+    result = summary.datasets["train"]
+    assert result.failed_inputs and not result.complete
     with pytest.raises(PrecomputeIncomplete, match=rf"No space left on device: '{small_disk}/store/.*\.(parquet|tmp-\w+)'"
                                                    r".*rerun `litpipe precompute`"):
-        raise_if_incomplete(summary)
-    partial = EmbeddingCache.open(result["cache_url"])
+        summary.raise_if_incomplete()
+    partial = EmbeddingCache.open(result.cache_url)
     assert all("orphan" in p or "temporary" in p for p in verify(partial))  # every committed part whole
-    assert not partial.committed_inputs() & set(result["failed_inputs"])
+    assert not partial.committed_inputs() & set(result.failed_inputs)
 
     (small_disk / "ballast").unlink()
-    again = stage.run(cfg)["datasets"]["train"]
-    assert again["complete"] and again["inputs_processed"] == len(result["failed_inputs"])
-    assert_same_cache(EmbeddingCache.open(again["cache_url"]), reference)
+    again = stage.run(cfg).datasets["train"]
+    assert again.complete and again.inputs_processed == len(result.failed_inputs)
+    assert_same_cache(EmbeddingCache.open(again.cache_url), reference)
     record("precompute", f"store disk full ({len(result['failed_inputs'])} of {result['inputs']} inputs hit it)",
            "those inputs failed uncommitted, the path named; the rerun after freeing space finished the cache")

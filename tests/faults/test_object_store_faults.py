@@ -123,7 +123,7 @@ def test_precompute_into_s3_through_throttled_reset_and_lost_writes_equals_a_run
         ray_local, tmp_path, s3_root, s3_server):
     build_planted_dataset(tmp_path / "data")
     local = planted_config(tmp_path / "data", str(tmp_path / "reference"), precompute={"rows_per_commit": 2})
-    reference = EmbeddingCache.open(stage.run(validate_config(local))["datasets"]["train"]["cache_url"])
+    reference = EmbeddingCache.open(stage.run(validate_config(local)).datasets["train"].cache_url)
     raw = planted_config(tmp_path / "data", f"{s3_root}/store", precompute={"rows_per_commit": 2})
     (tmp_path / "pipeline.yaml").write_text(json.dumps(raw))
     with FaultProxy(upstream=s3_server["endpoint_url"]) as proxy:

@@ -39,7 +39,7 @@ out = {}
 for name, raw in json.loads(sys.argv[1]).items():
     raw["ray"] = {"address": cluster.address}
     try:
-        out[name] = run(validate_config(raw))["resumed_at"]
+        out[name] = run(validate_config(raw)).resumed_at
     except UserError as err:
         out[name] = str(err)
 out["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
