@@ -40,7 +40,7 @@ from PIL import Image
 from litpipe.config import EncoderConfig, validate_config
 from litpipe.devices import keep_freed_memory_env
 from litpipe.models.image_encoder import load_encoder
-from litpipe.precompute.decode import decode_image
+from litpipe.images import decode_image
 
 DEMO_ARCHITECTURE = {  # pipeline.yaml's demo encoder
     "embed_dim": 128,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from litpipe.errors import UserError
 from litpipe.files import content_digest
+from litpipe.images import DEFAULT_MAX_PIXELS
 from litpipe.scoring.names import metric_names
 
 DEFAULT_CONFIG = "pipeline.yaml"
@@ -159,7 +160,7 @@ class PrecomputeConfig(Section):
     batch_size: int = Field(256, ge=1, description="images per encoder forward")
     decode_workers: int | None = Field(None, ge=1, description="CPU decode tasks; none = one per free CPU")
     encoder_actors: int = Field(1, ge=1, description="encoder actors (one GPU each when GPUs exist)")
-    max_image_pixels: int = Field(89_478_485, ge=1, description="larger images are skipped as bombs")
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images are skipped as bombs")
     rows_per_commit: int = Field(4096, ge=1, description="samples per committed part of an input shard: the unit of "
                                  "resume, and what a decode worker holds in memory (fixed when a cache is created)")
     read_retries: int = Field(3, ge=0, description="times a read task reads its shard again after a read failure, "

@@ -12,8 +12,10 @@ import os
 from tqdm import tqdm
 
 QUIET = "LITPIPE_QUIET"
-# What the libraries litpipe loads models with read for their own bars and load reports (set with QUIET).
-QUIET_LIBRARIES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+# What the libraries litpipe loads models with read for their own bars and load reports: off in Ray's
+# workers always (`ray_cluster.worker_env`), everywhere under QUIET.
+MODEL_LOADING_OUTPUT = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+QUIET_LIBRARIES = {**MODEL_LOADING_OUTPUT, "TQDM_DISABLE": "1"}
 
 
 def progress(*args, disable: bool | None = False, **kwargs) -> tqdm:

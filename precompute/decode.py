@@ -1,95 +1,23 @@
-"""Image bytes -> RGB PIL image, every odd mode converted the way it looks, bombs refused unread.
+"""One part of an input shard decoded for the encoder: uint8 pixels, keys, captions, and a reason per bad image.
 
-`PIL.Image.convert("RGB")` alone (what open_clip's transform does) is wrong for several modes: it
-drops alpha onto whatever colour the transparent pixels hold, clips 16-bit grey to white and
-ignores CMYK colour profiles. Failures are returned as reasons, not raised, so a bad image is
-recorded and skipped without failing its batch.
+Each image goes through `litpipe.images.decode_image` (EXIF orientation, transparency on white,
+16-bit and CMYK converted as they look); failures are returned as reasons, not raised, so a bad
+image is recorded and skipped without failing its batch.
 
 No torch here: read tasks import only this, and start in a second instead of five.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import socket
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps
 
-BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as a viewer would
-
-
-class DecodeError(Exception):
-    """An image that cannot be used; str() is the reason recorded in the cache."""
-
-
-def decode_image(data: bytes | None, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB image, upright (EXIF orientation applied); DecodeError with the reason otherwise."""
-    if not data:
-        raise DecodeError("empty image (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = _open_bounded(data, max_pixels)
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # a copy of every image otherwise
-            return to_rgb(image)
-    except DecodeError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise DecodeError(f"decompression bomb: {err}") from None
-    except OSError as err:
-        reason = "truncated image" if "truncated" in str(err) else "undecodable image"
-        raise DecodeError(f"{reason}: {err}") from None
-    except Exception as err:  # PIL raises many types for corrupt data (ValueError, SyntaxError, ...)
-        raise DecodeError(f"undecodable image: {type(err).__name__}: {err}") from None
-
-
-def _open_bounded(data: bytes, max_pixels: int) -> Image.Image:
-    """Open reading only the header, and refuse more than `max_pixels` before any pixel is decoded."""
-    previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # our bound below replaces PIL's global one
-    try:
-        image = Image.open(io.BytesIO(data))
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
-    width, height = image.size
-    if width * height > max_pixels:
-        raise DecodeError(f"decompression bomb: {width}x{height} = {width * height} pixels > "
-                          f"precompute.max_image_pixels ({max_pixels})")
-    return image
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB as it should look."""
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grey (PNG/TIFF): scale 0..65535 to 0..255; convert() would clip everything above 255.
-        grey = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8), "L")
-    elif mode == "F":
-        grey = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if grey.size and grey.max() <= 1.0 else 1.0  # float images are 0..1 by convention
-        image = Image.fromarray(np.clip(np.rint(grey * scale), 0, 255).astype(np.uint8), "L")
-    elif mode == "CMYK" and image.info.get("icc_profile"):
-        profile = ImageCms.ImageCmsProfile(io.BytesIO(image.info["icc_profile"]))
-        return ImageCms.profileToProfile(image, profile, ImageCms.createProfile("sRGB"), outputMode="RGB")
-    elif mode == "P" and "transparency" in image.info or mode == "PA":
-        image = image.convert("RGBA")
-    elif mode in ("LA", "La", "RGBa"):
-        image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        flat = Image.new("RGB", image.size, BACKGROUND)
-        flat.paste(image, mask=image.getchannel("A"))
-        return flat
-    return image.convert("RGB")
+from litpipe.images import DecodeError, decode_image, open_bounded
 
 
 @dataclass
@@ -167,7 +95,7 @@ def device_jpeg(data: bytes | None, max_pixels: int) -> np.ndarray | None:
     if not data or data[:3] != b"\xff\xd8\xff":
         return None
     try:
-        mode = _open_bounded(data, max_pixels).mode
+        mode = open_bounded(data, max_pixels).mode
     except DecodeError:
         raise
     except Exception:  # a broken header: the CPU path names the reason

@@ -7,7 +7,9 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from .decode import DecodeError, Part, decode_image, stable_reason
+from litpipe.images import DecodeError, decode_image
+
+from .decode import Part, stable_reason
 
 
 def finish_decoding(part: Part, pixels, device: torch.device, max_pixels: int) -> Part:

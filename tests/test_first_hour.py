@@ -57,3 +57,38 @@ def test_training_on_workers_without_a_cache_is_said_by_the_driver(jpegs):
     config = load_config(str(jpegs / "pipeline.yaml"), ["train.workers=2", "train.batch_size=4"])
     with pytest.raises(CacheError, match="no float16 cache of dataset `train`.*run `litpipe precompute` first"):
         train_stage.run(config)
+
+
+@pytest.mark.long
+def test_model_loading_reports_and_bars_stay_out_of_the_console_from_ray_workers(tiny_cache, text_models, tmp_path):
+    """A frozen text model saved with its pretraining head: transformers' LOAD REPORT table (its unused
+    keys) and loading bars, once per Ray worker that loads it, with colour codes, are not printed."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    from conftest import head_config
+
+    folder = tmp_path / "bert-mlm"  # BertForMaskedLM's weights loaded as a BertModel: unused `cls.*` keys
+    transformers.BertForMaskedLM.from_pretrained(text_models["bert"]).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(text_models["bert"]).save_pretrained(folder)
+    raw = head_config(tiny_cache, "worker-output", text_models)
+    raw["train"]["text_model"]["model"] = str(folder)
+    raw["ray"] = {"num_cpus": 2}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "litpipe", "text-features", str(tmp_path / "pipeline.yaml")],
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "text features of cache" in done.stdout, output[-3000:]
+    assert "LOAD REPORT" not in output and "Loading weights" not in output, output[-3000:]
+
+
+def test_ray_workers_get_quiet_model_loading_and_litpipe_q_and_a_users_own_settings_win():
+    from litpipe.ray_cluster import worker_env
+
+    assert worker_env(False, {}) == {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    assert worker_env(True, {}) == {}  # litpipe -v: every library's own output
+    assert worker_env(False, {"TRANSFORMERS_VERBOSITY": "info"})["TRANSFORMERS_VERBOSITY"] == "info"
+    quiet = worker_env(True, {"LITPIPE_QUIET": "1"})  # reaches a cluster's workers, which inherit nothing
+    assert quiet["LITPIPE_QUIET"] == "1" and quiet["TQDM_DISABLE"] == "1"

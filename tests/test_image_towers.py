@@ -12,6 +12,7 @@ from precompute_samples import sample_members, write_tar
 from test_pixels import photo
 
 from litpipe.config import EncoderConfig, validate_config
+from litpipe.images import decode_image
 from litpipe.models.image_encoder import load_encoder
 from litpipe.models.image_towers import EncoderError
 from litpipe.precompute import stage
@@ -188,7 +189,10 @@ def test_a_dinov2_export_loads_with_the_readme_snippet_and_gives_the_cached_feat
     folder = export_model(cfg, str(tmp_path / "export"), checkpoint=str(tmp_path / "tower"))
     assert not (folder / "open_clip_config.json").exists()  # not an open_clip folder: nothing half-loads
     monkeypatch.chdir(tmp_path)
-    towers["images"][0].save(tmp_path / "cat.jpg")
+    photo = towers["images"][0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: the camera was turned, a viewer shows it rotated by 90 degrees
+    photo.crop((0, 0, photo.width, photo.height * 3 // 4)).save(tmp_path / "cat.jpg", exif=exif)
     code = readme_snippet("hf-export").replace('folder = "runs/export"', f'folder = "{folder}"')
     names: dict = {}
     exec(compile(code, "README.md:hf-export", "exec"), names)
@@ -197,6 +201,9 @@ def test_a_dinov2_export_loads_with_the_readme_snippet_and_gives_the_cached_feat
         expected = tower.eval()(clip_tokenizer(16)(["a photo of a cat", "a photo of a dog"]))
     assert torch.allclose(names["texts"], expected, atol=1e-6)
     assert names["probabilities"].shape == (1, 2)
+    decoded = decode_image((tmp_path / "cat.jpg").read_bytes(), 10**8)  # as precompute decodes it: upright
+    assert names["image"].size == decoded.size != Image.open(tmp_path / "cat.jpg").size
+    assert np.array_equal(np.asarray(names["image"]), np.asarray(decoded))
 
 
 def test_a_model_folder_rewritten_in_place_is_described_again(tmp_path):

@@ -1,4 +1,4 @@
-"""precompute/decode.py: every odd image mode converted as it looks, bad bytes turned into reasons."""
+"""litpipe/images.py and precompute/decode.py: every odd image mode converted as it looks, bad bytes turned into reasons."""
 
 import io
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from litpipe.precompute.decode import DecodeError, decode_image
+from litpipe.images import DecodeError, decode_image
 from precompute_samples import encode_image, image_bytes
 
 MAX = 10_000_000
@@ -144,3 +144,26 @@ def test_a_read_task_imports_no_torch(tmp_path):
              "print(sorted(m for m in ('torch', 'torchvision', 'open_clip') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "task.pkl")], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_open_image_decodes_a_file_or_its_bytes_as_precompute_does_and_unlike_plain_pil(tmp_path):
+    """The README's snippets reproduce cached vectors with `open_image`: upright and on white, where
+    `Image.open(...).convert("RGB")` is on its side and shows the transparent pixels' hidden colour."""
+    from litpipe.images import open_image
+
+    sideways = Image.fromarray(np.arange(6 * 4 * 3, dtype=np.uint8).reshape(4, 6, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # EXIF orientation: rotate 90 degrees to show it upright
+    sideways.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    hidden = Image.new("RGBA", (3, 2), (200, 10, 10, 0))  # fully transparent red
+    hidden.save(tmp_path / "clear.png")
+    for name in ("photo.jpg", "clear.png"):
+        data = (tmp_path / name).read_bytes()
+        expected = np.asarray(decode_image(data, MAX))
+        for source in (tmp_path / name, str(tmp_path / name), f"file://{tmp_path / name}", data):
+            assert np.array_equal(np.asarray(open_image(source)), expected)
+    assert open_image(tmp_path / "photo.jpg").size == (4, 6) != Image.open(tmp_path / "photo.jpg").size
+    assert (np.asarray(open_image(tmp_path / "clear.png")) == 255).all()
+    assert (np.asarray(Image.open(tmp_path / "clear.png").convert("RGB"))[..., 0] == 200).all()
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        open_image(tmp_path / "photo.jpg", max_pixels=10)

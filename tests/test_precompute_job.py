@@ -24,7 +24,7 @@ from litpipe.config import validate_config
 from litpipe.errors import UserError
 from litpipe.precompute import stage
 from litpipe.precompute.job import worker_runtime_env
-from litpipe.precompute.decode import decode_image
+from litpipe.images import decode_image
 from litpipe.store.cache import CacheError, EmbeddingCache, list_caches
 from litpipe.store.sharing import remove_part
 from litpipe.models.image_encoder import load_encoder

@@ -154,7 +154,7 @@ def parity(model: str, count: int, device: str) -> dict:
 
     from litpipe.config import EncoderConfig
     from litpipe.models.image_encoder import load_encoder
-    from litpipe.precompute.decode import decode_image
+    from litpipe.images import decode_image
 
     architecture = DEMO_ARCHITECTURE if model == "litpipe-tiny-vit" else None
     samples = [decode_image(jpeg(i), 89_478_485) for i in range(count)]

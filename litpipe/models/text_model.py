@@ -44,7 +44,11 @@ class FrozenTextModel:
         try:
             config = transformers.AutoConfig.from_pretrained(cfg.model)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.model)
-            model = transformers.AutoModel.from_pretrained(cfg.model)
+            with torch.random.fork_rng(devices=[]):
+                # Weights the checkpoint lacks (BERT's pooler in a masked-LM checkpoint) are initialised at random:
+                # the same in every process, so each worker's features and fingerprint match the driver's.
+                torch.manual_seed(0)
+                model = transformers.AutoModel.from_pretrained(cfg.model)
         except (OSError, ValueError) as err:
             raise TextModelError(f"train.text_model.model `{cfg.model}`: transformers cannot load it ({err}); give a "
                                  "model folder or a hub id (needs the network)") from None
