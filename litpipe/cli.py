@@ -23,6 +23,7 @@ from litpipe.eval import cli as eval_cli
 from litpipe.serve import cli as serve_cli
 from litpipe.precompute import cli as precompute_cli
 from litpipe.store import cli as store_cli
+from litpipe.sweep import cli as sweep_cli
 from litpipe.train_text import cli as train_cli
 
 
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_argument("--out", default="runs/ablation", help="folder for the three runs and the comparison "
                           "(default: %(default)s)")
     ablation.set_defaults(func=_ablation)
+    sweep_cli.register(commands)
 
     demo = commands.add_parser("demo-data", help="build the embedded OpenMoji demo dataset (no network)",
                                description="Render OpenMoji emoji as images captioned with their names, as WebDataset tar shards, "

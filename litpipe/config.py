@@ -492,9 +492,11 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides)
 
 
-def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) -> PipelineConfig:
+def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = (), overrides_from: str | None = None
+                ) -> PipelineConfig:
     """Read (a path or any fsspec URL), override (`dotted.key=value`, the value parsed as YAML) and
-    validate a pipeline.yaml."""
+    validate a pipeline.yaml. Relative paths in overrides start from `overrides_from` (a sweep file's
+    folder), else from the working folder, as `--set` does."""
     path = str(path)
     try:
         with fsspec.open(path, "rt", encoding="utf-8") as f:
@@ -512,7 +514,7 @@ def load_config(path: str | Path = DEFAULT_CONFIG, overrides: list[str] = ()) ->
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, encoder, ...)")
     resolve_relative_paths(raw, _folder_of(path))
     for item in overrides:
-        resolve_relative_paths(raw, os.getcwd(), within=apply_override(raw, item))
+        resolve_relative_paths(raw, overrides_from or os.getcwd(), within=apply_override(raw, item))
     return validate_config(raw, source=str(path))
 
 

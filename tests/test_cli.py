@@ -39,7 +39,7 @@ def test_help_lists_every_command_in_pipeline_order_with_what_it_does(capsys):
             listed.append([*line.split(maxsplit=1), ""][:2])
         elif line.startswith("     ") and listed:
             listed[-1][1] += " " + line.strip()
-    assert [name for name, _ in listed] == ["run", "ablation", "demo-data", "config", "precompute", "text-features", "train", "export",
+    assert [name for name, _ in listed] == ["run", "ablation", "sweep", "demo-data", "config", "precompute", "text-features", "train", "export",
                                             "tokenizer",
                                             "eval", "search", "serve", "cache"]
     assert all(len(text) > 20 for _, text in listed)

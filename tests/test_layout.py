@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("litpipe.precompute", "litpipe.train_text", "litpipe.eval", "litpipe.serve")
-ROOF = ("litpipe.cli", "litpipe.__main__", "litpipe.run", "litpipe.demo")  # what sits on top of every stage
+ROOF = ("litpipe.cli", "litpipe.__main__", "litpipe.run", "litpipe.demo", "litpipe.sweep")  # what sits on top of every stage
 MAX_FUNCTION_LINES, MAX_CLASS_LINES = 60, 300
 CORE_FOR_THE_STORE = ("litpipe", "litpipe.config", "litpipe.errors", "litpipe.files", "litpipe.prefetch", "litpipe.progress",
                       "litpipe.skips")

@@ -6,8 +6,9 @@ from litpipe.config import PipelineConfig, training_dataset
 from litpipe.train_text.results import TrainSummary
 
 
-def run(cfg: PipelineConfig, resume: bool = False) -> TrainSummary:
-    """Train on one process or on `train.workers` Ray Train workers; the same summary either way."""
+def run(cfg: PipelineConfig, resume: bool = False, on_eval=None) -> TrainSummary:
+    """Train on one process or on `train.workers` Ray Train workers; the same summary either way.
+    `on_eval(step, metrics)` hears each evaluation while training (one process only: a sweep's trial)."""
     from litpipe.store import resolve_cache
 
     cache = resolve_cache(cfg, training_dataset(cfg), cfg.train.cache)  # a missing cache is said here, before Ray starts
@@ -22,4 +23,4 @@ def run(cfg: PipelineConfig, resume: bool = False) -> TrainSummary:
         return train_distributed(cfg, resume, text_features)
     from litpipe.train_text.trainer import train
 
-    return train(cfg, resume, text_features)
+    return train(cfg, resume, text_features, on_eval=on_eval)

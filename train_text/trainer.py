@@ -163,16 +163,19 @@ def warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 def train(cfg: PipelineConfig, resume: bool = False, text_features: str | None = None,
-          on_checkpoint: Callable[[int, str | None], None] | None = None) -> TrainSummary:
+          on_checkpoint: Callable[[int, str | None], None] | None = None,
+          on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrainSummary:
     """Train (or continue) the text tower of `cfg`; rank 0 writes metrics, checkpoints and the final artifact."""
-    return fit(cfg, build_run(cfg, text_features), resume, on_checkpoint)
+    return fit(cfg, build_run(cfg, text_features), resume, on_checkpoint, on_eval)
 
 
 def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
-        on_checkpoint: Callable[[int, str | None], None] | None = None) -> TrainSummary:
-    """The training loop over a built `run`, and its bookkeeping: data wait, logging, evaluation, checkpoints
-    (each then passed to `on_checkpoint(step, url)` on every rank, url None but on rank 0), the final tower
-    and the summary; see `train`."""
+        on_checkpoint: Callable[[int, str | None], None] | None = None,
+        on_eval: Callable[[int, dict[str, float]], None] | None = None) -> TrainSummary:
+    """The training loop over a built `run`, and its bookkeeping: data wait, logging, evaluation (its metrics
+    passed to `on_eval(step, metrics)` on rank 0: a sweep's trial reports them), checkpoints (each then passed
+    to `on_checkpoint(step, url)` on every rank, url None but on rank 0), the final tower and the summary;
+    see `train`."""
     t = cfg.train
     rank, size = world()
     out = cfg.train_dir
@@ -206,7 +209,9 @@ def fit(cfg: PipelineConfig, run: Run, resume: bool = False,
                        "samples_per_s": t.batch_size / seconds, "data_wait": waited / seconds})
         if t.eval_every and (step % t.eval_every == 0 or step == run.total_steps):
             if evaluate:
-                evaluate(run, step)
+                metrics = evaluate(run, step)
+                if on_eval:
+                    on_eval(step, metrics)
             barrier()  # the other ranks wait for rank 0's evaluation, no longer
         if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == run.total_steps:
             saved = save_checkpoint(ckpt_dir, run, step, t.keep_checkpoints) if rank == 0 else None

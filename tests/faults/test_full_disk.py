@@ -59,5 +59,5 @@ def test_a_full_disk_stops_the_parts_it_hits_naming_the_path_and_the_run_after_f
     again = stage.run(cfg).datasets["train"]
     assert again.complete and again.inputs_processed == len(result.failed_inputs)
     assert_same_cache(EmbeddingCache.open(again.cache_url), reference)
-    record("precompute", f"store disk full ({len(result['failed_inputs'])} of {result['inputs']} inputs hit it)",
+    record("precompute", f"store disk full ({len(result.failed_inputs)} of {result.inputs} inputs hit it)",
            "those inputs failed uncommitted, the path named; the rerun after freeing space finished the cache")
