@@ -254,6 +254,18 @@ class WandbConfig(Section):
     mode: Literal["online", "offline", "disabled"] = Field("online", description="offline = write locally, `wandb sync` later")
 
 
+class ViewConfig(Section):
+    """Rows of the training cache left out when it is read (store/views.py): the cache is never rewritten."""
+
+    name: str = Field("view", description="what the run and a sweep's table call it")
+    exclude_keys: str | list[str] | None = Field(None, description="keys to leave out: a list, or a file of one key "
+                                                 "per line (any fsspec URL)")
+    include_keys: str | list[str] | None = Field(None, description="train on these keys only (a list or a file)")
+    near_duplicates_of: list[str] = Field(default_factory=list, description="`data` entries (eval sets) whose images "
+                                          "the left-out rows near-duplicate, on the cached vectors (LiT's section 2.6)")
+    threshold: float = Field(0.95, gt=-1, le=1, description="cosine at or above which two images are near-duplicates")
+
+
 class TrainConfig(Section):
     dataset: str = Field("train", description="the `data` entry to train on")
     cache: str | None = Field(None, description="a cache id or URL; none = the cache of `dataset`")
@@ -305,6 +317,8 @@ class TrainConfig(Section):
         None, description="head-only training: this frozen text model's features are cached beside the embedding "
         "cache and only `heads` train (train.tower is not used); none = train a text tower")
     heads: HeadsConfig = HeadsConfig()
+    view: ViewConfig | None = Field(None, description="a cache view: rows left out when reading (keys, or near-"
+                                    "duplicates of eval sets); none = every row")
     positives: Literal["sampled", "all"] = Field(
         "sampled", description="sampled = one caption per image per step (seeded); all = every caption of the image "
         "is a positive in the step (train_text/loss.py)")
@@ -529,7 +543,7 @@ def _folder_of(config: str) -> str:
 # Keys whose value is always a path (made relative to the config file when relative), and keys whose
 # value may be a path or a name (a pretrained tag, a hub id, `openai`): a path only where the file is.
 PATH_KEYS = [("workdir",), ("store", "root"), ("train", "checkpoint_dir"), ("data", "*", "urls"),
-             ("data", "*", "captions_file")]
+             ("data", "*", "captions_file"), ("train", "view", "exclude_keys"), ("train", "view", "include_keys")]
 PATH_OR_NAME_KEYS = [("encoder", "pretrained"), ("encoder", "model"), ("data", "*", "classnames"),
                      ("train", "tower", "hf_model"), ("train", "tower", "init"), ("train", "tokenizer"),
                      ("train", "cache"), ("train", "text_model", "model"), ("eval", "checkpoint"),

@@ -23,6 +23,7 @@ from litpipe.progress import progress
 from litpipe.store.parts import open_part, read_part
 from litpipe.store.cache import CacheError, EmbeddingCache, decode_embeddings
 from litpipe.store.caption_rows import CaptionRows, pick_captions
+from litpipe.store.views import CacheView
 from litpipe.prefetch import prefetched
 
 # Tensors made here over Arrow's immutable buffers are only ever read (cast or copied), never written.
@@ -117,13 +118,14 @@ class StreamingReader:
     crawl order or source: in-batch negatives need the mix), batch k is found without reading the
     ones before it, and memory holds about two groups: 2 x shuffle_row_groups x row-group rows.
     `batch_size` is the number of rows per batch on this rank. Rows without a caption (images of a
-    classification set) are no image-text pairs and are left out; `uncaptioned` counts them.
+    classification set) are no image-text pairs and are left out; `uncaptioned` counts them. A
+    `view` leaves out its keys' rows the same way (the cache is never rewritten).
     """
 
     def __init__(self, cache: EmbeddingCache, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, epoch: int = 0, shuffle: bool = True, start_step: int = 0,
                  shuffle_row_groups: int = 16, prefetch: int = 8, text: bool = True, per_caption: CaptionRows | None = None,
-                 all_captions: bool = False):
+                 all_captions: bool = False, view: CacheView | None = None):
         if not 0 <= rank < world_size:
             raise CacheError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or shuffle_row_groups < 1:
@@ -132,8 +134,10 @@ class StreamingReader:
         self.seed, self.epoch, self.shuffle, self.start_step = seed, epoch, shuffle, start_step
         self.prefetch, self.dim, self.per_caption, self.all_captions = prefetch, cache.dim, per_caption, all_captions
         self.records = cache.parts()
-        # A row without a caption (an image of a classification set) is no image-text pair: left out.
-        units = [(s, g, rows - _uncaptioned(r, g)) for s, r in enumerate(self.records) for g, rows in enumerate(r["row_groups"])]
+        self.left_out = view.rows_left_out(cache, self.records) if view else {}
+        # A row without a caption (an image of a classification set) is no image-text pair: left out, as a view's rows.
+        units = [(s, g, rows - _uncaptioned(r, g) - len(self.left_out.get((s, g), ())))
+                 for s, r in enumerate(self.records) for g, rows in enumerate(r["row_groups"])]
         self.uncaptioned = cache.uncaptioned
         if shuffle:
             units = [units[i] for i in np.random.default_rng([seed, epoch]).permutation(len(units))]
@@ -241,7 +245,8 @@ class StreamingReader:
         """One row group of a shard file: vectors as a view of Arrow's buffer in the stored dtype,
         text as object arrays (Python objects once per unit), labels, and its per-caption rows."""
         record = self.records[shard]
-        skip = _uncaptioned(record, group) > 0
+        left_out = self.left_out.get((shard, group))
+        skip = _uncaptioned(record, group) > 0 or left_out is not None
         columns = self.columns + (["captions"] if skip and "captions" not in self.columns else [])
         table = _read(self.cache, self._file(shard, lambda r: open_part(self.cache, r)), record, columns, group)
         chunks = [torch.from_numpy(decode_embeddings(c, self.dim, self.cache.embedding_dtype))
@@ -252,7 +257,10 @@ class StreamingReader:
             caption_values, caption_offsets = self.per_caption.rows(
                 self._file(shard, self.per_caption.open_file, self.per_caption.folder), group)
         if skip:
-            keep = np.flatnonzero(pc.fill_null(pc.list_value_length(table.column("captions")), 0).to_numpy() > 0)
+            kept = pc.fill_null(pc.list_value_length(table.column("captions")), 0).to_numpy() > 0
+            if left_out is not None:
+                kept[left_out] = False
+            keep = np.flatnonzero(kept)
             table, vectors = table.take(keep), vectors.index_select(0, torch.from_numpy(keep))
             if caption_values is not None:
                 counts = caption_offsets[keep + 1] - caption_offsets[keep]

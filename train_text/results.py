@@ -22,6 +22,7 @@ class TrainSummary:
     artifact: str  # the final text tower (or heads)
     world_size: int
     uncaptioned: int  # rows of the cache without a caption, left out of training
+    view: dict | None = None  # the cache view trained on (train.view): its rule, how many keys, their sha256
     loss_curve: str | None = None  # loss.png, eval.png: rank 0 plots them
     eval_curve: str | None = None
     best: str | None = None  # the best tower by train.keep_best
@@ -34,6 +35,9 @@ class TrainSummary:
             f"final loss {self.final_loss or float('nan'):.4f}, {self.samples_per_s:,.0f} samples/s",
             f"text tower: {self.artifact}; loss curve: {self.loss_curve}",
         ]
+        if self.view:
+            lines.insert(1, f"view {self.view['name']}: {self.view['excluded']} key(s) of the cache left out "
+                            f"(keys sha256 {self.view['keys_sha256'][:12]})")
         if self.uncaptioned:
             lines.insert(1, f"{self.uncaptioned} image(s) of cache {self.cache_id} have no caption "
                             "(a classification set's): left out of training, kept for zero-shot eval")

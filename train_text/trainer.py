@@ -40,6 +40,7 @@ from litpipe.store import Batch, EmbeddingCache, StreamingReader, load_all, reso
 from litpipe.store.caption_rows import CaptionRows, pick_captions
 from litpipe.store.text_features import TextFeatureCache
 from litpipe.store.tokens import TokenCache
+from litpipe.store.views import CacheView
 from litpipe.train_text.eval_while_training import EvalWhileTraining
 from litpipe.train_text.gather import barrier, sum_gradients, world
 from litpipe.train_text.grad_cache import full_backward, grad_cached_backward
@@ -48,6 +49,7 @@ from litpipe.train_text.metrics_log import MetricsLog
 from litpipe.train_text.results import TrainSummary
 from litpipe.train_text.text_feature_job import ensure_text_features
 from litpipe.train_text.token_cache import ensure_token_cache
+from litpipe.train_text.views import build_view
 
 LATEST = "latest.json"
 WANDB_RUN = "wandb-run.json"  # the W&B run's id, beside the checkpoints it continues from
@@ -66,6 +68,7 @@ class Run:
     total_steps: int
     device: torch.device
     swapped_captions: dict[str, list[str]] | None = None  # the shuffled-caption control's pairing
+    view: CacheView | None = None  # rows of the cache left out (train.view)
     # Each caption's model input read with the vectors: token ids (train.pretokenize) or, head-only, text features.
     per_caption: CaptionRows | None = None
     # A batch's image side, where it is not the cached vectors: tests and bench/train.py put the locked image
@@ -101,7 +104,8 @@ def build_run(cfg: PipelineConfig, text_features: str | None = None) -> Run:
     rank, size = world()
     device = resolve_device("cuda" if t.use_gpu else "cpu", "train.use_gpu")
     cache = resolve_cache(cfg, t.dataset, t.cache)
-    steps_per_epoch = len(StreamingReader(cache, t.batch_size // size, rank, size, t.seed, 0, text=False))
+    view = build_view(cfg, cache)
+    steps_per_epoch = len(StreamingReader(cache, t.batch_size // size, rank, size, t.seed, 0, text=False, view=view))
     total_steps = t.steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     tokenizer = per_caption = None
     if t.text_model:
@@ -131,7 +135,7 @@ def build_run(cfg: PipelineConfig, text_features: str | None = None) -> Run:
             ensure_token_cache(cache, tokenizer)
         barrier()
         per_caption = TokenCache(cache, tokenizer.fingerprint())
-    return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped, per_caption,
+    return Run(cache, tokenizer, tower, optimizer, scheduler, steps_per_epoch, total_steps, device, swapped, view, per_caption,
                encode_captions=(lambda captions: tokenizer(captions).to(torch.int32)) if tokenizer else None)
 
 
@@ -230,11 +234,12 @@ def finish(cfg: PipelineConfig, run: Run, log: MetricsLog, losses: list[float], 
     summary = TrainSummary(steps=run.total_steps, resumed_at=run.total_steps - len(losses), cache_id=run.cache.id,
                            final_loss=losses[-1] if losses else None,
                            samples_per_s=t.batch_size * len(losses) / max(elapsed, 1e-9),
-                           artifact=cfg.final_text_tower, world_size=size, uncaptioned=run.cache.uncaptioned)
+                           artifact=cfg.final_text_tower, world_size=size, uncaptioned=run.cache.uncaptioned,
+                           view=run.view.fingerprint if run.view else None)
     if rank == 0:
         run.tower.save(cfg.final_text_tower, {"cache_id": run.cache.id, "steps": run.total_steps, "loss": t.loss,
                                         "dataset": t.dataset, "lit": "LL (heads)" if t.text_model else t.tower.setting,
-                                        "encoder": cfg.encoder.spec()})
+                                        "encoder": cfg.encoder.spec(), "view": summary.view})
         log.close()
         curves = log.plot()
         summary.loss_curve, summary.eval_curve = curves["loss_curve"], curves.get("eval_curve")
@@ -308,7 +313,7 @@ def text_batches(run: Run, cfg: PipelineConfig, step: int):
         text = run.per_caption is None or run.image_features is not None  # keys: for the on-the-fly reference
         for batch in StreamingReader(run.cache, t.batch_size // size, rank, size, t.seed, epoch, start_step=within,
                                      shuffle_row_groups=t.shuffle_row_groups, prefetch=t.prefetch_batches, text=text,
-                                     per_caption=run.per_caption, all_captions=every):
+                                     per_caption=run.per_caption, all_captions=every, view=run.view):
             if run.per_caption is not None and batch.per_caption is not None:
                 yield batch.per_caption, batch.owner, batch
             else:
