@@ -107,3 +107,17 @@ def test_a_random_search_under_asha_stops_trials_early_and_still_reports_every_o
     statuses = [r["status"] for r in results["trials"]]
     assert set(statuses) <= {"done", "stopped"} and "done" in statuses and "stopped" in statuses, statuses
     assert all(r["metrics"] for r in results["trials"])  # a stopped trial keeps its last evaluation
+
+
+@pytest.mark.long
+def test_a_failing_trial_is_reported_with_its_error_and_the_others_finish(ray_local, tiny_cache, tmp_path):
+    from litpipe.sweep.runner import tune_trials
+    from litpipe.sweep.table import write_results
+
+    path = sweep_file(tmp_path, tiny_cache, space={}, arms={"fits": {}, "too-big": {"train.batch_size": 4096}})
+    sweep = load_sweep(str(path))
+    results = write_results(sweep, tune_trials(sweep, restart=False))
+    fits, too_big = results["trials"]
+    assert fits["status"] == "done" and fits["metrics"]
+    assert too_big["status"] == "failed" and "lower the batch size" in too_big["error"]
+    assert "failed: " in (Path(sweep.out) / "sweep.md").read_text()
