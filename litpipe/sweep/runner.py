@@ -85,11 +85,16 @@ def tune_trials(sweep: Sweep, restart: bool):
             trainable,
             param_space={"trial": tune.grid_search([t.name for t in sweep.trials])},
             tune_config=tune.TuneConfig(max_concurrent_trials=spec.concurrent, scheduler=asha or None,
-                                        metric=spec.metric if asha else None, mode=spec.mode if asha else None),
+                                        metric=spec.metric if asha else None, mode=spec.mode if asha else None,
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name=TUNE_NAME, storage_path=storage, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     return tuner.fit()
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]
 
 
 def run_trial(sweep_path: str, config: dict) -> None:

@@ -28,7 +28,7 @@ def write_results(sweep: Sweep, grid) -> dict:
                      "status": "done" if finished else ("failed" if result is not None and result.error else "stopped"),
                      "error": str(result.error).strip().splitlines()[-1] if result is not None and result.error else None,
                      "folder": str(Path(sweep.out) / "trials" / trial.name)})
-    names = sorted({name for row in rows for name in row["metrics"]})
+    names = list(dict.fromkeys(name for row in rows for name in row["metrics"]))  # the eval suite's order
     metric = sweep.spec.metric
     done = [r for r in rows if r["status"] == "done" and metric in r["metrics"]]
     best = (max if sweep.spec.mode == "max" else min)(done, key=lambda r: r["metrics"][metric])["trial"] if done else None
@@ -61,12 +61,20 @@ def markdown_table(results: dict) -> list[str]:
     for row in results["trials"]:
         best = " (best)" if row["trial"] == results["best"] else ""
         status = row["status"] + (f": {row['error']}" if row["error"] else "")
-        lines.append("| " + " | ".join([row["trial"] + best, *[str(row["settings"].get(k, "")) for k in keys],
+        lines.append("| " + " | ".join([row["trial"] + best, *[_setting(row["settings"], k) for k in keys],
                                         *[pct(row["metrics"][n]) if n in row["metrics"] else "" for n in names],
                                         status]) + " |")
     lines.append("| chance | " + " | ".join([""] * len(keys) + [pct(results["chance"][n]) if n in results["chance"] else ""
                                                                  for n in names] + [""]) + " |")
     return lines
+
+
+def _setting(settings: dict, key: str) -> str:
+    """A trial's value of `key` as the sweep file would spell it (null, true, {...}); blank where the base's."""
+    if key not in settings:
+        return ""
+    value = settings[key]
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def plot(results: dict, path: Path) -> None:
