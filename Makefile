@@ -32,9 +32,10 @@ ablation: $(VENV)/.installed-cpu,demo,serve
 test: $(VENV)/.installed-cpu,demo,test
 	$(BIN)/python -m pytest -q
 
-# The longest end-to-end tests (about 7 minutes on 2 cores), apart so `make test` stays under 10: the demo's
+# The longest end-to-end tests (about 10 minutes on 2 cores), apart so `make test` stays under 10: the demo's
 # locked-beats-random result, a three-node Ray cluster, two-worker training runs, a whole run's console, S3
-# faults through precompute, the kill tests of the precompute and text-feature jobs. CI runs both.
+# faults through precompute, the kill tests of the precompute and text-feature jobs, sweeps on Ray Tune (a kill
+# and resume, ASHA, a failing trial), Ctrl-C exit codes. CI runs both.
 test-long: $(VENV)/.installed-cpu,demo,test
 	$(BIN)/python -m pytest -q -m long
 
