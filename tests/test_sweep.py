@@ -44,6 +44,14 @@ def test_a_grid_is_every_combination_per_arm_and_random_search_draws_the_same_tr
         draw_trials(SweepFile(base="p.yaml", space={"train.lr": {"uniform": [0, 1]}}))
 
 
+def test_each_trial_writes_under_its_own_folder_and_checkpoints_under_its_own_name(tiny_cache, tmp_path):
+    path = sweep_file(tmp_path, tiny_cache, arms={"a": {}, "b": {"train.checkpoint_dir": str(tmp_path / "ckpt")}}, space={})
+    sweep = load_sweep(str(path))
+    a, b = (sweep.config(t) for t in sweep.trials)
+    assert a.workdir == f"{tmp_path}/run/sweeps/sweep/trials/000-a" and a.train.checkpoint_dir is None
+    assert b.train.checkpoint_dir == f"{tmp_path}/ckpt/001-b"
+
+
 def test_a_misspelt_key_names_the_trial_and_the_key_before_anything_starts(tiny_cache, tmp_path):
     path = sweep_file(tmp_path, tiny_cache, space={"train.lrr": [0.1]})
     with pytest.raises(ConfigError, match=r"trial 000-base-lrr=0.1 .*train.lrr.*did you mean train.lr"):

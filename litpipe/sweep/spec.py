@@ -86,9 +86,14 @@ class Sweep:
     out: str
 
     def config(self, trial: Trial) -> PipelineConfig:
-        """The trial's pipeline.yaml: the base with its settings, writing under its own folder."""
+        """The trial's pipeline.yaml: the base with its settings, writing under its own folder (and its
+        checkpoints under its own name, where the base puts them elsewhere)."""
         overrides = [f"{key}={json.dumps(value)}" for key, value in trial.settings.items()]
-        return load_config(self.base, [*overrides, f"workdir={self.out}/trials/{trial.name}"], self.folder)
+        cfg = load_config(self.base, [*overrides, f"workdir={self.out}/trials/{trial.name}"], self.folder)
+        if cfg.train.checkpoint_dir:
+            train = cfg.train.model_copy(update={"checkpoint_dir": f"{cfg.train.checkpoint_dir.rstrip('/')}/{trial.name}"})
+            cfg = cfg.model_copy(update={"train": train})
+        return cfg
 
     @property
     def folder(self) -> str:
