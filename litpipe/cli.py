@@ -74,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ablation = commands.add_parser("ablation", help="LiT's ablation: the same training on the locked pretrained tower, "
                                    "a random one, and shuffled captions, side by side",
-                                   description="Run pipeline.yaml three times (L: encoder.pretrained as given; u: "
-                                   "encoder.pretrained null; control: train.shuffle_captions) and compare their evals "
-                                   "in one table and plot with chance.")
+                                   description="Train and evaluate pipeline.yaml's text tower three times, as a sweep "
+                                   "on Ray Tune (L: encoder.pretrained as given; u: encoder.pretrained null; control: "
+                                   "train.shuffle_captions), and compare their evals in one table and plot with chance; "
+                                   "run again after a kill, it resumes.")
     add_config_args(ablation)
-    ablation.add_argument("--out", default="runs/ablation", help="folder for the three runs and the comparison "
+    ablation.add_argument("--out", default="runs/ablation", help="folder for the three trials and the comparison "
                           "(default: %(default)s)")
     ablation.set_defaults(func=_ablation)
     sweep_cli.register(commands)

@@ -594,19 +594,25 @@ def _relative_to(base: str, value: str, always: bool) -> str:
         return value
 
 
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b.c=value` -> ("a.b.c", value parsed as YAML; empty is null)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.batch_size=4096")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
 def apply_override(raw: dict, item: str) -> tuple:
     """Set `a.b.c=value` in a nested dict, creating mappings on the way; the keys set."""
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.batch_size=4096")
+    key, value = parse_override(item)
     node = raw
-    parts = key.strip().split(".")
+    parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise ConfigError(f"--set {item!r}: {part} is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    node[parts[-1]] = value
     return tuple(parts)
 
 

@@ -2,49 +2,56 @@
 
 L is the locked pretrained image tower of pipeline.yaml (what `litpipe run` trains on); u is the same
 architecture randomly initialised (`encoder.pretrained: null`); the control is L with every image's
-captions swapped for another's (`train.shuffle_captions: true`), which must stay at chance. Each arm is
-one `litpipe run` under `{out}/{arm}`, so caches are found again in the store: L's are `litpipe run`'s,
-u's are its own encoder's. The comparison lands in ablation.json, ablation.md and ablation.png.
+captions swapped for another's (`train.shuffle_captions: true`), which must stay at chance. The three
+arms are a sweep (`sweeps/lit-figure3.yaml` is the same as a file): the caches are encoded once, the
+arms train side by side on Ray Tune under `{out}/trials/`, and a killed ablation resumes. The
+comparison lands in ablation.json, ablation.md and ablation.png, beside the sweep's own table.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
-from litpipe.config import load_config
+import yaml
+
+from litpipe.config import load_config, parse_override
 from litpipe.errors import UserError
 from litpipe.eval.report import metric_label, pct
 from litpipe.plots import pyplot
-from litpipe.run import run_pipeline
+from litpipe.sweep.runner import run_sweep
 
 ARMS = {
-    "L": ("locked pretrained image tower", []),
-    "u": ("random image tower", ["encoder.pretrained=null"]),
-    "control": ("L with shuffled captions", ["train.shuffle_captions=true"]),
+    "L": ("locked pretrained image tower", {}),
+    "u": ("random image tower", {"encoder.pretrained": None}),
+    "control": ("L with shuffled captions", {"train.shuffle_captions": True}),
 }
 
 
 def run_ablation(config: str, overrides: list[str], out: str | Path) -> dict:
-    """Run the three arms in order, then write and print the comparison; returns it."""
-    out = Path(out)
+    """Run the three arms as a sweep, then write and print the comparison; returns it."""
+    out = Path(out).resolve()
     if not load_config(config, overrides).encoder.pretrained:
         raise UserError("ablation: encoder.pretrained is null, so L and u would be the same random tower; point "
                         "encoder.pretrained at the pretrained image tower to compare (the demo's: data/openmoji/image_tower.pt)")
-    evals = {}
-    for arm, (what, extra) in ARMS.items():
-        print(f"\n== litpipe ablation: {arm} ({what})")
-        summary = run_pipeline(load_config(config, [*overrides, f"workdir={out / arm}", *extra]))
-        evals[arm] = json.loads(Path(summary.eval.eval_json).read_text())
+    given = dict(map(parse_override, overrides))  # --set's, in every arm (paths in them from the working folder)
+    arms = {arm: {**given, **extra} for arm, (_, extra) in ARMS.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_file = out / "ablation.sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({"base": os.path.abspath(config), "arms": arms, "out": str(out),
+                                          "settings_from": os.getcwd(), "trial": {"cpus": 1}, "concurrent": 3}))
+    sweep = run_sweep(str(sweep_file))
+    folders = {row["arm"]: Path(row["folder"]) for row in sweep["trials"]}
+    evals = {arm: json.loads((folders[arm] / "eval" / "eval.json").read_text()) for arm in ARMS}
     rows = [{"dataset": dataset, "task": task, "metric": name, "chance": result["chance"][name],
              **{arm: evals[arm][task][dataset]["metrics"][name] for arm in ARMS}}
             for task in ("retrieval", "zeroshot") for dataset, result in evals["L"][task].items()
             for name in result["metrics"]]
-    results = {"arms": {arm: {"what": what, "eval_json": str(out / arm / "eval" / "eval.json")}
+    results = {"arms": {arm: {"what": what, "eval_json": str(folders[arm] / "eval" / "eval.json")}
                         for arm, (what, _) in ARMS.items()}, "rows": rows}
     table = markdown_table(rows)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(results, indent=2, allow_nan=True))
     (out / "ablation.md").write_text("\n".join(table) + "\n")
     plot(rows, out / "ablation.png")

@@ -69,6 +69,7 @@ class SweepFile(BaseModel):
     trial: TrialResources = Field(default_factory=TrialResources)
     concurrent: int | None = Field(None, ge=1)
     out: str | None = None  # default: {base workdir}/sweeps/{this file's name}
+    settings_from: str | None = None  # the folder relative paths in settings start from (default: this file's)
 
 
 @dataclass
@@ -89,7 +90,8 @@ class Sweep:
         """The trial's pipeline.yaml: the base with its settings, writing under its own folder (and its
         checkpoints under its own name, where the base puts them elsewhere)."""
         overrides = [f"{key}={json.dumps(value)}" for key, value in trial.settings.items()]
-        cfg = load_config(self.base, [*overrides, f"workdir={self.out}/trials/{trial.name}"], self.folder)
+        cfg = load_config(self.base, [*overrides, f"workdir={self.out}/trials/{trial.name}"],
+                          self.spec.settings_from or self.folder)
         if cfg.train.checkpoint_dir:
             train = cfg.train.model_copy(update={"checkpoint_dir": f"{cfg.train.checkpoint_dir.rstrip('/')}/{trial.name}"})
             cfg = cfg.model_copy(update={"train": train})
