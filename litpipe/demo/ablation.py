@@ -43,6 +43,10 @@ def run_ablation(config: str, overrides: list[str], out: str | Path) -> dict:
     sweep_file.write_text(yaml.safe_dump({"base": os.path.abspath(config), "arms": arms, "out": str(out),
                                           "settings_from": os.getcwd(), "trial": {"cpus": 1}, "concurrent": 3}))
     sweep = run_sweep(str(sweep_file))
+    failed = [row for row in sweep["trials"] if row["status"] != "done"]
+    if failed:
+        raise UserError(f"ablation: arm {failed[0]['arm']} did not finish ({failed[0]['error'] or failed[0]['status']}); "
+                        f"its folder: {failed[0]['folder']}; run the same command again to resume")
     folders = {row["arm"]: Path(row["folder"]) for row in sweep["trials"]}
     evals = {arm: json.loads((folders[arm] / "eval" / "eval.json").read_text()) for arm in ARMS}
     rows = [{"dataset": dataset, "task": task, "metric": name, "chance": result["chance"][name],
