@@ -11,7 +11,6 @@ comparison lands in ablation.json, ablation.md and ablation.png, beside the swee
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import yaml
 from litpipe.config import load_config, parse_override
 from litpipe.errors import UserError
 from litpipe.eval.report import metric_label, pct
-from litpipe.plots import pyplot
 from litpipe.sweep.runner import run_sweep
+from litpipe.sweep.table import plot
 
 ARMS = {
     "L": ("locked pretrained image tower", {}),
@@ -58,7 +57,7 @@ def run_ablation(config: str, overrides: list[str], out: str | Path) -> dict:
     table = markdown_table(rows)
     (out / "ablation.json").write_text(json.dumps(results, indent=2, allow_nan=True))
     (out / "ablation.md").write_text("\n".join(table) + "\n")
-    plot(rows, out / "ablation.png")
+    plot(sweep, out / "ablation.png", "LiT ablation: the same text-tower training on three image towers")
     print("\n".join(["", "== litpipe ablation: L (locked pretrained) vs u (random) vs control (shuffled captions)",
                      *table, f"(details: {out / 'ablation.json'}, plot: {out / 'ablation.png'})"]))
     return results
@@ -70,25 +69,3 @@ def markdown_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['dataset']} | {r['task']} | {metric_label(r['metric'])} | "
                      + " | ".join(pct(r[k]) for k in (*ARMS, "chance")) + " |")
     return lines
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    """One group of bars per metric (L, u, control), chance as a dashed line across each group."""
-    rows = [r for r in rows if not math.isnan(r["chance"])]
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.2))
-    width = 0.8 / len(ARMS)
-    for i, (arm, (what, _)) in enumerate(ARMS.items()):
-        xs = [x + (i - 1) * width for x in range(len(rows))]
-        bars = ax.bar(xs, [100 * r[arm] for r in rows], width, label=f"{arm}: {what}")
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    for x, r in enumerate(rows):
-        ax.hlines(100 * r["chance"], x - 0.45, x + 0.45, colors="tab:red", linestyles="--",
-                  label="chance" if x == 0 else None)
-    ax.set_xticks(range(len(rows)), [f"{r['dataset']}\n{metric_label(r['metric'])}" for r in rows], fontsize=7)
-    ax.set_ylabel("%")
-    ax.set_title("LiT ablation on the demo: the same text-tower training on three image towers")
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

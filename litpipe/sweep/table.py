@@ -77,7 +77,7 @@ def _setting(settings: dict, key: str) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, title: str = "litpipe sweep: each trial's final metrics") -> None:
     """One group of bars per metric, one bar per finished trial, chance dashed across each group."""
     names, rows = results["metrics"], [r for r in results["trials"] if r["metrics"]]
     plt = pyplot()
@@ -92,7 +92,7 @@ def plot(results: dict, path: Path) -> None:
                       label="chance" if x == 0 else None)
     ax.set_xticks(range(len(names)), [f"{n.split('/')[1]}\n{metric_label(n.rsplit('/', 1)[-1])}" for n in names], fontsize=7)
     ax.set_ylabel("%")
-    ax.set_title("litpipe sweep: each trial's final metrics")
+    ax.set_title(title)
     ax.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
