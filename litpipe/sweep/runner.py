@@ -105,7 +105,7 @@ def run_trial(sweep_path: str, config: dict) -> None:
     from ray import tune
 
     os.environ.update({QUIET: "1", **QUIET_LIBRARIES})  # Ray Tune's table is the sweep's progress, not N bars
-    sweep = load_sweep(sweep_path)
+    sweep = load_sweep(sweep_path, check=False)  # the driver checked every trial's config
     trial = next(t for t in sweep.trials if t.name == config["trial"])
     cfg = sweep.config(trial)
     fs, record = fsspec.core.url_to_fs(f"{cfg.workdir}/{TRIAL_RECORD}")

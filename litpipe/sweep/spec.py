@@ -106,9 +106,9 @@ class Sweep:
         return os.path.join(self.folder, self.spec.base)
 
 
-def load_sweep(path: str) -> Sweep:
-    """Read and check a sweep file and draw its trials; every trial's config is validated here, so a
-    misspelt key or a bad value is named before Ray starts."""
+def load_sweep(path: str, check: bool = True) -> Sweep:
+    """Read and check a sweep file and draw its trials; every trial's config is validated here (`check`:
+    the driver's call; a trial loads only its own), so a misspelt key or a bad value is named before Ray starts."""
     try:
         with fsspec.open(path, "rt", encoding="utf-8") as f:
             raw = yaml.safe_load(f) or {}
@@ -122,7 +122,7 @@ def load_sweep(path: str) -> Sweep:
     base = load_config(os.path.join(os.path.dirname(os.path.abspath(path)), spec.base))
     out = spec.out or f"{base.workdir}/sweeps/{os.path.splitext(os.path.basename(path))[0]}"
     sweep = Sweep(path, spec, trials, os.path.join(os.path.dirname(os.path.abspath(path)), out))
-    for trial in trials:
+    for trial in trials if check else []:
         try:
             cfg = sweep.config(trial)
         except ConfigError as err:
