@@ -162,7 +162,10 @@ class PrecomputeConfig(Section):
     encoder_actors: int = Field(1, ge=1, description="encoder actors (one GPU each when GPUs exist)")
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images are skipped as bombs")
     rows_per_commit: int = Field(4096, ge=1, description="samples per committed part of an input shard: the unit of "
-                                 "resume, and what a decode worker holds in memory (fixed when a cache is created)")
+                                 "resume (fixed when a cache is created)")
+    part_bytes: int = Field(256 * 2**20, ge=2**20, description="a part also ends before its images' bytes, encoded "
+                            "plus decoded, pass this: a read task holds about twice this plus one image being decoded, "
+                            "whatever the images' sizes and rows_per_commit (fixed when a cache is created)")
     read_retries: int = Field(3, ge=0, description="times a read task reads its shard again after a read failure, "
                               "pausing 1, 2, 4, ... s (on top of the store client's own retries); a shard that still "
                               "fails is reported, never skipped. Lost workers and nodes are retried by Ray")

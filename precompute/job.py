@@ -2,13 +2,13 @@
 
 It reads like Ray Data's batch-inference examples to the end: the write happens where the vectors
 are made. A read task (`read.py`) cuts its input shard into parts of `rows_per_commit` samples
-and decodes each to uint8 pixels; an encoder actor finishes the pixels on its device, embeds them, writes the
+(fewer where their images pass `part_bytes`) and decodes each to uint8 pixels; an encoder actor finishes the pixels on its device, embeds them, writes the
 part's Parquet file and commits it (the store's exclusive commit). The driver schedules and counts
 what comes back: one small summary per committed part, never a vector. All datasets of a run go
 through one job, so the actors load the encoder once and never wait for a dataset's tail.
 
 Only parts the cache has not committed are decoded, and parts are cut the same way on every run
-(the cache fixes `rows_per_commit`), so a run killed at any point is finished by the next one with
+(the cache fixes `rows_per_commit` and `part_bytes`), so a run killed at any point is finished by the next one with
 the same result, and a run over a complete cache encodes nothing. A shard that cannot be read
 after the retries (network, store) fails without a commit and is reported: never a skip.
 """
@@ -46,7 +46,7 @@ from litpipe.store.sharing import adopt_from_other_caches, shard_identities
 
 from .decode import Part
 from .device_decode import finish_decoding
-from .read import read_parts
+from .read import load_part, read_parts
 from .results import DatasetResult, PrecomputeSummary
 
 
@@ -121,6 +121,7 @@ class Plan:
     actors: set[str] = field(default_factory=set)  # host:pid of each encoder actor that wrote a part
     readers: set[str] = field(default_factory=set)  # host:pid of each read task's worker that decoded one
     committed: set[tuple[str, int]] = field(default_factory=set)  # (input, part) committed by this run
+    seconds: dict[str, float] = field(default_factory=dict)  # driver's steps: plan, finalize
 
     def count(self, summary: PartSummary) -> None:
         if summary.failure:
@@ -137,13 +138,14 @@ class Plan:
 
 def plan(cfg: PipelineConfig, name: str, encoder: EncoderDescription) -> Plan:
     """List the dataset's inputs, open (or create) its cache, adopt what other caches hold."""
+    start = time.perf_counter()
     dataset = cfg.data[name]
     inputs = list_shards(dataset)  # checked before Ray started (`stage.run`: `check_inputs`)
     dataset_fp = dataset_fingerprint(dataset)
     legacy = adopt_legacy(cfg.store.root, encoder.fingerprint, dataset_fp, cfg.store.embedding_dtype, dataset_name=name)
     cache = EmbeddingCache.open_or_create(cfg.store.root, encoder.fingerprint, dataset_fp,
                                           cfg.store.embedding_dtype, cfg.store.row_group_rows, cfg.precompute.rows_per_commit,
-                                          dataset_name=name)
+                                          dataset_name=name, part_bytes=cfg.precompute.part_bytes)
     if legacy:
         adopted = {url: legacy for url in cache.committed_inputs()}
     else:
@@ -151,7 +153,8 @@ def plan(cfg: PipelineConfig, name: str, encoder: EncoderDescription) -> Plan:
     done = set(inputs) if cache.complete else cache.committed_inputs()  # one listing of commits/
     missing = [url for url in inputs if url not in done]
     parts = cache.committed_parts() if missing else {}
-    return Plan(name, dataset, inputs, cache, adopted, {url: parts.get(url, set()) for url in missing})
+    return Plan(name, dataset, inputs, cache, adopted, {url: parts.get(url, set()) for url in missing},
+                seconds={"plan": round(time.perf_counter() - start, 3)})
 
 
 def waves(cfg: PipelineConfig, names: list[str], encoder: EncoderDescription):
@@ -177,7 +180,9 @@ def finish(p: Plan) -> DatasetResult:
     """Finalize the dataset's cache if every input is committed; its result."""
     failed = sorted(set(p.to_encode) - p.cache.committed_inputs()) if p.to_encode else []
     if not failed and not p.cache.complete:
+        start = time.perf_counter()
         manifest = finalize(p.cache, expected_inputs=p.inputs)
+        p.seconds["finalize"] = round(time.perf_counter() - start, 3)
         # Keys repeated across input shards are resolved over every committed part: the copies this
         # run embedded and finalize dropped count as skipped, not embedded.
         dropped = sum(r.get("duplicates_dropped", 0) for r in manifest["shards"]
@@ -191,7 +196,7 @@ def finish(p: Plan) -> DatasetResult:
         failures={url: p.failures[url] for url in failed if url in p.failures}, embedded=p.embedded,
         skipped=sum(p.skipped.values()), skipped_by_reason=dict(p.skipped), inputs_reused=len(p.adopted),
         reused_from=sorted(set(p.adopted.values())), rows_in_cache=p.cache.num_rows, legacy_captions=p.legacy_captions,
-        uncaptioned=p.cache.uncaptioned, encoded_by=sorted(p.actors), decoded_by=sorted(p.readers))
+        uncaptioned=p.cache.uncaptioned, encoded_by=sorted(p.actors), decoded_by=sorted(p.readers), seconds=p.seconds)
 
 
 def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: EncoderDescription):
@@ -225,6 +230,7 @@ def part_summaries(cfg: PipelineConfig, plans: list[Plan], encoder: EncoderDescr
         .map_batches(read_parts, batch_size=1, batch_format="pyarrow",
                      fn_kwargs={"datasets": {p.name: p.dataset for p in plans},
                                 "rows_per_commit": {p.name: p.cache.rows_per_commit for p in plans},
+                                "part_bytes": {p.name: p.cache.part_bytes for p in plans},
                                 "pixels": encoder.cpu_step, "max_pixels": pre.max_image_pixels,
                                 "jpeg_on_device": jpeg_on_device(cfg.encoder, use_gpu), "yield_cpu": not use_gpu,
                                 "read_retries": pre.read_retries},
@@ -309,9 +315,9 @@ class PartEncoder:
     def __call__(self, batch: pa.Table) -> dict:
         """Ray Data's call: the parts of `batch` committed, their summaries pickled (one column of bytes)."""
         return {"summary": [pickle.dumps(self.commit(name.as_py(), url.as_py(), part.as_py(), last.as_py(),
-                                                     pickle.loads(payload.as_buffer())))
-                            for name, url, part, last, payload in zip(*(batch[c] for c in ("dataset", "input", "part",
-                                                                                           "last", "payload")))]}
+                                                     load_part(payload, buffers)))
+                            for name, url, part, last, payload, buffers in zip(*(batch[c] for c in (
+                                "dataset", "input", "part", "last", "payload", "buffers")))]}
 
     def commit(self, dataset: str, input_url: str, part: int, last: bool, decoded: Part) -> PartSummary:
         """Embed a part batch by batch (JPEGs still encoded are decoded per batch, bounding device

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from litpipe.config import DatasetConfig
+from litpipe.images import open_bounded
 from litpipe.models.cpu_pixels import CpuPixels
 from litpipe.sources import SHARD_ERROR_KEY, Sample, TransientReadError, iter_shard
 
@@ -23,13 +24,18 @@ RETRY_BACKOFF_S = 1.0  # the first retry of a shard waits this long, each later 
 
 
 def read_parts(batch: pa.Table, datasets: dict[str, DatasetConfig], rows_per_commit: dict[str, int | None],
-               pixels: CpuPixels, max_pixels: int, jpeg_on_device: bool, yield_cpu: bool, read_retries: int):
+               pixels: CpuPixels, max_pixels: int, jpeg_on_device: bool, yield_cpu: bool, read_retries: int,
+               part_bytes: dict[str, int | None] | None = None):
     """One input shard (a batch of one row, naming its dataset) -> one table per part not yet
     committed: a row holding its decoded `Part`, pickled.
 
-    Part k is samples [k * rows_per_commit, (k + 1) * rows_per_commit) in input order, so every
-    run cuts the same parts; an empty shard is one part holding one error. Samples stream from the
-    shard, so a task holds one part (plus one sample) whatever the shard's size. Each part is
+    Parts are cut in input order (`cut_parts`): `rows_per_commit` samples, or fewer where the
+    next sample would take the part's bytes (`held_bytes`) past the dataset's `part_bytes`. The
+    rule reads image headers, never pixels, so every run cuts the same parts and a resumed task
+    skips committed ones without decoding them; an empty shard is one part holding one error.
+    Samples stream from the shard, so a task holds one part (plus one sample) whatever the shard's
+    size, and with `part_bytes` whatever its images' sizes: about twice `part_bytes` (the part's
+    pixels and their pickle) plus one image being decoded. Each part is
     yielded as an Arrow table that wraps the pickle: Ray Data's builder of rows from dicts copied a
     part's hundreds of MB several times (0.6 s for 236 MB, as long as decoding it).
 
@@ -44,9 +50,11 @@ def read_parts(batch: pa.Table, datasets: dict[str, DatasetConfig], rows_per_com
     if yield_cpu and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     name, url, done = batch["dataset"][0].as_py(), batch["input"][0].as_py(), set(batch["skip"][0].as_py())
+    budget = (part_bytes or {}).get(name)
+    size = (lambda sample: held_bytes(sample, pixels, max_pixels)) if budget else None
     for attempt in range(read_retries + 1):
         try:
-            for number, samples, last in cut_parts(iter_shard(datasets[name], url), rows_per_commit[name]):
+            for number, samples, last in cut_parts(iter_shard(datasets[name], url), rows_per_commit[name], budget, size):
                 if number not in done:
                     # No local holds the part or its row: while the next part is decoded, this one's pixels
                     # are gone and its pickle is held by its consumer alone.
@@ -59,21 +67,54 @@ def read_parts(batch: pa.Table, datasets: dict[str, DatasetConfig], rows_per_com
             time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
 
 
-def cut_parts(samples, step: int | None):
-    """Samples -> (part number, its samples, whether it is the last), `step` samples a part (all of
-    them when None). A part is handed on once the next sample shows it is not the last."""
-    part, number = [], 0
+def cut_parts(samples, step: int | None, budget: int | None = None, size=None):
+    """Samples -> (part number, its samples, whether it is the last): `step` samples a part (all of
+    them when None), fewer where the next sample's `size(sample)` would take the part past `budget`
+    bytes (a part holds at least one sample). A part is handed on once the next sample shows it is
+    not the last."""
+    part, number, held = [], 0, 0
     for sample in samples:
-        if step and len(part) == step:
+        cost = size(sample) if budget else 0
+        if part and ((step and len(part) == step) or (budget and held + cost > budget)):
             yield number, part, False
-            part, number = [], number + 1
+            part, number, held = [], number + 1, 0
         part.append(sample)
+        held += cost
     yield number, part or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")], True
 
 
+def held_bytes(sample: Sample, pixels: CpuPixels, max_pixels: int) -> int:
+    """What a sample weighs in its read task: its encoded bytes, plus the pixels the CPU step makes
+    of it, sized from the image's header alone (a header that cannot be read counts its bytes only:
+    the image will be skipped)."""
+    data = sample.image or b""
+    if sample.error is not None or not data:
+        return len(data)
+    try:
+        width, height = open_bounded(data, max_pixels).size
+    except Exception:  # a bomb or a broken header: decode_part records the reason
+        return len(data)
+    return len(data) + pixels.held_bytes(width, height)
+
+
 def part_row(name: str, url: str, number: int, last: bool, part) -> pa.Table:
-    """A one-row table naming the part and holding it pickled; the pickle's bytes are wrapped, not copied."""
-    payload = pickle.dumps(part, protocol=5)
-    offsets = pa.py_buffer(np.array([0, len(payload)], np.int64))
-    return pa.table({"dataset": [name], "input": [url], "part": [number], "last": [last],
-                     "payload": pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(payload)])})
+    """A one-row table naming the part and holding it: `payload` is its pickle less the pixels, which
+    go out of band into `buffers`, copied once into one preallocated block. A plain pickle.dumps
+    grows its output while writing (peaking near 2.5x the pixels beside them); this peaks at 2x."""
+    buffers = []
+    payload = pickle.dumps(part, protocol=5, buffer_callback=buffers.append)
+    views = [b.raw() for b in buffers]
+    offsets = np.zeros(len(views) + 1, np.int64)
+    np.cumsum([v.nbytes for v in views], out=offsets[1:])
+    block = np.empty(int(offsets[-1]), np.uint8)
+    for view, start, stop in zip(views, offsets[:-1], offsets[1:]):
+        block[start:stop] = np.frombuffer(view, np.uint8)
+    del views, buffers  # the part's pixels go with the caller's part
+    pixels = pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(block)])
+    return pa.table({"dataset": [name], "input": [url], "part": [number], "last": [last], "payload": [payload],
+                     "buffers": pa.LargeListArray.from_arrays(pa.array([0, len(pixels)], pa.int64()), pixels)})
+
+
+def load_part(payload: pa.Scalar, buffers: pa.Scalar):
+    """A part from its row of `part_row`; its pixel arrays are writable copies of the row's bytes."""
+    return pickle.loads(payload.as_buffer(), buffers=[bytearray(b.as_buffer()) for b in buffers.values])

@@ -38,6 +38,7 @@ class DatasetResult:
     uncaptioned: int  # rows without a caption (kept for zero-shot, left out of training)
     encoded_by: list[str] = field(default_factory=list)  # host:pid of the encoder actors
     decoded_by: list[str] = field(default_factory=list)  # host:pid of the read tasks' workers
+    seconds: dict[str, float] = field(default_factory=dict)  # driver's steps: plan, finalize
 
     def report_line(self) -> str:
         notes = (f"; {self.inputs_reused} input shard(s) adopted from cache(s) {', '.join(self.reused_from)}, "

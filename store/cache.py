@@ -102,11 +102,12 @@ class EmbeddingCache:
     @classmethod
     def open_or_create(cls, root: str, encoder_fp: dict, dataset_fp: dict, embedding_dtype: str = "float16",
                        row_group_rows: int = 65536, rows_per_commit: int | None = None,
-                       dataset_name: str | None = None) -> EmbeddingCache:
+                       dataset_name: str | None = None, part_bytes: int | None = None) -> EmbeddingCache:
         """The cache of this encoder and dataset under `root`, created empty if there is none.
 
-        `embedding_dtype`, `row_group_rows` and `rows_per_commit` (samples per committed part of an
-        input shard; none = a whole input shard) are fixed when a cache is created; an existing
+        `embedding_dtype`, `row_group_rows`, `rows_per_commit` (samples per committed part of an
+        input shard; none = a whole input shard) and `part_bytes` (a part's bound in image bytes,
+        `precompute.read.cut_parts`; none = rows alone) are fixed when a cache is created; an existing
         cache keeps its own (the manifest records them), so a resumed run cuts the same parts.
         `dataset_name`, the `data` entry that creates it, is recorded for `litpipe cache ls`; never matched.
         """
@@ -126,6 +127,7 @@ class EmbeddingCache:
             "embedding_dtype": embedding_dtype,
             "row_group_rows": row_group_rows,
             "rows_per_commit": rows_per_commit,
+            "part_bytes": part_bytes,
             "dim": encoder_fp.get("dim"),
             "encoder": encoder_fp,
             "dataset": dataset_fp,
@@ -228,6 +230,11 @@ class EmbeddingCache:
     def rows_per_commit(self) -> int | None:
         """Samples per committed part of an input shard; None: one part per input shard."""
         return self.manifest.get("rows_per_commit")
+
+    @property
+    def part_bytes(self) -> int | None:
+        """A part's bound in image bytes, encoded plus decoded; None: rows alone (caches made before it)."""
+        return self.manifest.get("part_bytes")
 
     @property
     def root(self) -> str:

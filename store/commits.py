@@ -205,7 +205,8 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
     replaced = [records[i] for i in sorted(later)]
     for i, copies in later.items():  # parts holding later copies of a key, written again without them
         rows = sorted(copies)
-        records[i] = rewrite_part(cache, records[i], [row for row, _ in rows], [duplicate_reason(first) for _, first in rows])
+        records[i] = rewrite_part(cache, records[i], [row for row, _ in rows],
+                                  [duplicate_reason(records[first]["input"]) for _, first in rows])
     errors = [e for r in records for e in r["errors"]]
     # Keys sorted: a record read back from its file and one made in this process write the same line.
     errors_blob = "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode()

@@ -7,44 +7,101 @@ is fixed: `commits.finalize` rewrites each part holding a later copy without it 
 that copy as skipped ("duplicate key: first in SHARD"). Readers, exports and verify then see each key
 once, and a resumed or re-planned run finalizes to the same rows.
 
-The key columns of every part are grouped in Arrow (C++, no Python object per key): memory is about
-the keys' bytes plus 16 bytes a row, read from the store one small column chunk per part.
+The pass is a hash shuffle, so no process holds every key: map tasks read the key columns of a run
+of parts (one small column chunk a part) and split their (key, ordinal) rows into buckets by a hash
+of the key; one reduce task a bucket groups its keys in Arrow and returns the later copies alone.
+When this process has joined a Ray cluster (precompute's finalize) the tasks are Ray tasks and the
+buckets travel through the object store: the driver holds object refs and the duplicates, never
+the keys (grouped on the driver, a billion 20-byte keys were some 36 GB). Without Ray (a store
+command, a migration) the same functions run here one after the other, holding every key.
 """
 
 from __future__ import annotations
 
+import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from litpipe.store.cache import EmbeddingCache
 from litpipe.store.parts import open_part, read_part
 
-READ_THREADS = 16  # key columns read at once: on an object store each is a round trip or two
+READ_THREADS = 16  # key columns a map task reads at once: on an object store each is a round trip or two
+KEYS_PER_BUCKET = 4_000_000  # keys one reduce task groups: ~150 MB at 20-byte keys
+MIN_KEYS_PER_MAP = 262_144  # a map task reads parts until it holds this many keys...
+MIN_KEYS_PER_OUTPUT = 8_192  # ...and this many per bucket: Ray keeps objects under 100 kB in their owner, the driver
 
 
-def later_duplicates(cache, records: list[dict]) -> dict[int, list[tuple[int, str]]]:
-    """{index in `records` of a part holding later copies: [(row, input URL of the first copy)]};
-    `records` in input order, as `EmbeddingCache.parts()` lists them."""
+def later_duplicates(cache: EmbeddingCache, records: list[dict]) -> dict[int, list[tuple[int, int]]]:
+    """{index in `records` of a part holding later copies: [(row, index of the part holding the first
+    copy)]}; `records` in input order, as `EmbeddingCache.parts()` lists them."""
+    if not records:
+        return {}
+    buckets = max(2, -(-sum(r["rows"] for r in records) // KEYS_PER_BUCKET))  # 2 at least: Ray returns a list of one whole
+    tasks = map_tasks(records, max(MIN_KEYS_PER_MAP, buckets * MIN_KEYS_PER_OUTPUT))
+    bare = EmbeddingCache(cache.url, cache.manifest)  # what a task needs: the store and the manifest, no records
+    ray = joined_ray(cache)
+    if ray is None:
+        mapped = [bucket_keys(bare, first, chunk, buckets) for first, chunk in tasks]
+        found = [later_in_bucket(*(outputs[b] for outputs in mapped)) for b in range(buckets)]
+    else:
+        split = ray.remote(bucket_keys).options(num_returns=buckets)
+        mapped = [split.remote(bare, first, chunk, buckets) for first, chunk in tasks]
+        reduce = ray.remote(later_in_bucket)
+        found = ray.get([reduce.remote(*(outputs[b] for outputs in mapped)) for b in range(buckets)])
+    later: dict[int, list[tuple[int, int]]] = {}
+    for ordinals, firsts in found:
+        for ordinal, first in zip(ordinals.tolist(), firsts.tolist()):
+            later.setdefault(ordinal >> 32, []).append((ordinal & 0xFFFFFFFF, first >> 32))
+    return later
+
+
+def joined_ray(cache: EmbeddingCache):
+    """Ray, when this process has joined a cluster and the cache is one its workers can reach (not
+    this process's memory://); else None. Ray is never imported or started here."""
+    ray = sys.modules.get("ray")
+    reachable = "memory" not in np.atleast_1d(cache.fs.protocol)
+    return ray if ray is not None and ray.is_initialized() and reachable else None
+
+
+def map_tasks(records: list[dict], keys_per_task: int) -> list[tuple[int, list[dict]]]:
+    """Runs of consecutive parts of about `keys_per_task` rows: (index of the first, the records)."""
+    tasks, start, rows = [], 0, 0
+    for i, record in enumerate(records):
+        rows += record["rows"]
+        if rows >= keys_per_task or i == len(records) - 1:
+            tasks.append((start, records[start:i + 1]))
+            start, rows = i + 1, 0
+    return tasks
+
+
+def bucket_keys(cache: EmbeddingCache, first: int, records: list[dict], buckets: int) -> list[pa.Table]:
+    """The map: parts `records` (the first at index `first`) -> one (key, ordinal) table per bucket.
+
+    ordinal = part index << 32 | row, so its minimum over a key is the key's first copy in input
+    order. The bucket is the key's CRC-32: the same in every process (Python's hash is not).
+    """
     def keys(record: dict) -> pa.Array:
         return read_part(cache, open_part(cache, record), record, ["key"]).column("key").combine_chunks()
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         columns = list(pool.map(keys, records))
-    if not columns:
-        return {}
-    # ordinal = part index << 32 | row: its minimum over a key is the key's first copy in input order
-    ordinals = np.concatenate([(np.int64(i) << 32) + np.arange(len(c), dtype=np.int64) for i, c in enumerate(columns)])
+    ordinals = np.concatenate([(np.int64(first + i) << 32) + np.arange(len(c), dtype=np.int64) for i, c in enumerate(columns)])
     table = pa.table({"key": pa.chunked_array(columns, pa.string()), "ordinal": ordinals})
+    bucket = np.fromiter((zlib.crc32(key.encode()) for key in table["key"].to_pylist()), np.int64, table.num_rows) % buckets
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
+    return [table.take(order[bounds[b]:bounds[b + 1]]) for b in range(buckets)]
+
+
+def later_in_bucket(*tables: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The reduce: one bucket's (key, ordinal) rows -> (ordinal of each later copy, ordinal of its first copy)."""
+    table = pa.concat_tables(tables)
     grouped = table.group_by("key", use_threads=False).aggregate([("ordinal", "min"), ("ordinal", "count")])
-    repeated = grouped.filter(pc.greater(grouped["ordinal_count"], 1))
-    if not repeated.num_rows:
-        return {}
-    first = dict(zip(repeated["key"].to_pylist(), repeated["ordinal_min"].to_pylist()))
-    copies = table.filter(pc.is_in(table["key"], value_set=repeated["key"]))
-    later: dict[int, list[tuple[int, str]]] = {}
-    for key, ordinal in zip(copies["key"].to_pylist(), copies["ordinal"].to_pylist()):
-        if ordinal != first[key]:
-            later.setdefault(ordinal >> 32, []).append((ordinal & 0xFFFFFFFF, records[first[key] >> 32]["input"]))
-    return later
+    repeated = grouped.filter(pc.greater(grouped["ordinal_count"], 1)).select(["key", "ordinal_min"])
+    copies = table.join(repeated, "key", join_type="inner", use_threads=False)
+    copies = copies.filter(pc.not_equal(copies["ordinal"], copies["ordinal_min"]))
+    return copies["ordinal"].to_numpy(), copies["ordinal_min"].to_numpy()

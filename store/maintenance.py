@@ -12,7 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from litpipe.files import TEMP_MARK, ls_or_empty, to_url
-from litpipe.store.cache import EmbeddingCache, _join, decode_embeddings, list_caches, referenced_files, stored_dim
+from litpipe.store.cache import CacheError, EmbeddingCache, _join, decode_embeddings, list_caches, referenced_files, stored_dim
+from litpipe.store.duplicates import later_duplicates
+from litpipe.store.parts import open_part, read_part
 
 
 def verify(cache: EmbeddingCache) -> list[str]:
@@ -20,7 +22,6 @@ def verify(cache: EmbeddingCache) -> list[str]:
     one only in a complete cache: a partial one keeps every copy until `finalize` drops the later."""
     problems = []
     records = cache.parts()
-    seen_keys: dict[str, str] = {}
     for record in records:
         url = cache.file_url(record)
         try:
@@ -47,15 +48,26 @@ def verify(cache: EmbeddingCache) -> list[str]:
         bad = int(table.num_rows - np.isfinite(vectors).all(axis=1).sum())
         if bad:
             problems.append(f"{url}: {bad} embedding(s) with NaN or inf")
-        for key in table.column("key").to_pylist() if cache.complete else []:  # a partial cache's wait for finalize
-            if key in seen_keys:
-                problems.append(f"{url}: key {key!r} also in {seen_keys[key]} (duplicate key)")
-            else:
-                seen_keys[key] = record["path"]
+    if cache.complete:  # a partial cache's copies wait for finalize
+        try:
+            problems += duplicate_keys(cache, records)
+        except CacheError:  # a damaged file, named above
+            pass
     for path in orphans(cache):
         what = ("temporary file of a writer killed before its rename" if TEMP_MARK in path else
                 "orphaned data file, in no commit record (a crashed or losing writer)")
         problems.append(f"{_join(cache.url, path)}: {what}; `litpipe cache rm {cache.id} --orphans` deletes it")
+    return problems
+
+
+def duplicate_keys(cache: EmbeddingCache, records: list[dict]) -> list[str]:
+    """A key in two parts of a complete cache (kept by a litpipe before duplicates were dropped),
+    found by the store's own duplicate pass: no key set held here."""
+    problems = []
+    for i, copies in sorted(later_duplicates(cache, records).items()):
+        keys = read_part(cache, open_part(cache, records[i]), records[i], ["key"]).column("key")
+        problems += [f"{cache.file_url(records[i])}: key {keys[row].as_py()!r} also in {records[first]['path']} (duplicate key)"
+                     for row, first in sorted(copies)]
     return problems
 
 

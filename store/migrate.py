@@ -44,7 +44,8 @@ def adopt_legacy(root: str, encoder_fp: dict, dataset_fp: dict, embedding_dtype:
         return None
     donor = legacy[-1]
     cache = EmbeddingCache.open_or_create(root, encoder_fp, dataset_fp, embedding_dtype, donor.manifest["row_group_rows"],
-                                          donor.rows_per_commit, dataset_name=dataset_name or donor.manifest.get("dataset_name"))
+                                          donor.rows_per_commit, dataset_name=dataset_name or donor.manifest.get("dataset_name"),
+                                          part_bytes=donor.part_bytes)
     skipped = errors_by_input(donor)
     adopt(cache, [(record, donor, part_errors(record, skipped)) for record in donor.parts()])
     for folder in BESIDE:

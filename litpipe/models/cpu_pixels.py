@@ -24,5 +24,17 @@ class CpuPixels:
             for step in self.pil_steps:
                 image = step(image)
             return np.asarray(image.convert("RGB"))
-        factor = min(image.size) // (REDUCE_MARGIN * min(self.size))
+        factor = self.reduction(*image.size)
         return np.asarray(image.reduce(factor) if factor > 1 else image)
+
+    def reduction(self, width: int, height: int) -> int:
+        """The tensor path's integer shrink of a width x height image (1: none)."""
+        return max(1, min(width, height) // (REDUCE_MARGIN * min(self.size)))
+
+    def held_bytes(self, width: int, height: int) -> int:
+        """Bytes of what `cpu` makes of a width x height image, known from its header: read tasks cut
+        their parts by it before decoding anything."""
+        if self.mode == "pil":
+            return 3 * self.size[0] * self.size[1]
+        factor = self.reduction(width, height)
+        return 3 * -(-width // factor) * -(-height // factor)  # Image.reduce rounds up

@@ -1,0 +1,374 @@
+"""The scale rehearsal (#40): precompute over crawl-like WebDataset shards on a real multi-node Ray
+cluster on this machine, the store on an S3 protocol server, measured per image and per part.
+
+- `generate`: shards as img2dataset writes them (.jpg, .txt, .json) with small JPEGs of varied
+  sizes (the run is bound by the pipeline, not by a ViT), truncated and garbage images, and keys
+  repeated from the shard before (a merged crawl). What to expect is written beside them.
+- `run`: a head and --nodes worker nodes, each its own `ray start` (own CPUs, object store and
+  raylet), moto in its own process for the store, and the job submitted as a user submits it to a
+  cluster: `litpipe precompute --set ray.address=HEAD`. Measured: images/s; the driver's peak RSS and
+  CPU seconds (its rusage); the peak RSS of each read-task and encoder-actor worker (sampled from
+  /proc); object-store spilling (`ray memory --stats-only`); S3 requests per part (moto's request
+  log); plan and finalize seconds (the summary); verify's time and memory (`litpipe cache verify`,
+  its rusage). With --node-loss S, one worker node's raylet is killed S seconds in; the run, or a
+  rerun, must then finish with every key once and verify clean.
+
+    .venv/bin/python bench/scale.py generate --images 100000 --dir /tmp/litpipe-scale/100k
+    .venv/bin/python bench/scale.py run --dir /tmp/litpipe-scale/100k [--nodes 2] [--node-loss 60] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+LITPIPE = [sys.executable, "-m", "litpipe"]
+BAD_EVERY, GARBAGE_EVERY, REPEAT_EVERY = 500, 2_000, 1_000  # one sample in N: truncated, garbage, a key of the shard before
+TINY_ENCODER = {"model": "litpipe-scale-tiny", "architecture": {
+    "embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}}
+
+
+# --- the data ------------------------------------------------------------------------------------
+
+def image_pool(count: int = 256, seed: int = 0) -> list[bytes]:
+    """Small JPEGs, 48 to 160 px a side, smooth with noise: 2-8 kB each, as thumbnails of a crawl are."""
+    rng, pool = np.random.default_rng(seed), []
+    for _ in range(count):
+        w, h = rng.integers(48, 161, 2)
+        x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
+        base = np.stack([x, y, x * y], -1) * rng.uniform(80, 255, 3) + rng.normal(0, 12, (h, w, 3))
+        out = io.BytesIO()
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=int(rng.integers(60, 95)))
+        pool.append(out.getvalue())
+    return pool
+
+
+def write_shard(path: Path, shard: int, per_shard: int, pool: list[bytes]) -> dict:
+    """One tar of `per_shard` samples; its counts of bad samples and of keys repeated from shard - 1."""
+    counts = {"samples": per_shard, "bad": 0, "repeated": 0}
+    tmp = path.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for i in range(per_shard):
+            n = shard * per_shard + i
+            key = f"{n:09d}"
+            if shard and i % REPEAT_EVERY == 3:
+                key, counts["repeated"] = f"{n - per_shard:09d}", counts["repeated"] + 1
+            image = pool[(n * 7919) % len(pool)]
+            if i % BAD_EVERY == 11:
+                image, counts["bad"] = image[:len(image) // 3], counts["bad"] + 1  # truncated
+            elif i % GARBAGE_EVERY == 17:
+                image, counts["bad"] = b"<html>404 not found</html>", counts["bad"] + 1
+            caption = f"a photo of item {n}, shard {shard}".encode()
+            meta = json.dumps({"url": f"https://example.com/{n}.jpg", "key": key}).encode()
+            for ext, data in (("jpg", image), ("txt", caption), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+    tmp.rename(path)
+    return counts
+
+
+def generate(folder: Path, images: int, per_shard: int) -> dict:
+    """The shards of `images` samples under folder/data, and folder/expected.json (skipped where done)."""
+    expected_file = folder / "expected.json"
+    if expected_file.exists():
+        return json.loads(expected_file.read_text())
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    pool, shards = image_pool(), -(-images // per_shard)
+    totals = {"samples": 0, "bad": 0, "repeated": 0}
+    start = time.perf_counter()
+    for shard in range(shards):
+        counts = write_shard(folder / "data" / f"{shard:05d}.tar", shard, min(per_shard, images - shard * per_shard), pool)
+        totals = {k: totals[k] + counts[k] for k in totals}
+        if shard % 10 == 9:
+            print(f"  {shard + 1}/{shards} shards, {time.perf_counter() - start:.0f} s", flush=True)
+    expected = {**totals, "shards": shards, "per_shard": per_shard, "rows": totals["samples"] - totals["bad"] - totals["repeated"],
+                "bytes": sum(p.stat().st_size for p in (folder / "data").glob("*.tar"))}
+    expected_file.write_text(json.dumps(expected, indent=2))
+    return expected
+
+
+# --- the cluster ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Cluster:
+    """A head and worker nodes on this machine, each a `ray start --block` of its own (own raylet,
+    object store and ports), so a node can be lost by killing its raylet."""
+
+    def __init__(self, folder: Path, nodes: int, cpus: int, store_bytes: int, env: dict):
+        self.folder, self.env, self.nodes = folder, env, []
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._start(["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false"], store_bytes, 0)
+        for i in range(1, nodes + 1):
+            self._start([f"--address={self.address}", f"--num-cpus={cpus}"], store_bytes, i)
+        self._wait_for(nodes + 1)
+
+    def _start(self, args: list[str], store_bytes: int, index: int) -> None:
+        base = 20_000 + 1_000 * index  # every port of a node apart from the others'
+        ports = [f"--node-manager-port={base}", f"--object-manager-port={base + 1}", f"--dashboard-agent-listen-port={base + 2}",
+                 f"--dashboard-agent-grpc-port={base + 3}", f"--runtime-env-agent-port={base + 4}",
+                 f"--metrics-export-port={base + 5}", f"--min-worker-port={base + 100}", f"--max-worker-port={base + 999}"]
+        spill = self.folder / f"spill-{index}"
+        spill.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / f"node-{index}.log", "w")
+        process = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args, *ports,
+                                    f"--object-store-memory={store_bytes}", f"--object-spilling-directory={spill}",
+                                    "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                   start_new_session=True)
+        self.nodes.append(process)
+
+    def _wait_for(self, count: int) -> None:
+        probe = f"import ray; ray.init(address='{self.address}', log_to_driver=False); print(len([n for n in ray.nodes() if n['Alive']]))"
+        for _ in range(120):
+            run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=self.env)
+            if run.returncode == 0 and run.stdout.strip().splitlines()[-1:] == [str(count)]:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"the cluster did not come up with {count} nodes; see {self.folder}/node-*.log")
+
+    def raylet_of(self, index: int) -> int:
+        """The pid of worker node `index`'s raylet (a child of its `ray start`)."""
+        return next(pid for pid in children(self.nodes[index].pid) if process_name(pid) == "raylet")
+
+    def memory_stats(self) -> str:
+        run = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "memory", "--stats-only", f"--address={self.address}"],
+                             capture_output=True, text=True, env=self.env, timeout=120)
+        return run.stdout
+
+    def stop(self) -> None:
+        for process in reversed(self.nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.nodes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of `pid`, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                pass
+    found, frontier = [], [pid]
+    while frontier:
+        kids = [p for p, parent in parents.items() if parent in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
+def process_name(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/comm").read().strip()
+    except OSError:
+        return ""
+
+
+class WorkerSampler(threading.Thread):
+    """Every half second, the RSS of each Ray worker process by kind (read task, encoder actor, other):
+    anonymous memory sampled, and VmHWM (its lifetime peak, object-store pages it touched included)."""
+
+    KINDS = (("read_parts", "read task"), ("PartEncoder", "encoder actor"))
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peaks: dict[str, dict[str, float]] = {}
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.5):
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
+                    status = open(f"/proc/{entry}/status").read()
+                except OSError:
+                    continue
+                if not cmdline.startswith("ray::"):
+                    continue
+                kind = next((name for mark, name in self.KINDS if mark in cmdline), None)
+                if kind is None:
+                    continue
+                fields = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status.splitlines()
+                          if line.startswith(("VmHWM", "RssAnon"))}
+                peak = self.peaks.setdefault(kind, {"rss_anon_mb": 0.0, "vm_hwm_mb": 0.0})
+                peak["rss_anon_mb"] = max(peak["rss_anon_mb"], round(fields.get("RssAnon", 0), 1))
+                peak["vm_hwm_mb"] = max(peak["vm_hwm_mb"], round(fields.get("VmHWM", 0), 1))
+
+
+def timed(command: list[str], env: dict, log: Path) -> dict:
+    """Run `command`, its output to `log`; its exit code, wall seconds, peak RSS and CPU seconds (rusage)."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+        _, status, usage = os.wait4(process.pid, 0)
+    return {"rc": os.waitstatus_to_exitcode(status), "seconds": round(time.perf_counter() - start, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}
+
+
+# --- the rehearsal -------------------------------------------------------------------------------
+
+def start_moto(folder: Path) -> tuple[subprocess.Popen, str, Path]:
+    port, log = free_port(), folder / "moto.log"
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    for _ in range(100):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    return server, f"http://127.0.0.1:{port}", log
+
+
+def requests_in(log: Path) -> int:
+    """Requests moto answered: one access-log line each."""
+    return sum(1 for line in open(log, errors="replace") if re.search(r'"(GET|PUT|POST|HEAD|DELETE) ', line))
+
+
+def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit: int, node_loss: float | None) -> dict:
+    expected = json.loads((folder / "expected.json").read_text())
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
+    moto, endpoint, moto_log = start_moto(work)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint, "RAY_DEDUP_LOGS": "0"}
+    subprocess.run([sys.executable, "-c", "import fsspec; fsspec.filesystem('s3').mkdir('scale')"], env=env, check=True)
+    config = {"data": {"train": {"format": "webdataset", "urls": f"{folder}/data/{{00000..{expected['shards'] - 1:05d}}}.tar"}},
+              "encoder": TINY_ENCODER, "store": {"root": "s3://scale/store"},
+              "precompute": {"batch_size": 1024, "rows_per_commit": rows_per_commit}}
+    (work / "pipeline.yaml").write_text(json.dumps(config))
+    cluster = Cluster(work, nodes, cpus, store_mb * 2**20, env)
+    result = {"images": expected["samples"], "shards": expected["shards"], "nodes": nodes, "cpus_per_node": cpus,
+              "rows_per_commit": rows_per_commit, "parts": expected["shards"] * -(-expected["per_shard"] // rows_per_commit)}
+    try:
+        command = [*LITPIPE, "-q", "precompute", str(work / "pipeline.yaml"), "--json", "--set", f"ray.address={cluster.address}"]
+        sampler = WorkerSampler()
+        sampler.start()
+        killer = None
+        if node_loss is not None:
+            def lose_a_node():
+                pid = cluster.raylet_of(nodes)  # the last worker node
+                os.kill(pid, signal.SIGKILL)
+                result["node_lost"] = {"after_s": node_loss, "raylet_pid": pid}
+            killer = threading.Timer(node_loss, lose_a_node)
+            killer.start()
+        before = requests_in(moto_log)
+        result["driver"] = timed(command, env, work / "precompute.log")
+        result["requests"] = requests_in(moto_log) - before
+        if killer is not None:
+            killer.cancel()
+        if result["driver"]["rc"] != 0:  # a rerun finishes what the first left
+            result["rerun"] = timed(command, env, work / "precompute-rerun.log")
+        sampler.stop.set()
+        result["workers"] = sampler.peaks
+        result["object_store"] = spilled(cluster.memory_stats())
+        summary = read_summary(work / ("precompute-rerun.log" if "rerun" in result else "precompute.log"))
+        result["summary"] = summary
+        cache_id = summary["cache_id"]
+        before = requests_in(moto_log)
+        result["verify"] = timed([*LITPIPE, "-q", "cache", "verify", summary["cache_url"]],
+                                 env, work / "verify.log")
+        result["verify"]["requests"] = requests_in(moto_log) - before
+        result["keys"] = check_keys(summary["cache_url"], expected, env)
+    finally:
+        cluster.stop()
+        moto.terminate()
+        moto.wait()
+    seconds = result["driver"]["seconds"]
+    result["images_per_s"] = round(expected["samples"] / seconds, 1)
+    result["requests_per_part"] = round(result["requests"] / result["parts"], 2)
+    return result
+
+
+def read_summary(log: Path) -> dict:
+    """The train dataset's result from `precompute --json`'s output."""
+    text = log.read_text()
+    start = text.index("{")
+    return json.JSONDecoder().raw_decode(text[start:])[0]["train"]
+
+
+def spilled(stats: str) -> dict:
+    match = re.search(r"Spilled (\d+) MiB, (\d+) objects", stats)
+    restored = re.search(r"Restored (\d+) MiB, (\d+) objects", stats)
+    return {"spilled_mib": int(match[1]) if match else 0, "spilled_objects": int(match[2]) if match else 0,
+            "restored_mib": int(restored[1]) if restored else 0}
+
+
+CHECK = """
+import collections, json, sys
+import pyarrow.compute as pc
+from litpipe.store import EmbeddingCache
+from litpipe.store.parts import open_part, read_part
+cache = EmbeddingCache.open(sys.argv[1])
+keys = [read_part(cache, open_part(cache, r), r, ["key"]).column("key") for r in cache.parts()]
+import pyarrow as pa
+column = pa.chunked_array([c for k in keys for c in k.chunks], pa.string())
+print(json.dumps({"rows": len(column), "distinct": pc.count_distinct(column).as_py(), "complete": cache.complete}))
+"""
+
+
+def check_keys(cache_url: str, expected: dict, env: dict) -> dict:
+    """Every good key exactly once: rows = distinct keys = samples less bad and repeated ones."""
+    run = subprocess.run([sys.executable, "-c", CHECK, cache_url], capture_output=True, text=True, env=env, check=True)
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    return {**found, "expected": expected["rows"], "ok": found["rows"] == found["distinct"] == expected["rows"] and found["complete"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate")
+    gen.add_argument("--images", type=int, required=True)
+    gen.add_argument("--per-shard", type=int, default=10_000)
+    gen.add_argument("--dir", type=Path, required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--dir", type=Path, required=True, help="a folder `generate` wrote")
+    run.add_argument("--nodes", type=int, default=2, help="worker nodes beside the head (which runs the driver)")
+    run.add_argument("--cpus", type=int, default=2, help="logical CPUs per worker node")
+    run.add_argument("--object-store-mb", type=int, default=400)
+    run.add_argument("--rows-per-commit", type=int, default=1_000)
+    run.add_argument("--node-loss", type=float, help="kill the last worker node's raylet this many seconds in")
+    run.add_argument("--json", type=Path, help="append the result as one JSON line")
+    args = parser.parse_args()
+    if args.command == "generate":
+        print(json.dumps(generate(args.dir, args.images, args.per_shard), indent=2))
+        return
+    result = rehearse(args.dir.resolve(), args.nodes, args.cpus, args.object_store_mb, args.rows_per_commit, args.node_loss)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "a") as out:
+            out.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

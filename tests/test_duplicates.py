@@ -1,0 +1,97 @@
+"""The duplicate pass (`store/duplicates.py`) as a hash shuffle: its answer equals a plain dict over
+every key in input order, in this process and over Ray tasks, and a driver on Ray never holds the keys."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from litpipe.store import EmbeddingCache
+from litpipe.store import duplicates
+from litpipe.store.commits import commit_part
+from test_store_cache import DATASET, ENCODER
+
+PARTS, ROWS = 40, 300
+
+
+def write_cache(root, parts: int, rows: int, pool: int, key_pad: str = "") -> EmbeddingCache:
+    """`parts` parts of `rows` distinct keys each, drawn from `pool` keys: most keys sit in several parts."""
+    inputs = [f"/data/in-{i:05d}.tar" for i in range(parts)]
+    dataset = {**DATASET, "inputs": [{"url": url, "size": 1, "mtime": 1.0} for url in inputs]}
+    cache = EmbeddingCache.open_or_create(str(root), ENCODER, dataset)
+    rng = np.random.default_rng(0)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(rows * 8, np.float32)), 8)
+    for url in inputs[::-1]:  # committed in reverse: input order, not commit order, decides the first copy
+        keys = [f"k{k:07d}{key_pad}" for k in rng.choice(pool, rows, replace=False)]
+        commit_part(cache, url, pa.table({"key": keys, "captions": [["c"]] * rows, "embedding": vectors}))
+    return cache
+
+
+def reference(cache: EmbeddingCache) -> dict[int, list[tuple[int, int]]]:
+    """Every key in input order through one dict: the rule stated plainly."""
+    first: dict[str, int] = {}
+    later: dict[int, list[tuple[int, int]]] = {}
+    for i, record in enumerate(cache.parts()):
+        keys = pq.read_table(cache.file_path(record), columns=["key"]).column("key").to_pylist()
+        for row, key in enumerate(keys):
+            if key in first:
+                later.setdefault(i, []).append((row, first[key]))
+            else:
+                first[key] = i
+    return later
+
+
+@pytest.fixture
+def small_buckets(monkeypatch):
+    """12 buckets and a map task every few parts, so a few thousand keys cross every path."""
+    monkeypatch.setattr(duplicates, "KEYS_PER_BUCKET", 1_000)
+    monkeypatch.setattr(duplicates, "MIN_KEYS_PER_MAP", 1_000)
+    monkeypatch.setattr(duplicates, "MIN_KEYS_PER_OUTPUT", 10)
+
+
+def test_the_pass_in_this_process_equals_a_dict_over_every_key(tmp_path, small_buckets, monkeypatch):
+    monkeypatch.setattr(duplicates, "joined_ray", lambda cache: None)
+    cache = write_cache(tmp_path, PARTS, ROWS, pool=4_000)
+    found = {i: sorted(rows) for i, rows in duplicates.later_duplicates(cache, cache.parts()).items()}
+    expected = reference(cache)
+    assert sum(map(len, expected.values())) > 5_000  # most of the 12,000 rows are later copies
+    assert found == expected
+
+
+def test_the_pass_over_ray_tasks_equals_a_dict_over_every_key(tmp_path, small_buckets, ray_local):
+    cache = write_cache(tmp_path, PARTS, ROWS, pool=4_000)
+    assert duplicates.joined_ray(cache) is ray_local
+    found = {i: sorted(rows) for i, rows in duplicates.later_duplicates(cache, cache.parts()).items()}
+    assert found == reference(cache)
+
+
+DRIVER = """
+import json, sys
+import pyarrow as pa, ray
+from litpipe.store import EmbeddingCache
+from litpipe.store import duplicates
+duplicates.KEYS_PER_BUCKET = 100_000
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+cache = EmbeddingCache.open(sys.argv[1])
+records = cache.parts()
+before = pa.default_memory_pool().max_memory()
+later = duplicates.later_duplicates(cache, records)
+print(json.dumps({"before": before, "peak": pa.default_memory_pool().max_memory(),
+                  "later": sorted([i, sorted(rows)] for i, rows in later.items())}))
+"""
+
+
+def test_a_driver_on_ray_holds_the_duplicates_not_the_keys(tmp_path):
+    """400,000 keys of 40 bytes (16 MB), 4 buckets: the driver's Arrow memory stays under a tenth of
+    the keys' bytes (grouping them on the driver, as finalize did, takes more than all of them)."""
+    cache = write_cache(tmp_path, parts=100, rows=4_000, pool=2_000_000, key_pad="-" + "x" * 31)
+    key_bytes = 100 * 4_000 * 40
+    run = subprocess.run([sys.executable, "-c", DRIVER, cache.url], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["peak"] - out["before"] < key_bytes / 10, out["peak"]
+    assert {i: [tuple(r) for r in rows] for i, rows in out["later"]} == reference(cache)
