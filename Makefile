@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DATA ?= data/openmoji
 
-.PHONY: run ablation test test-long test-faults venv clean
+.PHONY: run ablation test test-long test-faults bench-scale venv clean
 
 $(VENV)/.installed-%: pyproject.toml tests/requirements-no-deps.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ test-faults: $(VENV)/.installed-cpu,demo,test
 	@mkdir -p runs && rm -f runs/faults.jsonl
 	LITPIPE_FAULT_REPORT=$(CURDIR)/runs/faults.jsonl $(BIN)/python -m pytest -q -m "faults or not faults" tests/faults
 	$(BIN)/python tests/faults/tally.py runs/faults.jsonl
+
+# The scale rehearsal (bench/scale.py; not a test): SCALE crawl-like images in WebDataset shards, precomputed by a
+# head and two worker nodes started as separate `ray start`s, the store on moto's S3 server; figures per run are
+# appended to runs/scale.jsonl (docs/benchmarks.md has the table). About a minute at 100,000, 7 at 1,000,000.
+SCALE ?= 100000
+bench-scale: $(VENV)/.installed-cpu,demo,test
+	$(BIN)/python bench/scale.py generate --images $(SCALE) --dir runs/scale-$(SCALE)
+	$(BIN)/python bench/scale.py run --dir runs/scale-$(SCALE) --json runs/scale.jsonl
 
 clean:
 	rm -rf $(VENV) litpipe-store runs

@@ -14,7 +14,7 @@ cluster on this machine, the store on an S3 protocol server, measured per image 
   rerun, must then finish with every key once and verify clean.
 
     .venv/bin/python bench/scale.py generate --images 100000 --dir /tmp/litpipe-scale/100k
-    .venv/bin/python bench/scale.py run --dir /tmp/litpipe-scale/100k [--nodes 2] [--node-loss 60] [--json F]
+    .venv/bin/python bench/scale.py run --dir /tmp/litpipe-scale/100k [--nodes 2] [--node-loss 60 [--lose encoder]] [--json F]
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ TINY_ENCODER = {"model": "litpipe-scale-tiny", "architecture": {
 # --- the data ------------------------------------------------------------------------------------
 
 def image_pool(count: int = 256, seed: int = 0) -> list[bytes]:
-    """Small JPEGs, 48 to 160 px a side, smooth with noise: 2-8 kB each, as thumbnails of a crawl are."""
+    """Small JPEGs, 40 to 128 px a side, smooth with noise: 1-5 kB each, as thumbnails of a crawl are."""
     rng, pool = np.random.default_rng(seed), []
     for _ in range(count):
-        w, h = rng.integers(48, 161, 2)
+        w, h = rng.integers(40, 129, 2)
         x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
         base = np.stack([x, y, x * y], -1) * rng.uniform(80, 255, 3) + rng.normal(0, 12, (h, w, 3))
         out = io.BytesIO()
-        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=int(rng.integers(60, 95)))
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=int(rng.integers(50, 90)))
         pool.append(out.getvalue())
     return pool
 
@@ -69,8 +69,8 @@ def write_shard(path: Path, shard: int, per_shard: int, pool: list[bytes]) -> di
         for i in range(per_shard):
             n = shard * per_shard + i
             key = f"{n:09d}"
-            if shard and i % REPEAT_EVERY == 3:
-                key, counts["repeated"] = f"{n - per_shard:09d}", counts["repeated"] + 1
+            if shard and i % REPEAT_EVERY == 3:  # the key of a good sample of the shard before, never itself repeated
+                key, counts["repeated"] = f"{n - per_shard - 1:09d}", counts["repeated"] + 1
             image = pool[(n * 7919) % len(pool)]
             if i % BAD_EVERY == 11:
                 image, counts["bad"] = image[:len(image) // 3], counts["bad"] + 1  # truncated
@@ -123,12 +123,14 @@ class Cluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._start(["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false"], store_bytes, 0)
-        for i in range(1, nodes + 1):
+        self._wait_for(1)
+        self.session = os.path.realpath("/tmp/ray/session_latest")  # every process of this cluster names it
+        for i in range(1, nodes + 1):  # one at a time: raylets starting together on one machine collide
             self._start([f"--address={self.address}", f"--num-cpus={cpus}"], store_bytes, i)
-        self._wait_for(nodes + 1)
+            self._wait_for(i + 1)
 
     def _start(self, args: list[str], store_bytes: int, index: int) -> None:
-        base = 20_000 + 1_000 * index  # every port of a node apart from the others'
+        base = 21_000 + 1_000 * index  # every port of a node apart from the others'
         ports = [f"--node-manager-port={base}", f"--object-manager-port={base + 1}", f"--dashboard-agent-listen-port={base + 2}",
                  f"--dashboard-agent-grpc-port={base + 3}", f"--runtime-env-agent-port={base + 4}",
                  f"--metrics-export-port={base + 5}", f"--min-worker-port={base + 100}", f"--max-worker-port={base + 999}"]
@@ -154,31 +156,49 @@ class Cluster:
         """The pid of worker node `index`'s raylet (a child of its `ray start`)."""
         return next(pid for pid in children(self.nodes[index].pid) if process_name(pid) == "raylet")
 
+    def node_of(self, mark: str) -> int:
+        """The worker node one of whose workers runs `mark` (PartEncoder: an encoder actor)."""
+        return next(i for i in range(1, len(self.nodes))
+                    if any(mark in cmdline(pid) for pid in children(self.raylet_of(i))))
+
     def memory_stats(self) -> str:
         run = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "memory", "--stats-only", f"--address={self.address}"],
                              capture_output=True, text=True, env=self.env, timeout=120)
         return run.stdout
 
     def stop(self) -> None:
-        for process in reversed(self.nodes):
+        """Every process of every node (raylets, GCS, agents, workers) goes; not `ray stop`, which
+        would stop every Ray on the machine."""
+        pids = [pid for process in self.nodes for pid in (process.pid, *children(process.pid))]
+        pids += [pid for pid in all_pids() if self.session in cmdline(pid)]  # agents orphaned by a lost node
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+                os.kill(pid, signal.SIGKILL)
         for process in self.nodes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        with contextlib.suppress(FileNotFoundError):  # else a later ray.init() on this machine joins the dead head
+            os.remove("/tmp/ray/ray_current_cluster")
+
+
+def all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def children(pid: int) -> list[int]:
     """Every descendant of `pid`, from /proc."""
     parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                pass
+    for entry in all_pids():
+        try:
+            parents[entry] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            pass
     found, frontier = [], [pid]
     while frontier:
         kids = [p for p, parent in parents.items() if parent in frontier]
@@ -207,17 +227,13 @@ class WorkerSampler(threading.Thread):
 
     def run(self):
         while not self.stop.wait(0.5):
-            for entry in os.listdir("/proc"):
-                if not entry.isdigit():
-                    continue
+            for pid in all_pids():
+                command = cmdline(pid)
+                kind = next((name for mark, name in self.KINDS if mark in command), None) if command.startswith("ray::") else None
                 try:
-                    cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
-                    status = open(f"/proc/{entry}/status").read()
+                    status = open(f"/proc/{pid}/status").read() if kind else ""
                 except OSError:
                     continue
-                if not cmdline.startswith("ray::"):
-                    continue
-                kind = next((name for mark, name in self.KINDS if mark in cmdline), None)
                 if kind is None:
                     continue
                 fields = {line.split(":")[0]: int(line.split()[1]) / 1024 for line in status.splitlines()
@@ -256,12 +272,14 @@ def requests_in(log: Path) -> int:
     return sum(1 for line in open(log, errors="replace") if re.search(r'"(GET|PUT|POST|HEAD|DELETE) ', line))
 
 
-def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit: int, node_loss: float | None) -> dict:
+def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit: int, node_loss: float | None,
+             lose: str = "last") -> dict:
     expected = json.loads((folder / "expected.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
     moto, endpoint, moto_log = start_moto(work)
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint, "RAY_DEDUP_LOGS": "0"}
+           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint, "RAY_DEDUP_LOGS": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}  # one token: every node and the driver
     subprocess.run([sys.executable, "-c", "import fsspec; fsspec.filesystem('s3').mkdir('scale')"], env=env, check=True)
     config = {"data": {"train": {"format": "webdataset", "urls": f"{folder}/data/{{00000..{expected['shards'] - 1:05d}}}.tar"}},
               "encoder": TINY_ENCODER, "store": {"root": "s3://scale/store"},
@@ -277,9 +295,10 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
         killer = None
         if node_loss is not None:
             def lose_a_node():
-                pid = cluster.raylet_of(nodes)  # the last worker node
+                index = cluster.node_of("PartEncoder") if lose == "encoder" else nodes
+                pid = cluster.raylet_of(index)
                 os.kill(pid, signal.SIGKILL)
-                result["node_lost"] = {"after_s": node_loss, "raylet_pid": pid}
+                result["node_lost"] = {"after_s": node_loss, "node": index, "which": lose, "raylet_pid": pid}
             killer = threading.Timer(node_loss, lose_a_node)
             killer.start()
         before = requests_in(moto_log)
@@ -357,13 +376,17 @@ def main() -> None:
     run.add_argument("--cpus", type=int, default=2, help="logical CPUs per worker node")
     run.add_argument("--object-store-mb", type=int, default=400)
     run.add_argument("--rows-per-commit", type=int, default=1_000)
-    run.add_argument("--node-loss", type=float, help="kill the last worker node's raylet this many seconds in")
+    run.add_argument("--node-loss", type=float, help="kill a worker node's raylet this many seconds in")
+    run.add_argument("--lose", choices=["last", "encoder"], default="last",
+                     help="which node --node-loss kills: the last worker node, or the one running the encoder actor")
     run.add_argument("--json", type=Path, help="append the result as one JSON line")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the cluster and moto are stopped on the way out
     if args.command == "generate":
         print(json.dumps(generate(args.dir, args.images, args.per_shard), indent=2))
         return
-    result = rehearse(args.dir.resolve(), args.nodes, args.cpus, args.object_store_mb, args.rows_per_commit, args.node_loss)
+    result = rehearse(args.dir.resolve(), args.nodes, args.cpus, args.object_store_mb, args.rows_per_commit, args.node_loss,
+                      args.lose)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "a") as out:

@@ -100,6 +100,10 @@ class EncoderConfig(Section):
     jpeg_decode: Literal["auto", "cpu", "device"] = Field(
         "auto", description="device = JPEGs travel encoded and the encoder decodes them in batches (nvjpeg on a GPU; "
         "what it cannot decode falls back to the CPU); auto = device when the encoder runs on a GPU with preprocess: tensor")
+    jpeg_draft: bool = Field(
+        False, description="decode JPEGs at 1/2, 1/4 or 1/8 scale inside libjpeg (in its DCT) where the smaller image "
+        "still covers what the resize keeps (the resize target on pil, twice the input size on tensor): several times "
+        "less CPU per large photo, pixels a little different from a full decode (docs/benchmarks.md); in the fingerprint")
     output: Literal["projected", "pooled", "cls_patch_mean"] | None = Field(
         None, description="none = projected for open_clip, pooled otherwise. "
         "projected = the model's projected embedding (a CLIP's; timm models have none); "
@@ -122,6 +126,8 @@ class EncoderConfig(Section):
         checkpoint or model folder named by its bytes (`files.content_digest`), never by the path that
         spells it, so the same weights named from another folder find the same caches."""
         spec = self.model_dump(exclude={"device"})
+        if not spec["jpeg_draft"]:  # off, it is what caches made before the setting existed did: their ids stay
+            del spec["jpeg_draft"]
         for key in ("pretrained", "model"):
             if spec[key] and os.path.exists(os.path.expanduser(spec[key])):
                 spec[key] = content_digest(os.path.expanduser(spec[key]))

@@ -74,7 +74,7 @@ def decode_part(samples: list, pixels, max_pixels: int, jpeg_on_device: bool = F
         if error is None:
             try:
                 encoded = device_jpeg(sample.image, max_pixels) if jpeg_on_device else None
-                part.pixels.append(encoded if encoded is not None else pixels.cpu(decode_image(sample.image, max_pixels)))
+                part.pixels.append(encoded if encoded is not None else pixels.cpu(decode_image(sample.image, max_pixels, pixels.draft_to)))
             except DecodeError as err:
                 error = stable_reason(str(err))
         if error is not None:

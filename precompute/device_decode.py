@@ -32,7 +32,7 @@ def finish_decoding(part: Part, pixels, device: torch.device, max_pixels: int) -
             part.pixels[i] = image
             continue
         try:
-            part.pixels[i] = pixels.cpu(decode_image(part.pixels[i].tobytes(), max_pixels))
+            part.pixels[i] = pixels.cpu(decode_image(part.pixels[i].tobytes(), max_pixels, pixels.draft_to))
         except DecodeError as err:
             failed.add(i)
             part.errors.append({"key": part.keys[i], "reason": stable_reason(str(err))})

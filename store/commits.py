@@ -29,6 +29,7 @@ from litpipe.store.cache import (ERRORS_FILE, MANIFEST, CacheError, EmbeddingCac
 from litpipe.store.duplicates import later_duplicates
 from litpipe.store.fingerprint import canonical_json
 from litpipe.store.parts import open_part, read_part
+from litpipe.store.tasks import spread
 
 REQUIRED_COLUMNS = ("key", "captions", "embedding")
 ADOPT_BATCH = 5000  # adopted parts per batch record
@@ -201,12 +202,14 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
         if missing:
             raise CacheError(f"{cache.url}: cannot finalize, {len(missing)} input shard(s) not committed "
                              f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")
-    later = later_duplicates(cache, records)
-    replaced = [records[i] for i in sorted(later)]
-    for i, copies in later.items():  # parts holding later copies of a key, written again without them
-        rows = sorted(copies)
-        records[i] = rewrite_part(cache, records[i], [row for row, _ in rows],
-                                  [duplicate_reason(records[first]["input"]) for _, first in rows])
+    later = {i: sorted(copies) for i, copies in sorted(later_duplicates(cache, records).items())}
+    replaced = [records[i] for i in later]
+    # Parts holding later copies of a key, written again without them: spread, one part a call.
+    calls = [(records[i], [row for row, _ in rows], [duplicate_reason(records[first]["input"]) for _, first in rows])
+             for i, rows in later.items()]
+    for i, rewritten in zip(later, spread(cache, rewrite_part, calls)):
+        records[i] = rewritten
+        cache.remember_record(_join(cache.path, "commits", f"{rewritten['name']}.json"), rewritten)
     errors = [e for r in records for e in r["errors"]]
     # Keys sorted: a record read back from its file and one made in this process write the same line.
     errors_blob = "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode()

@@ -18,7 +18,6 @@ command, a migration) the same functions run here one after the other, holding e
 
 from __future__ import annotations
 
-import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +27,7 @@ import pyarrow.compute as pc
 
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.parts import open_part, read_part
+from litpipe.store.tasks import bare, joined_ray
 
 READ_THREADS = 16  # key columns a map task reads at once: on an object store each is a round trip or two
 KEYS_PER_BUCKET = 4_000_000  # keys one reduce task groups: ~150 MB at 20-byte keys
@@ -42,14 +42,14 @@ def later_duplicates(cache: EmbeddingCache, records: list[dict]) -> dict[int, li
         return {}
     buckets = max(2, -(-sum(r["rows"] for r in records) // KEYS_PER_BUCKET))  # 2 at least: Ray returns a list of one whole
     tasks = map_tasks(records, max(MIN_KEYS_PER_MAP, buckets * MIN_KEYS_PER_OUTPUT))
-    bare = EmbeddingCache(cache.url, cache.manifest)  # what a task needs: the store and the manifest, no records
     ray = joined_ray(cache)
     if ray is None:
-        mapped = [bucket_keys(bare, first, chunk, buckets) for first, chunk in tasks]
+        mapped = [bucket_keys(cache, first, chunk, buckets) for first, chunk in tasks]
         found = [later_in_bucket(*(outputs[b] for outputs in mapped)) for b in range(buckets)]
     else:
         split = ray.remote(bucket_keys).options(num_returns=buckets)
-        mapped = [split.remote(bare, first, chunk, buckets) for first, chunk in tasks]
+        light = bare(cache)
+        mapped = [split.remote(light, first, chunk, buckets) for first, chunk in tasks]
         reduce = ray.remote(later_in_bucket)
         found = ray.get([reduce.remote(*(outputs[b] for outputs in mapped)) for b in range(buckets)])
     later: dict[int, list[tuple[int, int]]] = {}
@@ -57,14 +57,6 @@ def later_duplicates(cache: EmbeddingCache, records: list[dict]) -> dict[int, li
         for ordinal, first in zip(ordinals.tolist(), firsts.tolist()):
             later.setdefault(ordinal >> 32, []).append((ordinal & 0xFFFFFFFF, first >> 32))
     return later
-
-
-def joined_ray(cache: EmbeddingCache):
-    """Ray, when this process has joined a cluster and the cache is one its workers can reach (not
-    this process's memory://); else None. Ray is never imported or started here."""
-    ray = sys.modules.get("ray")
-    reachable = "memory" not in np.atleast_1d(cache.fs.protocol)
-    return ray if ray is not None and ray.is_initialized() and reachable else None
 
 
 def map_tasks(records: list[dict], keys_per_task: int) -> list[tuple[int, list[dict]]]:

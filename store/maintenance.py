@@ -15,39 +15,15 @@ from litpipe.files import TEMP_MARK, ls_or_empty, to_url
 from litpipe.store.cache import CacheError, EmbeddingCache, _join, decode_embeddings, list_caches, referenced_files, stored_dim
 from litpipe.store.duplicates import later_duplicates
 from litpipe.store.parts import open_part, read_part
+from litpipe.store.tasks import spread
 
 
 def verify(cache: EmbeddingCache) -> list[str]:
-    """Re-read every shard; each problem names its file. Empty = good. A key in several parts is
-    one only in a complete cache: a partial one keeps every copy until `finalize` drops the later."""
-    problems = []
+    """Re-read every shard (spread over Ray tasks or threads, `tasks.spread`); each problem names its
+    file. Empty = good. A key in several parts is one only in a complete cache: a partial one keeps
+    every copy until `finalize` drops the later."""
     records = cache.parts()
-    for record in records:
-        url = cache.file_url(record)
-        try:
-            blob = cache.fs.cat_file(cache.file_path(record))
-        except FileNotFoundError:
-            problems.append(f"{url}: committed shard is missing")
-            continue
-        if len(blob) != record["bytes"]:
-            problems.append(f"{url}: {len(blob)} bytes, its commit record says {record['bytes']} (truncated or replaced)")
-        if hashlib.sha256(blob).hexdigest() != record["sha256"]:
-            problems.append(f"{url}: sha256 differs from its commit record (corrupted or replaced)")
-        try:
-            table = pq.read_table(pa.BufferReader(blob), page_checksum_verification=True)
-        except (pa.ArrowInvalid, OSError) as err:
-            problems.append(f"{url}: unreadable Parquet ({err})")
-            continue
-        if table.num_rows != record["rows"]:
-            problems.append(f"{url}: {table.num_rows} rows, its commit record says {record['rows']}")
-        dim = stored_dim(table.schema.field("embedding"), cache.embedding_dtype)
-        if dim != cache.dim:
-            problems.append(f"{url}: embedding dim {dim}, the cache's is {cache.dim}")
-            continue
-        vectors = decode_embeddings(table.column("embedding"), dim, cache.embedding_dtype)
-        bad = int(table.num_rows - np.isfinite(vectors).all(axis=1).sum())
-        if bad:
-            problems.append(f"{url}: {bad} embedding(s) with NaN or inf")
+    problems = [p for found in spread(cache, part_problems, [(record,) for record in records]) for p in found]
     if cache.complete:  # a partial cache's copies wait for finalize
         try:
             problems += duplicate_keys(cache, records)
@@ -57,6 +33,34 @@ def verify(cache: EmbeddingCache) -> list[str]:
         what = ("temporary file of a writer killed before its rename" if TEMP_MARK in path else
                 "orphaned data file, in no commit record (a crashed or losing writer)")
         problems.append(f"{_join(cache.url, path)}: {what}; `litpipe cache rm {cache.id} --orphans` deletes it")
+    return problems
+
+
+def part_problems(cache: EmbeddingCache, record: dict) -> list[str]:
+    """One part's file against its record: bytes, sha256, page CRCs, rows, dim, NaN/inf."""
+    url = cache.file_url(record)
+    try:
+        blob = cache.fs.cat_file(cache.file_path(record))
+    except FileNotFoundError:
+        return [f"{url}: committed shard is missing"]
+    problems = []
+    if len(blob) != record["bytes"]:
+        problems.append(f"{url}: {len(blob)} bytes, its commit record says {record['bytes']} (truncated or replaced)")
+    if hashlib.sha256(blob).hexdigest() != record["sha256"]:
+        problems.append(f"{url}: sha256 differs from its commit record (corrupted or replaced)")
+    try:
+        table = pq.read_table(pa.BufferReader(blob), page_checksum_verification=True)
+    except (pa.ArrowInvalid, OSError) as err:
+        return problems + [f"{url}: unreadable Parquet ({err})"]
+    if table.num_rows != record["rows"]:
+        problems.append(f"{url}: {table.num_rows} rows, its commit record says {record['rows']}")
+    dim = stored_dim(table.schema.field("embedding"), cache.embedding_dtype)
+    if dim != cache.dim:
+        return problems + [f"{url}: embedding dim {dim}, the cache's is {cache.dim}"]
+    vectors = decode_embeddings(table.column("embedding"), dim, cache.embedding_dtype)
+    bad = int(table.num_rows - np.isfinite(vectors).all(axis=1).sum())
+    if bad:
+        problems.append(f"{url}: {bad} embedding(s) with NaN or inf")
     return problems
 
 

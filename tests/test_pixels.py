@@ -111,3 +111,36 @@ def test_the_tensor_path_crops_odd_margins_where_a_hugging_face_processor_does()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     rounded = PixelSteps(transform, {**settings, "crop": "round"}, "tensor").to_device([image], torch.device("cpu"))
     assert (rounded - expected).abs().max() > 0.1  # torchvision's rule would be a row off
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_jpeg_draft_decodes_large_photos_small_stays_close_and_is_in_the_fingerprint(capsys):
+    """encoder.jpeg_draft: libjpeg decodes at 1/2, 1/4 or 1/8 scale where both sides keep the resize
+    target, so a 2400x1800 photo is decoded at 300x225 for a 224 input; the model's input stays within
+    a few levels of a full decode, and the fingerprint names it, so the two never share a cache."""
+    from litpipe.images import decode_image
+
+    full, drafted = encoder("pil"), encoder("pil", jpeg_draft=True)
+    assert full.pixels.cpu_step.draft_to is None and drafted.pixels.cpu_step.draft_to == 224
+    assert decode_image(jpeg_bytes(photo(0, (2400, 1800))), 10**9, 224).size == (300, 225)  # 1/8: 225 >= 224
+    assert decode_image(jpeg_bytes(photo(0, (300, 200))), 10**9, 224).size == (300, 200)  # no scale keeps 224
+    png = io.BytesIO()
+    photo(0, (2400, 1800)).save(png, "PNG")
+    assert decode_image(png.getvalue(), 10**9, 224).size == (2400, 1800)  # a draft is JPEG's alone
+    blobs = [jpeg_bytes(photo(30 + i, size)) for i, size in enumerate(SIZES)]
+    inputs = {name: enc.pixels.to_device([enc.pixels.cpu_step.cpu(decode_image(b, 10**9, enc.pixels.cpu_step.draft_to))
+                                          for b in blobs], torch.device("cpu"))
+              for name, enc in (("full", full), ("draft", drafted))}
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    error_255 = ((inputs["draft"] - inputs["full"]) * std * 255).abs()
+    with capsys.disabled():
+        print(f"\njpeg_draft vs full decode (224 px, pil, {len(blobs)} JPEGs): mean |error| {error_255.mean():.3f}/255, "
+              f"max {error_255.max():.1f}/255")
+    assert 0 < error_255.mean() < 2.0
+    assert drafted.fingerprint["preprocess"]["pixels"]["jpeg_draft_to"] == 224
+    assert drafted.fingerprint != full.fingerprint and drafted.fingerprint["weights_sha256"] == full.fingerprint["weights_sha256"]

@@ -14,10 +14,11 @@ REDUCE_MARGIN = 2  # the tensor path's CPU shrink keeps the shorter side >= 2x t
 
 
 class CpuPixels:
-    """An RGB image -> uint8 [H, W, 3]: final size on `pil`, bounded size on `tensor`."""
+    """An RGB image -> uint8 [H, W, 3]: final size on `pil`, bounded size on `tensor`. With `draft_to`,
+    JPEGs are decoded by `decode_image` at the largest DCT scale that keeps both sides >= it."""
 
-    def __init__(self, mode: str, size: tuple[int, int], pil_steps: list):
-        self.mode, self.size, self.pil_steps = mode, size, pil_steps
+    def __init__(self, mode: str, size: tuple[int, int], pil_steps: list, draft_to: int | None = None):
+        self.mode, self.size, self.pil_steps, self.draft_to = mode, size, pil_steps, draft_to
 
     def cpu(self, image: Image.Image) -> np.ndarray:
         if self.mode == "pil":

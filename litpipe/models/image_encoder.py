@@ -114,7 +114,7 @@ def load_encoder(encoder_cfg: EncoderConfig, device: str | torch.device | None =
         model.to(memory_format=torch.channels_last)
     encoder = Encoder(model, tower.forward, tower.transform, tower.preprocess_cfg, device,
                       resolve_precision(encoder_cfg.precision, device), encoder_cfg.normalize,
-                      PixelSteps(tower.transform, tower.preprocess_cfg, encoder_cfg.preprocess))
+                      PixelSteps(tower.transform, tower.preprocess_cfg, encoder_cfg.preprocess, encoder_cfg.jpeg_draft))
     pp = tower.preprocess_cfg
     size = encoder.image_size
     dim = encoder.encode(torch.zeros(1, 3, *size)).shape[1]

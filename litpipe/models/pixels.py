@@ -29,7 +29,7 @@ VERSION = 1  # bump when the arithmetic of either path changes: it is in the enc
 class PixelSteps:
     """The CPU step (`cpu_step`, sent to the read tasks) and device step (`to_device`, in the encoder) of one path."""
 
-    def __init__(self, transform, preprocess_cfg: dict, mode: str):
+    def __init__(self, transform, preprocess_cfg: dict, mode: str, jpeg_draft: bool = False):
         steps = list(transform.transforms)
         cut = next(i for i, step in enumerate(steps) if "ToTensor" in type(step).__name__)
         pil_steps, normalize = steps[:cut], steps[-1]
@@ -48,12 +48,14 @@ class PixelSteps:
             raise UserError(f"encoder.preprocess: tensor cannot do the `{self.resize_mode}` resize mode (open_clip's "
                             "`longest` pads to square; timm's non-centre crops); set encoder.preprocess: pil")
         self.mode = mode
-        self.cpu_step = CpuPixels(mode, self.size, pil_steps if mode == "pil" else [])
+        keep = self.resize_to if mode == "pil" else REDUCE_MARGIN * min(self.size)  # the shorter side a draft keeps
+        self.cpu_step = CpuPixels(mode, self.size, pil_steps if mode == "pil" else [], draft_to=keep if jpeg_draft else None)
 
     def describe(self) -> dict:
         """What decides the pixels this path makes, for the encoder fingerprint."""
         tensor = {"reduce_margin": REDUCE_MARGIN, **({"crop": self.crop} if self.crop != "round" else {})}
-        return {"path": self.mode, "version": VERSION, **(tensor if self.mode == "tensor" else {})}
+        draft = {"jpeg_draft_to": self.cpu_step.draft_to} if self.cpu_step.draft_to else {}
+        return {"path": self.mode, "version": VERSION, **(tensor if self.mode == "tensor" else {}), **draft}
 
     def to_device(self, images: list, device: torch.device) -> torch.Tensor:
         """The encoder's float32 input [B, 3, *size] on `device`, in input order, from uint8 images:

@@ -1,0 +1,46 @@
+"""Work over many parts of a cache, spread where the process can spread it: as Ray tasks when it has
+joined a cluster (precompute's finalize: the driver's CPU and memory then stay flat as parts grow),
+else in threads here (a store command: parts are read over the network, so threads overlap the waits).
+
+Ray is never imported or started here; a memory:// store lives in this process only, so it stays here.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from litpipe.store.cache import EmbeddingCache
+
+THREADS = 16  # parts worked on at once in this process: on an object store each is a round trip or two
+PARTS_PER_TASK = 16  # parts one Ray task works on: a task costs a few ms to schedule
+
+
+def joined_ray(cache: EmbeddingCache):
+    """Ray, when this process has joined a cluster and its workers can reach the cache; else None."""
+    ray = sys.modules.get("ray")
+    reachable = "memory" not in np.atleast_1d(cache.fs.protocol)
+    return ray if ray is not None and ray.is_initialized() and reachable else None
+
+
+def bare(cache: EmbeddingCache) -> EmbeddingCache:
+    """What a task needs of a cache: its store and manifest, not the records this process has read."""
+    return EmbeddingCache(cache.url, cache.manifest)
+
+
+def spread(cache: EmbeddingCache, fn, calls: list[tuple]) -> list:
+    """[fn(cache, *args) for args in calls], in order: over Ray tasks of PARTS_PER_TASK calls each when
+    this process has joined a cluster, else in THREADS threads."""
+    ray = joined_ray(cache)
+    if ray is None:
+        with ThreadPoolExecutor(THREADS) as pool:
+            return list(pool.map(lambda args: fn(cache, *args), calls))
+    task, light = ray.remote(_run_calls), bare(cache)
+    chunks = [calls[i:i + PARTS_PER_TASK] for i in range(0, len(calls), PARTS_PER_TASK)]
+    return [out for outs in ray.get([task.remote(fn, light, chunk) for chunk in chunks]) for out in outs]
+
+
+def _run_calls(fn, cache: EmbeddingCache, calls: list[tuple]) -> list:
+    return [fn(cache, *args) for args in calls]
