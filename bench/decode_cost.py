@@ -7,7 +7,7 @@ actor loads it (`load_part`). CPU seconds per image (process time) for each path
 
 - `pil`: decode + open_clip's eval transform up to ToTensor (resize 224 bicubic, centre crop) on the CPU;
 - `pil + draft`: the same with libjpeg's DCT-domain downscaling first (`encoder.jpeg_draft`);
-- `tensor`: decode + the integer box shrink only (the device resizes);
+- `tensor`: decode + the integer box shrink only (the device resizes); `tensor + draft` with libjpeg's downscale;
 - `device`: the JPEG bytes travel encoded (header checked, bytes copied); the GPU decodes.
 
 From the per-core rates, the cores that feed one H100 at its bare-forward rate for ViT-B/32 and
@@ -33,7 +33,7 @@ import pyarrow as pa
 from PIL import Image
 
 from litpipe.config import DatasetConfig
-from litpipe.models.cpu_pixels import CpuPixels
+from litpipe.models.cpu_pixels import REDUCE_MARGIN, CpuPixels
 from litpipe.precompute.read import load_part, read_parts
 
 SIZE = 224
@@ -68,7 +68,8 @@ def pil_steps() -> list:
 def cost(path: Path, pixels: CpuPixels, on_device: bool, draft: bool, repeats: int) -> dict:
     """Median over `repeats` of CPU seconds per image: the read task's, then the encoder's load."""
     dataset = DatasetConfig(format="webdataset", urls=str(path))
-    pixels = CpuPixels(pixels.mode, pixels.size, pixels.pil_steps, draft_to=SIZE if draft else None)
+    keep = SIZE if pixels.mode == "pil" else REDUCE_MARGIN * SIZE  # as litpipe.models.pixels sets it
+    pixels = CpuPixels(pixels.mode, pixels.size, pixels.pil_steps, draft_to=keep if draft else None)
     row = pa.table({"dataset": ["d"], "input": [str(path)], "skip": [[]]})
     reads, loads = [], []
     for _ in range(repeats):
@@ -95,6 +96,7 @@ def main() -> None:
     paths = {"pil": (CpuPixels("pil", (SIZE, SIZE), pil_steps()), False, False),
              "pil + draft": (CpuPixels("pil", (SIZE, SIZE), pil_steps()), False, True),
              "tensor": (CpuPixels("tensor", (SIZE, SIZE), []), False, False),
+             "tensor + draft": (CpuPixels("tensor", (SIZE, SIZE), []), False, True),
              "device": (CpuPixels("tensor", (SIZE, SIZE), []), True, False)}
     results = {"machine": f"{platform.processor() or platform.machine()}, {open('/proc/cpuinfo').read().count('processor')} CPUs",
                "rates": dict(zip(("ViT-B/32", "ViT-L/14"), args.rates)), "sizes": {}}

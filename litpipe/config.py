@@ -170,7 +170,7 @@ class PrecomputeConfig(Section):
     rows_per_commit: int = Field(4096, ge=1, description="samples per committed part of an input shard: the unit of "
                                  "resume (fixed when a cache is created)")
     part_bytes: int = Field(256 * 2**20, ge=2**20, description="a part also ends before its images' bytes, encoded "
-                            "plus decoded, pass this: a read task holds about twice this plus one image being decoded, "
+                            "plus decoded, pass this: a read task holds two to three times this, "
                             "whatever the images' sizes and rows_per_commit (fixed when a cache is created)")
     read_retries: int = Field(3, ge=0, description="times a read task reads its shard again after a read failure, "
                               "pausing 1, 2, 4, ... s (on top of the store client's own retries); a shard that still "

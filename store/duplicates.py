@@ -13,11 +13,14 @@ of the key; one reduce task a bucket groups its keys in Arrow and returns the la
 When this process has joined a Ray cluster (precompute's finalize) the tasks are Ray tasks and the
 buckets travel through the object store: the driver holds object refs and the duplicates, never
 the keys (grouped on the driver, a billion 20-byte keys were some 36 GB). Without Ray (a store
-command, a migration) the same functions run here one after the other, holding every key.
+command, a migration) the same functions run here one after the other, the buckets spilled to a
+local temporary folder, so this process holds one map task's keys and then one bucket's.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -33,6 +36,7 @@ READ_THREADS = 16  # key columns a map task reads at once: on an object store ea
 KEYS_PER_BUCKET = 4_000_000  # keys one reduce task groups: ~150 MB at 20-byte keys
 MIN_KEYS_PER_MAP = 262_144  # a map task reads parts until it holds this many keys...
 MIN_KEYS_PER_OUTPUT = 8_192  # ...and this many per bucket: Ray keeps objects under 100 kB in their owner, the driver
+SCHEMA = pa.schema([("key", pa.string()), ("ordinal", pa.int64())])
 
 
 def later_duplicates(cache: EmbeddingCache, records: list[dict]) -> dict[int, list[tuple[int, int]]]:
@@ -40,12 +44,14 @@ def later_duplicates(cache: EmbeddingCache, records: list[dict]) -> dict[int, li
     copy)]}; `records` in input order, as `EmbeddingCache.parts()` lists them."""
     if not records:
         return {}
-    buckets = max(2, -(-sum(r["rows"] for r in records) // KEYS_PER_BUCKET))  # 2 at least: Ray returns a list of one whole
+    # Two buckets at least: with one, Ray would return a map task's list of outputs as one object.
+    buckets = max(2, -(-sum(r["rows"] for r in records) // KEYS_PER_BUCKET))
     tasks = map_tasks(records, max(MIN_KEYS_PER_MAP, buckets * MIN_KEYS_PER_OUTPUT))
     ray = joined_ray(cache)
     if ray is None:
-        mapped = [bucket_keys(cache, first, chunk, buckets) for first, chunk in tasks]
-        found = [later_in_bucket(*(outputs[b] for outputs in mapped)) for b in range(buckets)]
+        with tempfile.TemporaryDirectory(prefix="litpipe-keys-") as folder:
+            spilled = spill(folder, (bucket_keys(cache, first, chunk, buckets) for first, chunk in tasks), buckets)
+            found = [later_in_bucket(pa.ipc.open_file(pa.memory_map(path)).read_all()) for path in spilled]
     else:
         split = ray.remote(bucket_keys).options(num_returns=buckets)
         light = bare(cache)
@@ -82,11 +88,26 @@ def bucket_keys(cache: EmbeddingCache, first: int, records: list[dict], buckets:
     with ThreadPoolExecutor(READ_THREADS) as pool:
         columns = list(pool.map(keys, records))
     ordinals = np.concatenate([(np.int64(first + i) << 32) + np.arange(len(c), dtype=np.int64) for i, c in enumerate(columns)])
-    table = pa.table({"key": pa.chunked_array(columns, pa.string()), "ordinal": ordinals})
+    table = pa.table({"key": pa.chunked_array(columns, pa.string()), "ordinal": ordinals}, schema=SCHEMA)
     bucket = np.fromiter((zlib.crc32(key.encode()) for key in table["key"].to_pylist()), np.int64, table.num_rows) % buckets
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
     return [table.take(order[bounds[b]:bounds[b + 1]]) for b in range(buckets)]
+
+
+def spill(folder: str, mapped, buckets: int) -> list[str]:
+    """Each map output's buckets appended to one Arrow IPC file a bucket in `folder` (local disk): a
+    process without Ray holds one map task's keys, then one bucket's, never every key."""
+    paths = [os.path.join(folder, f"bucket-{b:05d}.arrow") for b in range(buckets)]
+    writers = [pa.ipc.new_file(path, SCHEMA) for path in paths]
+    try:
+        for outputs in mapped:
+            for writer, table in zip(writers, outputs):
+                writer.write_table(table)
+    finally:
+        for writer in writers:
+            writer.close()
+    return paths
 
 
 def later_in_bucket(*tables: pa.Table) -> tuple[np.ndarray, np.ndarray]:

@@ -61,10 +61,11 @@ def test_a_read_task_holds_about_twice_part_bytes_whatever_rows_per_commit(tmp_p
 
 def test_the_default_bounds_a_16_cpu_node_reading_multi_megapixel_photos():
     """15 read tasks (one per CPU beside the encoder) of 24-megapixel originals stay well inside a
-    128 GB node: each holds 2 x part_bytes plus one image decoded before its shrink."""
+    128 GB node: each holds up to 3 x part_bytes (measured: 2.9x with one 1600x1200 photo decoding,
+    above) plus one 24-megapixel image decoded before its shrink."""
     budget = PrecomputeConfig().part_bytes
     one_image = 6000 * 4000 * 3
-    assert 15 * (2 * budget + one_image) < 16 * 2**30
+    assert 15 * (3 * budget + one_image) < 16 * 2**30
 
 
 def test_parts_are_cut_by_bytes_from_headers_and_a_resumed_task_skips_parts_without_decoding(tmp_path):
