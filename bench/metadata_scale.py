@@ -10,7 +10,7 @@ Requests are counted at the client (botocore's before-send event); peak RSS is t
 the step above its RSS before it (VmHWM, reset before each). Figures per part flat across sizes =
 linear growth.
 
-    .venv/bin/python bench/metadata_scale.py [--parts 1000 10000] [--json runs/metadata_scale.json]
+    .venv/bin/python bench/metadata_scale.py [--parts 1000 10000] [--json runs/metadata_scale.json] [--local DIR]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import time
 from types import SimpleNamespace
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 
@@ -41,12 +42,13 @@ UPLOAD_BATCH = 500
 
 
 class Requests:
-    """Counts the S3 requests every s3fs client of this process sends."""
+    """Counts the S3 requests every s3fs client of this process sends (none on local disk)."""
 
     def __init__(self, fs):
         self.count = 0
-        fs.connect(refresh=False)
-        fs.s3.meta.events.register("before-send.s3", self._sent)
+        if hasattr(fs, "connect"):
+            fs.connect(refresh=False)
+            fs.s3.meta.events.register("before-send.s3", self._sent)
 
     def _sent(self, **_):
         self.count += 1
@@ -134,10 +136,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--json", default=None, help="write the results here too")
+    parser.add_argument("--local", metavar="DIR", help="the store on local disk under DIR instead of moto's S3: driver "
+                        "time and memory per part at sizes moto answers too slowly for (no requests counted)")
     args = parser.parse_args()
-    with moto_s3() as fs:
-        requests = Requests(fs)
-        results = [simulate(fs, f"s3://bench/store-{n}", f"s3://bench/data-{n}", n, requests) for n in args.parts]
+    if args.local:
+        fs = fsspec.filesystem("file", auto_mkdir=True)
+        results = [simulate(fs, f"{args.local}/store-{n}", f"{args.local}/data-{n}", n, Requests(fs)) for n in args.parts]
+    else:
+        with moto_s3() as fs:
+            requests = Requests(fs)
+            results = [simulate(fs, f"s3://bench/store-{n}", f"s3://bench/data-{n}", n, requests) for n in args.parts]
     print(json.dumps(results))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

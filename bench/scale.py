@@ -10,7 +10,7 @@ cluster on this machine, the store on an S3 protocol server, measured per image 
   CPU seconds (its rusage); the peak RSS of each read-task and encoder-actor worker (sampled from
   /proc); object-store spilling (`ray memory --stats-only`); S3 requests per part (moto's request
   log); plan and finalize seconds (the summary); verify's time and memory (`litpipe cache verify`,
-  its rusage). With --node-loss S, one worker node's raylet is killed S seconds in; the run, or a
+  its rusage); workers that crashed ("Fatal Python error" in the job's output). With --node-loss S, one worker node's raylet is killed S seconds in; the run, or a
   rerun, must then finish with every key once and verify clean.
 
     .venv/bin/python bench/scale.py generate --images 100000 --dir /tmp/litpipe-scale/100k
@@ -311,7 +311,9 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
         sampler.stop.set()
         result["workers"] = sampler.peaks
         result["object_store"] = spilled(cluster.memory_stats())
-        summary = read_summary(work / ("precompute-rerun.log" if "rerun" in result else "precompute.log"))
+        logs = [work / name for name in ("precompute.log", "precompute-rerun.log") if (work / name).exists()]
+        result["worker_crashes"] = sum(log.read_text(errors="replace").count("Fatal Python error") for log in logs)
+        summary = read_summary(logs[-1])
         result["summary"] = summary
         cache_id = summary["cache_id"]
         before = requests_in(moto_log)

@@ -107,11 +107,12 @@ def part_row(name: str, url: str, number: int, last: bool, part) -> pa.Table:
     views = [b.raw() for b in buffers]
     offsets = np.zeros(len(views) + 1, np.int64)
     np.cumsum([v.nbytes for v in views], out=offsets[1:])
-    block = np.empty(int(offsets[-1]), np.uint8)
+    block = pa.allocate_buffer(int(offsets[-1]))  # Arrow's own memory: no Python object behind the row
+    filled = np.frombuffer(block, np.uint8)
     for view, start, stop in zip(views, offsets[:-1], offsets[1:]):
-        block[start:stop] = np.frombuffer(view, np.uint8)
-    del views, buffers  # the part's pixels go with the caller's part
-    pixels = pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1, [None, pa.py_buffer(offsets), pa.py_buffer(block)])
+        filled[start:stop] = np.frombuffer(view, np.uint8)
+    del views, buffers, filled  # the part's pixels go with the caller's part
+    pixels = pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1, [None, pa.array(offsets).buffers()[1], block])
     return pa.table({"dataset": [name], "input": [url], "part": [number], "last": [last], "payload": [payload],
                      "buffers": pa.LargeListArray.from_arrays(pa.array([0, len(pixels)], pa.int64()), pixels)})
 
