@@ -103,7 +103,8 @@ class EncoderConfig(Section):
     jpeg_draft: bool = Field(
         False, description="decode JPEGs at 1/2, 1/4 or 1/8 scale inside libjpeg (in its DCT) where the smaller image "
         "still covers what the resize keeps (the resize target on pil, twice the input size on tensor): several times "
-        "less CPU per large photo, pixels a little different from a full decode (docs/benchmarks.md); in the fingerprint")
+        "less CPU per large photo, pixels a little different from a full decode (docs/benchmarks.md); in the fingerprint. "
+        "JPEGs decoded on the device (jpeg_decode) are decoded whole")
     output: Literal["projected", "pooled", "cls_patch_mean"] | None = Field(
         None, description="none = projected for open_clip, pooled otherwise. "
         "projected = the model's projected embedding (a CLIP's; timm models have none); "
