@@ -41,6 +41,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 LITPIPE = [sys.executable, "-m", "litpipe"]
 BAD_EVERY, GARBAGE_EVERY, REPEAT_EVERY = 500, 2_000, 1_000  # one sample in N: truncated, garbage, a key of the shard before
+TRAIN = {"tower": {"width": 128, "layers": 2, "heads": 4, "context_length": 32}, "chunk_size": 1024,
+         "warmup_steps": 2, "log_every": 1}  # the demo's text tower (pipeline.yaml)
 TINY_ENCODER = {"model": "litpipe-scale-tiny", "architecture": {
     "embed_dim": 64, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}}
@@ -273,7 +275,7 @@ def requests_in(log: Path) -> int:
 
 
 def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit: int, node_loss: float | None,
-             lose: str = "last") -> dict:
+             lose: str = "last", train_batch: int = 0) -> dict:
     expected = json.loads((folder / "expected.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
     moto, endpoint, moto_log = start_moto(work)
@@ -281,9 +283,11 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
            "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint, "RAY_DEDUP_LOGS": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}  # one token: every node and the driver
     subprocess.run([sys.executable, "-c", "import fsspec; fsspec.filesystem('s3').mkdir('scale')"], env=env, check=True)
-    config = {"data": {"train": {"format": "webdataset", "urls": f"{folder}/data/{{00000..{expected['shards'] - 1:05d}}}.tar"}},
+    config = {"workdir": str(work / "runs"),
+              "data": {"train": {"format": "webdataset", "urls": f"{folder}/data/{{00000..{expected['shards'] - 1:05d}}}.tar"}},
               "encoder": TINY_ENCODER, "store": {"root": "s3://scale/store"},
-              "precompute": {"batch_size": 1024, "rows_per_commit": rows_per_commit}}
+              "precompute": {"batch_size": 1024, "rows_per_commit": rows_per_commit},
+              "train": {**TRAIN, "batch_size": train_batch, "epochs": 1}}
     (work / "pipeline.yaml").write_text(json.dumps(config))
     cluster = Cluster(work, nodes, cpus, store_mb * 2**20, env)
     result = {"images": expected["samples"], "shards": expected["shards"], "nodes": nodes, "cpus_per_node": cpus,
@@ -321,6 +325,8 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
                                  env, work / "verify.log")
         result["verify"]["requests"] = requests_in(moto_log) - before
         result["keys"] = check_keys(summary["cache_url"], expected, env)
+        if train_batch:
+            result["train"] = train(work, cluster.address, env)
     finally:
         cluster.stop()
         moto.terminate()
@@ -329,6 +335,19 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
     result["images_per_s"] = round(expected["samples"] / seconds, 1)
     result["requests_per_part"] = round(result["requests"] / result["parts"], 2)
     return result
+
+
+def train(work: Path, address: str, env: dict) -> dict:
+    """One epoch of `litpipe train` over the cache in one process beside the cluster (the demo's text
+    tower at the given global batch): its rusage, and per step the share spent waiting for data."""
+    figures = timed([*LITPIPE, "-q", "train", str(work / "pipeline.yaml"), "--set", f"ray.address={address}"],
+                    env, work / "train.log")
+    steps = [json.loads(line) for line in open(next((work / "runs").rglob("metrics.jsonl")))
+             if '"data_wait"' in line]
+    waits = [step["data_wait"] for step in steps[1:]]  # the first step also waits for the reader's start
+    return {**figures, "steps": len(steps), "data_wait_first": steps[0]["data_wait"] if steps else None,
+            "data_wait_median": float(np.median(waits)) if waits else None,
+            "samples_per_s_median": float(np.median([step["samples_per_s"] for step in steps[1:]])) if waits else None}
 
 
 def read_summary(log: Path) -> dict:
@@ -381,6 +400,7 @@ def main() -> None:
     run.add_argument("--node-loss", type=float, help="kill a worker node's raylet this many seconds in")
     run.add_argument("--lose", choices=["last", "encoder"], default="last",
                      help="which node --node-loss kills: the last worker node, or the one running the encoder actor")
+    run.add_argument("--train-batch", type=int, default=0, help="then train one epoch at this global batch (0: no)")
     run.add_argument("--json", type=Path, help="append the result as one JSON line")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the cluster and moto are stopped on the way out
@@ -388,7 +408,7 @@ def main() -> None:
         print(json.dumps(generate(args.dir, args.images, args.per_shard), indent=2))
         return
     result = rehearse(args.dir.resolve(), args.nodes, args.cpus, args.object_store_mb, args.rows_per_commit, args.node_loss,
-                      args.lose)
+                      args.lose, args.train_batch)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "a") as out:
