@@ -286,8 +286,9 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
     config = {"workdir": str(work / "runs"),
               "data": {"train": {"format": "webdataset", "urls": f"{folder}/data/{{00000..{expected['shards'] - 1:05d}}}.tar"}},
               "encoder": TINY_ENCODER, "store": {"root": "s3://scale/store"},
-              "precompute": {"batch_size": 1024, "rows_per_commit": rows_per_commit},
-              "train": {**TRAIN, "batch_size": train_batch, "epochs": 1}}
+              "precompute": {"batch_size": 1024, "rows_per_commit": rows_per_commit}}
+    if train_batch:
+        config["train"] = {**TRAIN, "batch_size": train_batch, "epochs": 1}
     (work / "pipeline.yaml").write_text(json.dumps(config))
     cluster = Cluster(work, nodes, cpus, store_mb * 2**20, env)
     result = {"images": expected["samples"], "shards": expected["shards"], "nodes": nodes, "cpus_per_node": cpus,
@@ -319,7 +320,6 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
         result["worker_crashes"] = sum(log.read_text(errors="replace").count("Fatal Python error") for log in logs)
         summary = read_summary(logs[-1])
         result["summary"] = summary
-        cache_id = summary["cache_id"]
         before = requests_in(moto_log)
         result["verify"] = timed([*LITPIPE, "-q", "cache", "verify", summary["cache_url"]],
                                  env, work / "verify.log")
