@@ -202,14 +202,14 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
         if missing:
             raise CacheError(f"{cache.url}: cannot finalize, {len(missing)} input shard(s) not committed "
                              f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")
-    later = {i: sorted(copies) for i, copies in sorted(later_duplicates(cache, records).items())}
-    replaced = [records[i] for i in later]
-    # Parts holding later copies of a key, written again without them: spread, one part a call.
-    calls = [(records[i], [row for row, _ in rows], [duplicate_reason(records[first]["input"]) for _, first in rows])
-             for i, rows in later.items()]
-    for i, rewritten in zip(later, spread(cache, rewrite_part, calls)):
-        records[i] = rewritten
-        cache.remember_record(_join(cache.path, "commits", f"{rewritten['name']}.json"), rewritten)
+    try:
+        replaced = _drop_later_copies(cache, records)
+    except Exception:  # a finalize beside this one rewrote a part and removed the file this one was reading
+        done = EmbeddingCache.open(cache.url)
+        if not done.complete:
+            raise
+        cache.manifest = done.manifest
+        return done.manifest
     errors = [e for r in records for e in r["errors"]]
     # Keys sorted: a record read back from its file and one made in this process write the same line.
     errors_blob = "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode()
@@ -233,6 +233,19 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
             with contextlib.suppress(FileNotFoundError):  # a finalize running beside this one took it
                 cache.fs.rm_file(cache.file_path(record))
     return manifest
+
+
+def _drop_later_copies(cache: EmbeddingCache, records: list[dict]) -> list[dict]:
+    """Rewrite each part holding a later copy of a key without it (spread, one part a call), in
+    `records` too; the records it replaced."""
+    later = {i: sorted(copies) for i, copies in sorted(later_duplicates(cache, records).items())}
+    replaced = [records[i] for i in later]
+    calls = [(records[i], [row for row, _ in rows], [duplicate_reason(records[first]["input"]) for _, first in rows])
+             for i, rows in later.items()]
+    for i, rewritten in zip(later, spread(cache, rewrite_part, calls)):
+        records[i] = rewritten
+        cache.remember_record(_join(cache.path, "commits", f"{rewritten['name']}.json"), rewritten)
+    return replaced
 
 
 def _batch_name(records: list[dict]) -> str:
