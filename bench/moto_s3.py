@@ -16,22 +16,29 @@ import time
 import fsspec
 
 
-@contextlib.contextmanager
-def moto_s3(bucket: str = "bench"):
-    """Yield an s3fs filesystem on a fresh moto server with `bucket` created; the server stops after."""
+def start_moto(log=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
+    """A moto server in its own process on a free 127.0.0.1 port, its output to `log`, once it
+    accepts connections; (the process, its endpoint URL)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log, stderr=subprocess.STDOUT)
+    for _ in range(100):  # up within a few seconds
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    return server, f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str = "bench"):
+    """Yield an s3fs filesystem on a fresh moto server with `bucket` created; the server stops after."""
+    server, endpoint = start_moto()
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
-    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = f"http://127.0.0.1:{port}"
+    fsspec.config.conf.setdefault("s3", {})["endpoint_url"] = endpoint
     try:
-        for _ in range(100):  # up within a few seconds
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
         fs = fsspec.filesystem("s3")
         fs.mkdir(bucket)
         yield fs

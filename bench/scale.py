@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moto_s3 import start_moto
+
 ROOT = Path(__file__).resolve().parents[1]
 LITPIPE = [sys.executable, "-m", "litpipe"]
 BAD_EVERY, GARBAGE_EVERY, REPEAT_EVERY = 500, 2_000, 1_000  # one sample in N: truncated, garbage, a key of the shard before
@@ -257,18 +259,6 @@ def timed(command: list[str], env: dict, log: Path) -> dict:
 
 # --- the rehearsal -------------------------------------------------------------------------------
 
-def start_moto(folder: Path) -> tuple[subprocess.Popen, str, Path]:
-    port, log = free_port(), folder / "moto.log"
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    for _ in range(100):
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
-    return server, f"http://127.0.0.1:{port}", log
-
-
 def requests_in(log: Path) -> int:
     """Requests moto answered: one access-log line each."""
     return sum(1 for line in open(log, errors="replace") if re.search(r'"(GET|PUT|POST|HEAD|DELETE) ', line))
@@ -278,7 +268,8 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
              lose: str = "last", train_batch: int = 0) -> dict:
     expected = json.loads((folder / "expected.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
-    moto, endpoint, moto_log = start_moto(work)
+    moto_log = work / "moto.log"
+    moto, endpoint = start_moto(open(moto_log, "w"))
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint, "RAY_DEDUP_LOGS": "0",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}  # one token: every node and the driver

@@ -30,9 +30,8 @@ import pyarrow.compute as pc
 
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.parts import open_part, read_part
-from litpipe.store.tasks import bare, joined_ray
+from litpipe.store.tasks import THREADS, bare, joined_ray
 
-READ_THREADS = 16  # key columns a map task reads at once: on an object store each is a round trip or two
 KEYS_PER_BUCKET = 4_000_000  # keys one reduce task groups: ~150 MB at 20-byte keys
 MIN_KEYS_PER_MAP = 262_144  # a map task reads parts until it holds this many keys...
 MIN_KEYS_PER_OUTPUT = 8_192  # ...and this many per bucket: Ray keeps objects under 100 kB in their owner, the driver
@@ -85,7 +84,7 @@ def bucket_keys(cache: EmbeddingCache, first: int, records: list[dict], buckets:
     def keys(record: dict) -> pa.Array:
         return read_part(cache, open_part(cache, record), record, ["key"]).column("key").combine_chunks()
 
-    with ThreadPoolExecutor(READ_THREADS) as pool:
+    with ThreadPoolExecutor(THREADS) as pool:  # key columns: on an object store each is a round trip or two
         columns = list(pool.map(keys, records))
     ordinals = np.concatenate([(np.int64(first + i) << 32) + np.arange(len(c), dtype=np.int64) for i, c in enumerate(columns)])
     table = pa.table({"key": pa.chunked_array(columns, pa.string()), "ordinal": ordinals}, schema=SCHEMA)
