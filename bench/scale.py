@@ -11,10 +11,14 @@ cluster on this machine, the store on an S3 protocol server, measured per image 
   /proc); object-store spilling (`ray memory --stats-only`); S3 requests per part (moto's request
   log); plan and finalize seconds (the summary); verify's time and memory (`litpipe cache verify`,
   its rusage); workers that crashed ("Fatal Python error" in the job's output). With --node-loss S, one worker node's raylet is killed S seconds in; the run, or a
-  rerun, must then finish with every key once and verify clean.
+  rerun, must then finish with every key once and verify clean. With --train-batch B, `litpipe train`
+  then runs over the cache (one epoch, or --train-steps N) beside the cluster (data wait per step,
+  its rusage), and one epoch of its input path alone (the reader serving vectors and token ids at B)
+  gives the rows/s and MB/s the store feeds a trainer.
 
     .venv/bin/python bench/scale.py generate --images 100000 --dir /tmp/litpipe-scale/100k
-    .venv/bin/python bench/scale.py run --dir /tmp/litpipe-scale/100k [--nodes 2] [--node-loss 60 [--lose encoder]] [--json F]
+    .venv/bin/python bench/scale.py run --dir /tmp/litpipe-scale/100k [--nodes 2] [--node-loss 60 [--lose encoder]]
+        [--train-batch 65536 [--train-steps 3]] [--json F]
 """
 
 from __future__ import annotations
@@ -265,7 +269,7 @@ def requests_in(log: Path) -> int:
 
 
 def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit: int, node_loss: float | None,
-             lose: str = "last", train_batch: int = 0) -> dict:
+             lose: str = "last", train_batch: int = 0, train_steps: int = 0) -> dict:
     expected = json.loads((folder / "expected.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
     moto_log = work / "moto.log"
@@ -279,7 +283,7 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
               "encoder": TINY_ENCODER, "store": {"root": "s3://scale/store"},
               "precompute": {"batch_size": 1024, "rows_per_commit": rows_per_commit}}
     if train_batch:
-        config["train"] = {**TRAIN, "batch_size": train_batch, "epochs": 1}
+        config["train"] = {**TRAIN, "batch_size": train_batch, **({"steps": train_steps} if train_steps else {"epochs": 1})}
     (work / "pipeline.yaml").write_text(json.dumps(config))
     cluster = Cluster(work, nodes, cpus, store_mb * 2**20, env)
     result = {"images": expected["samples"], "shards": expected["shards"], "nodes": nodes, "cpus_per_node": cpus,
@@ -318,6 +322,7 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
         result["keys"] = check_keys(summary["cache_url"], expected, env)
         if train_batch:
             result["train"] = train(work, cluster.address, env)
+            result["read_epoch"] = read_epoch(summary["cache_url"], train_batch, work, env)
     finally:
         cluster.stop()
         moto.terminate()
@@ -339,6 +344,33 @@ def train(work: Path, address: str, env: dict) -> dict:
     return {**figures, "steps": len(steps), "data_wait_first": steps[0]["data_wait"] if steps else None,
             "data_wait_median": float(np.median(waits)) if waits else None,
             "samples_per_s_median": float(np.median([step["samples_per_s"] for step in steps[1:]])) if waits else None}
+
+
+READ_EPOCH = """
+import json, sys, time
+from litpipe.store import EmbeddingCache, StreamingReader
+from litpipe.store.caption_rows import file_name
+from litpipe.store.tokens import TokenCache
+cache = EmbeddingCache.open(sys.argv[1])
+tokens = TokenCache.find(cache, cache.fs.ls(f"{cache.path}/tokens", detail=False)[0].rsplit("/", 1)[-1])
+records = cache.parts()
+nbytes = sum(r["bytes"] for r in records) + sum(cache.fs.size(f"{tokens.path}/{file_name(r)}") for r in records)
+rows, waits, start = 0, [], time.perf_counter()
+for batch in StreamingReader(cache, int(sys.argv[2]), text=False, per_caption=tokens):
+    rows += len(batch.embeddings)
+    waits.append(time.perf_counter() - start)
+    start = time.perf_counter()
+print(json.dumps({"rows": rows, "batches": len(waits), "bytes": nbytes, "first_batch_s": waits[0], "read_s": sum(waits)}))
+"""
+
+
+def read_epoch(cache_url: str, batch: int, work: Path, env: dict) -> dict:
+    """One epoch of the trainer's input path alone (the streaming reader serving image vectors with token
+    ids at the global batch, in one process): rows/s and MB/s off the store, and the reader's rusage."""
+    figures = timed([sys.executable, "-c", READ_EPOCH, cache_url, str(batch)], env, work / "read-epoch.log")
+    found = json.loads((work / "read-epoch.log").read_text().strip().splitlines()[-1])
+    return {**figures, **found, "rows_per_s": round(found["rows"] / found["read_s"], 1),
+            "mb_per_s": round(found["bytes"] / 1e6 / found["read_s"], 1)}
 
 
 def read_summary(log: Path) -> dict:
@@ -391,7 +423,9 @@ def main() -> None:
     run.add_argument("--node-loss", type=float, help="kill a worker node's raylet this many seconds in")
     run.add_argument("--lose", choices=["last", "encoder"], default="last",
                      help="which node --node-loss kills: the last worker node, or the one running the encoder actor")
-    run.add_argument("--train-batch", type=int, default=0, help="then train one epoch at this global batch (0: no)")
+    run.add_argument("--train-batch", type=int, default=0,
+                     help="then train one epoch at this global batch (0: no), and read one epoch of its input alone")
+    run.add_argument("--train-steps", type=int, default=0, help="train this many steps instead of one epoch")
     run.add_argument("--json", type=Path, help="append the result as one JSON line")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the cluster and moto are stopped on the way out
@@ -399,7 +433,7 @@ def main() -> None:
         print(json.dumps(generate(args.dir, args.images, args.per_shard), indent=2))
         return
     result = rehearse(args.dir.resolve(), args.nodes, args.cpus, args.object_store_mb, args.rows_per_commit, args.node_loss,
-                      args.lose, args.train_batch)
+                      args.lose, args.train_batch, args.train_steps)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "a") as out:
