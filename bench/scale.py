@@ -19,6 +19,7 @@ cluster on this machine, the store on an S3 protocol server, measured per image 
     .venv/bin/python bench/scale.py generate --images 100000 --dir /tmp/litpipe-scale/100k
     .venv/bin/python bench/scale.py run --dir /tmp/litpipe-scale/100k [--nodes 2] [--node-loss 60 [--lose encoder]]
         [--train-batch 65536 [--train-steps 3]] [--json F]
+    .venv/bin/python bench/scale.py table F      # the runs in F as docs/benchmarks.md's table, with slopes
 """
 
 from __future__ import annotations
@@ -407,6 +408,47 @@ def check_keys(cache_url: str, expected: dict, env: dict) -> dict:
     return {**found, "expected": expected["rows"], "ok": found["rows"] == found["distinct"] == expected["rows"] and found["complete"]}
 
 
+# --- the table -----------------------------------------------------------------------------------
+
+FIGURES = [  # (row, how to find it in a result, unit of its slope)
+    ("wall time of `litpipe precompute`, s", lambda r: r["driver"]["seconds"], "ms"),
+    ("driver peak RSS, MB", lambda r: r["driver"]["peak_rss_mb"], "kB"),
+    ("driver CPU, s", lambda r: r["driver"]["cpu_s"], "ms"),
+    ("read task peak RSS (anonymous), MB", lambda r: r["workers"]["read task"]["rss_anon_mb"], "kB"),
+    ("encoder actor peak RSS (anonymous), MB", lambda r: r["workers"]["encoder actor"]["rss_anon_mb"], "kB"),
+    ("object store spilled, MiB", lambda r: r["object_store"]["spilled_mib"], "kB"),
+    ("S3 requests (job and finalize)", lambda r: r["requests"], "requests"),
+    ("plan, s", lambda r: r["summary"]["seconds"]["plan"], "ms"),
+    ("finalize, s", lambda r: r["summary"]["seconds"]["finalize"], "ms"),
+    ("`cache verify`, s", lambda r: r["verify"]["seconds"], "ms"),
+    ("`cache verify` peak RSS, MB", lambda r: r["verify"]["peak_rss_mb"], "kB"),
+    ("`cache verify` requests", lambda r: r["verify"]["requests"], "requests"),
+]
+
+
+def table(results: list[dict], rows_per_commit: int) -> str:
+    """The rehearsal's table from `run --json` lines: the last run at `rows_per_commit` without node loss at each size, and
+    each figure's slope per image and per part between consecutive sizes (ms, kB or requests; a
+    figure in s or MB is scaled by 1000)."""
+    runs = {}
+    for r in results:
+        if "node_lost" not in r and r["driver"]["rc"] == 0 and r["rows_per_commit"] == rows_per_commit:
+            runs[r["images"]] = r
+    runs = [runs[size] for size in sorted(runs)]
+    head = " | ".join(f"{r['images']:,} images, {r['parts']:,} parts" for r in runs)
+    slopes = " | ".join(f"{a['images']:,} -> {b['images']:,}: per image / per part" for a, b in zip(runs, runs[1:]))
+    lines = [f"| figure | {head} | {slopes} |", "| --- |" + " ---: |" * len(runs) + " --- |" * (len(runs) - 1)]
+    for name, figure, unit in FIGURES:
+        values = [figure(r) for r in runs]
+        scale = 1 if unit == "requests" else 1000
+        steps = [f"{(vb - va) * scale / (b['images'] - a['images']):.4g} / {(vb - va) * scale / (b['parts'] - a['parts']):.4g} {unit}"
+                 for (a, va), (b, vb) in zip(zip(runs, values), zip(runs[1:], values[1:]))]
+        lines.append(f"| {name} | " + " | ".join(f"{v:,}" for v in values) + " | " + " | ".join(steps) + " |")
+    keys = " | ".join("yes" if r["keys"]["ok"] and r["verify"]["rc"] == 0 else "NO" for r in runs)
+    lines.append(f"| every key once, verify clean | {keys} |" + " |" * (len(runs) - 1))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -427,7 +469,13 @@ def main() -> None:
                      help="then train one epoch at this global batch (0: no), and read one epoch of its input alone")
     run.add_argument("--train-steps", type=int, default=0, help="train this many steps instead of one epoch")
     run.add_argument("--json", type=Path, help="append the result as one JSON line")
+    show = sub.add_parser("table", help="the markdown table of the runs in a --json file, with slopes")
+    show.add_argument("results", type=Path)
+    show.add_argument("--rows-per-commit", type=int, default=1_000)
     args = parser.parse_args()
+    if args.command == "table":
+        print(table([json.loads(line) for line in open(args.results)], args.rows_per_commit))
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the cluster and moto are stopped on the way out
     if args.command == "generate":
         print(json.dumps(generate(args.dir, args.images, args.per_shard), indent=2))
