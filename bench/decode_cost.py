@@ -33,7 +33,7 @@ import pyarrow as pa
 from PIL import Image
 
 from litpipe.config import DatasetConfig
-from litpipe.models.cpu_pixels import REDUCE_MARGIN, CpuPixels
+from litpipe.models.cpu_pixels import CpuPixels, draft_side
 from litpipe.precompute.read import load_part, read_parts
 
 SIZE = 224
@@ -68,8 +68,8 @@ def pil_steps() -> list:
 def cost(path: Path, pixels: CpuPixels, on_device: bool, draft: bool, repeats: int) -> dict:
     """Median over `repeats` of CPU seconds per image: the read task's, then the encoder's load."""
     dataset = DatasetConfig(format="webdataset", urls=str(path))
-    keep = SIZE if pixels.mode == "pil" else REDUCE_MARGIN * SIZE  # as litpipe.models.pixels sets it
-    pixels = CpuPixels(pixels.mode, pixels.size, pixels.pil_steps, draft_to=keep if draft else None)
+    pixels = CpuPixels(pixels.mode, pixels.size, pixels.pil_steps,
+                       draft_to=draft_side(pixels.mode, pixels.size, SIZE) if draft else None)
     row = pa.table({"dataset": ["d"], "input": [str(path)], "skip": [[]]})
     reads, loads = [], []
     for _ in range(repeats):

@@ -16,12 +16,17 @@ import time
 import fsspec
 
 
+def free_port() -> int:
+    """A 127.0.0.1 port no one listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def start_moto(log=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
     """A moto server in its own process on a free 127.0.0.1 port, its output to `log`, once it
     accepts connections; (the process, its endpoint URL)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=log, stderr=subprocess.STDOUT)
     for _ in range(100):  # up within a few seconds

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moto_s3 import start_moto
+from moto_s3 import free_port, start_moto
 
 ROOT = Path(__file__).resolve().parents[1]
 LITPIPE = [sys.executable, "-m", "litpipe"]
@@ -117,26 +116,25 @@ def generate(folder: Path, images: int, per_shard: int) -> dict:
 
 # --- the cluster ---------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Cluster:
     """A head and worker nodes on this machine, each a `ray start --block` of its own (own raylet,
     object store and ports), so a node can be lost by killing its raylet."""
 
     def __init__(self, folder: Path, nodes: int, cpus: int, store_bytes: int, env: dict):
-        self.folder, self.env, self.nodes = folder, env, []
+        self.folder, self.env, self.nodes, self.logs = folder, env, [], []
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self._start(["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false"], store_bytes, 0)
-        self._wait_for(1)
-        self.session = os.path.realpath("/tmp/ray/session_latest")  # every process of this cluster names it
-        for i in range(1, nodes + 1):  # one at a time: raylets starting together on one machine collide
-            self._start([f"--address={self.address}", f"--num-cpus={cpus}"], store_bytes, i)
-            self._wait_for(i + 1)
+        self.session = None
+        try:
+            self._start(["--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false"], store_bytes, 0)
+            self._wait_for(1)
+            self.session = os.path.realpath("/tmp/ray/session_latest")  # every process of this cluster names it
+            for i in range(1, nodes + 1):  # one at a time: raylets starting together on one machine collide
+                self._start([f"--address={self.address}", f"--num-cpus={cpus}"], store_bytes, i)
+                self._wait_for(i + 1)
+        except BaseException:
+            self.stop()
+            raise
 
     def _start(self, args: list[str], store_bytes: int, index: int) -> None:
         base = 21_000 + 1_000 * index  # every port of a node apart from the others'
@@ -146,6 +144,7 @@ class Cluster:
         spill = self.folder / f"spill-{index}"
         spill.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / f"node-{index}.log", "w")
+        self.logs.append(log)
         process = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--block", *args, *ports,
                                     f"--object-store-memory={store_bytes}", f"--object-spilling-directory={spill}",
                                     "--disable-usage-stats"], stdout=log, stderr=subprocess.STDOUT, env=self.env,
@@ -179,12 +178,15 @@ class Cluster:
         """Every process of every node (raylets, GCS, agents, workers) goes; not `ray stop`, which
         would stop every Ray on the machine."""
         pids = [pid for process in self.nodes for pid in (process.pid, *children(process.pid))]
-        pids += [pid for pid in all_pids() if self.session in cmdline(pid)]  # agents orphaned by a lost node
+        if self.session:  # agents orphaned by a lost node
+            pids += [pid for pid in all_pids() if self.session in cmdline(pid)]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for process in self.nodes:
             process.wait()
+        for log in self.logs:
+            log.close()
         with contextlib.suppress(FileNotFoundError):  # else a later ray.init() on this machine joins the dead head
             os.remove("/tmp/ray/ray_current_cluster")
 
@@ -273,12 +275,6 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
              lose: str = "last", train_batch: int = 0, train_steps: int = 0) -> dict:
     expected = json.loads((folder / "expected.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
-    moto_log = work / "moto.log"
-    moto, endpoint = start_moto(open(moto_log, "w"))
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint, "RAY_DEDUP_LOGS": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}  # one token: every node and the driver
-    subprocess.run([sys.executable, "-c", "import fsspec; fsspec.filesystem('s3').mkdir('scale')"], env=env, check=True)
     config = {"workdir": str(work / "runs"),
               "data": {"train": {"format": "webdataset", "urls": f"{folder}/data/{{00000..{expected['shards'] - 1:05d}}}.tar"}},
               "encoder": TINY_ENCODER, "store": {"root": "s3://scale/store"},
@@ -286,10 +282,18 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
     if train_batch:
         config["train"] = {**TRAIN, "batch_size": train_batch, **({"steps": train_steps} if train_steps else {"epochs": 1})}
     (work / "pipeline.yaml").write_text(json.dumps(config))
-    cluster = Cluster(work, nodes, cpus, store_mb * 2**20, env)
     result = {"images": expected["samples"], "shards": expected["shards"], "nodes": nodes, "cpus_per_node": cpus,
-              "rows_per_commit": rows_per_commit, "parts": expected["shards"] * -(-expected["per_shard"] // rows_per_commit)}
-    try:
+              "rows_per_commit": rows_per_commit}
+    moto_log = work / "moto.log"
+    with open(moto_log, "w") as moto_out, contextlib.ExitStack() as stack:
+        moto, endpoint = start_moto(moto_out)
+        stack.callback(lambda: (moto.terminate(), moto.wait()))
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_ENDPOINT_URL": endpoint, "FSSPEC_S3_ENDPOINT_URL": endpoint, "RAY_DEDUP_LOGS": "0",
+               "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.urandom(16).hex()}  # one token: every node and the driver
+        subprocess.run([sys.executable, "-c", "import fsspec; fsspec.filesystem('s3').mkdir('scale')"], env=env, check=True)
+        cluster = Cluster(work, nodes, cpus, store_mb * 2**20, env)
+        stack.callback(cluster.stop)
         command = [*LITPIPE, "-q", "precompute", str(work / "pipeline.yaml"), "--json", "--set", f"ray.address={cluster.address}"]
         sampler = WorkerSampler()
         sampler.start()
@@ -324,10 +328,7 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
         if train_batch:
             result["train"] = train(work, cluster.address, env)
             result["read_epoch"] = read_epoch(summary["cache_url"], train_batch, work, env)
-    finally:
-        cluster.stop()
-        moto.terminate()
-        moto.wait()
+    result["parts"] = result["keys"]["parts"]
     seconds = result["driver"]["seconds"]
     result["images_per_s"] = round(expected["samples"] / seconds, 1)
     result["requests_per_part"] = round(result["requests"] / result["parts"], 2)
@@ -397,7 +398,8 @@ cache = EmbeddingCache.open(sys.argv[1])
 keys = [read_part(cache, open_part(cache, r), r, ["key"]).column("key") for r in cache.parts()]
 import pyarrow as pa
 column = pa.chunked_array([c for k in keys for c in k.chunks], pa.string())
-print(json.dumps({"rows": len(column), "distinct": pc.count_distinct(column).as_py(), "complete": cache.complete}))
+print(json.dumps({"rows": len(column), "distinct": pc.count_distinct(column).as_py(), "complete": cache.complete,
+                  "parts": len(keys)}))
 """
 
 

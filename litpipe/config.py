@@ -172,7 +172,8 @@ class PrecomputeConfig(Section):
                                  "resume (fixed when a cache is created)")
     part_bytes: int = Field(256 * 2**20, ge=2**20, description="a part also ends before its images' bytes, encoded "
                             "plus decoded, pass this: a read task holds two to three times this, "
-                            "whatever the images' sizes and rows_per_commit (fixed when a cache is created)")
+                            "whatever the images' sizes and rows_per_commit, plus Ray Data's output buffer of "
+                            "parts already yielded (up to 128 MiB) (fixed when a cache is created)")
     read_retries: int = Field(3, ge=0, description="times a read task reads its shard again after a read failure, "
                               "pausing 1, 2, 4, ... s (on top of the store client's own retries); a shard that still "
                               "fails is reported, never skipped. Lost workers and nodes are retried by Ray")

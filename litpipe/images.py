@@ -63,14 +63,19 @@ def decode_image(data: bytes | None, max_pixels: int, draft_to: int | None = Non
         raise DecodeError(f"undecodable image: {type(err).__name__}: {err}") from None
 
 
-def open_bounded(data: bytes, max_pixels: int) -> Image.Image:
-    """Open reading only the header, and refuse more than `max_pixels` before any pixel is decoded."""
+def open_header(data: bytes) -> Image.Image:
+    """Open reading only the header, whatever its size claims (PIL's global bomb bound left out)."""
     previous = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # our bound below replaces PIL's global one
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        image = Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data))
     finally:
         Image.MAX_IMAGE_PIXELS = previous
+
+
+def open_bounded(data: bytes, max_pixels: int) -> Image.Image:
+    """Open reading only the header, and refuse more than `max_pixels` before any pixel is decoded."""
+    image = open_header(data)
     width, height = image.size
     if width * height > max_pixels:
         raise DecodeError(f"decompression bomb: {width}x{height} = {width * height} pixels > "

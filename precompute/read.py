@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from litpipe.config import DatasetConfig
-from litpipe.images import open_bounded
+from litpipe.images import open_header
 from litpipe.models.cpu_pixels import CpuPixels
 from litpipe.sources import SHARD_ERROR_KEY, Sample, TransientReadError, iter_shard
 
@@ -30,12 +30,14 @@ def read_parts(batch: pa.Table, datasets: dict[str, DatasetConfig], rows_per_com
     committed: a row holding its decoded `Part` (`part_row`).
 
     Parts are cut in input order (`cut_parts`): `rows_per_commit` samples, or fewer where the
-    next sample would take the part's bytes (`held_bytes`) past the dataset's `part_bytes`. The
-    rule reads image headers, never pixels, so every run cuts the same parts and a resumed task
-    skips committed ones without decoding them; an empty shard is one part holding one error.
+    next sample would take the part's bytes (`sample_bytes`) past the dataset's `part_bytes`. The
+    rule reads image headers, never pixels, and depends only on what the cache fixes (the bound,
+    the encoder's pixel path), so every run cuts the same parts and a resumed task skips committed
+    ones without decoding them; an empty shard is one part holding one error.
     Samples stream from the shard, so a task holds one part (plus one sample) whatever the shard's
     size, and with `part_bytes` whatever its images' sizes: two to three times `part_bytes` (the
-    part's pixels, their copy on the way out, one image being decoded). Each part is
+    part's pixels, their copy on the way out, one image being decoded), plus what Ray Data's output
+    buffer gathers of parts already yielded (blocks of up to 128 MiB). Each part is
     yielded as an Arrow table that wraps the pickle: Ray Data's builder of rows from dicts copied a
     part's hundreds of MB several times (0.6 s for 236 MB, as long as decoding it).
 
@@ -50,11 +52,11 @@ def read_parts(batch: pa.Table, datasets: dict[str, DatasetConfig], rows_per_com
     if yield_cpu and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     name, url, done = batch["dataset"][0].as_py(), batch["input"][0].as_py(), set(batch["skip"][0].as_py())
-    budget = (part_bytes or {}).get(name)
-    size = (lambda sample: held_bytes(sample, pixels, max_pixels)) if budget else None
+    bound = (part_bytes or {}).get(name)
     for attempt in range(read_retries + 1):
         try:
-            for number, samples, last in cut_parts(iter_shard(datasets[name], url), rows_per_commit[name], budget, size):
+            for number, samples, last in cut_parts(iter_shard(datasets[name], url), rows_per_commit[name],
+                                                   bound, lambda sample: sample_bytes(sample, pixels)):
                 if number not in done:
                     # No local holds the part or its row: while the next part is decoded, this one's pixels
                     # are gone and its pickle is held by its consumer alone.
@@ -67,15 +69,15 @@ def read_parts(batch: pa.Table, datasets: dict[str, DatasetConfig], rows_per_com
             time.sleep(RETRY_BACKOFF_S * 2 ** attempt)
 
 
-def cut_parts(samples, step: int | None, budget: int | None = None, size=None):
+def cut_parts(samples, step: int | None, part_bytes: int | None = None, size=None):
     """Samples -> (part number, its samples, whether it is the last): `step` samples a part (all of
-    them when None), fewer where the next sample's `size(sample)` would take the part past `budget`
-    bytes (a part holds at least one sample). A part is handed on once the next sample shows it is
-    not the last."""
+    them when None), fewer where the next sample's `size(sample)` would take the part past `part_bytes`
+    (a part holds at least one sample). A part is handed on once the next sample shows it is not
+    the last."""
     part, number, held = [], 0, 0
     for sample in samples:
-        cost = size(sample) if budget else 0
-        if part and ((step and len(part) == step) or (budget and held + cost > budget)):
+        cost = size(sample) if part_bytes else 0
+        if part and ((step and len(part) == step) or (part_bytes and held + cost > part_bytes)):
             yield number, part, False
             part, number, held = [], number + 1, 0
         part.append(sample)
@@ -83,16 +85,21 @@ def cut_parts(samples, step: int | None, budget: int | None = None, size=None):
     yield number, part or [Sample(SHARD_ERROR_KEY, error="empty shard: no samples")], True
 
 
-def held_bytes(sample: Sample, pixels: CpuPixels, max_pixels: int) -> int:
+def sample_bytes(sample: Sample, pixels: CpuPixels) -> int:
     """What a sample weighs in its read task: its encoded bytes, plus the pixels the CPU step makes
-    of it, sized from the image's header alone (a header that cannot be read counts its bytes only:
-    the image will be skipped)."""
+    of it, sized from the image's header alone: at the scale libjpeg's draft will decode it to
+    (`encoder.jpeg_draft`), and whatever `precompute.max_image_pixels` says, so a resumed run with
+    another bound cuts the same parts. A header that cannot be read counts its bytes only: the
+    image will be skipped."""
     data = sample.image or b""
     if sample.error is not None or not data:
         return len(data)
     try:
-        width, height = open_bounded(data, max_pixels).size
-    except Exception:  # a bomb or a broken header: decode_part records the reason
+        image = open_header(data)
+        if pixels.draft_to:  # as decode_image drafts it: the size changes, nothing is decoded
+            image.draft(None, (pixels.draft_to, pixels.draft_to))
+        width, height = image.size
+    except Exception:  # a broken header: decode_part records the reason
         return len(data)
     return len(data) + pixels.held_bytes(width, height)
 

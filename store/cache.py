@@ -290,8 +290,8 @@ class EmbeddingCache:
 
     def _commit_records(self) -> list[dict]:
         """The records under commits/: one listing, and a GET only for the record files this object
-        has not read yet. Record files are written once (`rewrite_part`, which replaces one, updates
-        what was read), so a run that looks at commits/ several times reads each record once: at
+        has not read yet. Record files are written once (finalize, which replaces some, updates what
+        was read: `remember_record`), so a run that looks at commits/ several times reads each record once: at
         100,000 parts, a plan/finish cycle is a listing page per 1,000 parts a look, not a GET per part."""
         commits = _join(self.path, "commits")
         self.fs.invalidate_cache(commits)
@@ -316,7 +316,8 @@ class EmbeddingCache:
         return list(by_name.values())
 
     def remember_record(self, path: str, record: dict) -> None:
-        """A record file this process has just replaced (`commits.rewrite_part`): read again as written."""
+        """A record file this process has just had replaced (`commits.rewrite_part`, maybe in a Ray task):
+        read again as written."""
         self._read_records[path] = [record]
 
 

@@ -105,7 +105,6 @@ def rewrite_part(cache: EmbeddingCache, record: dict, rows: list[int], reasons: 
     cache.fs.makedirs(_join(cache.path, "commits"), exist_ok=True)
     commit_path = _join(cache.path, "commits", f"{record['name']}.json")
     write_atomic(cache.fs, commit_path, _dumps(rewritten))
-    cache.remember_record(commit_path, rewritten)
     return rewritten
 
 
@@ -204,7 +203,7 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
                              f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")
     try:
         replaced = _drop_later_copies(cache, records)
-    except Exception:  # a finalize beside this one rewrote a part and removed the file this one was reading
+    except (OSError, CacheError):  # a finalize beside this one rewrote a part and removed a file this one read
         done = EmbeddingCache.open(cache.url)
         if not done.complete:
             raise
@@ -238,10 +237,10 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
 def _drop_later_copies(cache: EmbeddingCache, records: list[dict]) -> list[dict]:
     """Rewrite each part holding a later copy of a key without it (spread, one part a call), in
     `records` too; the records it replaced."""
-    later = {i: sorted(copies) for i, copies in sorted(later_duplicates(cache, records).items())}
+    later = dict(sorted(later_duplicates(cache, records).items()))
     replaced = [records[i] for i in later]
-    calls = [(records[i], [row for row, _ in rows], [duplicate_reason(records[first]["input"]) for _, first in rows])
-             for i, rows in later.items()]
+    calls = [(records[i], rows.tolist(), [duplicate_reason(records[first]["input"]) for first in firsts.tolist()])
+             for i, (rows, firsts) in later.items()]
     for i, rewritten in zip(later, spread(cache, rewrite_part, calls)):
         records[i] = rewritten
         cache.remember_record(_join(cache.path, "commits", f"{rewritten['name']}.json"), rewritten)

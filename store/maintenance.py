@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from litpipe.files import TEMP_MARK, ls_or_empty, to_url
-from litpipe.store.cache import CacheError, EmbeddingCache, _join, decode_embeddings, list_caches, referenced_files, stored_dim
+from litpipe.store.cache import EmbeddingCache, _join, decode_embeddings, list_caches, referenced_files, stored_dim
 from litpipe.store.duplicates import later_duplicates
 from litpipe.store.parts import open_part, read_part
 from litpipe.store.tasks import spread
@@ -23,12 +23,10 @@ def verify(cache: EmbeddingCache) -> list[str]:
     file. Empty = good. A key in several parts is one only in a complete cache: a partial one keeps
     every copy until `finalize` drops the later."""
     records = cache.parts()
-    problems = [p for found in spread(cache, part_problems, [(record,) for record in records]) for p in found]
-    if cache.complete:  # a partial cache's copies wait for finalize
-        try:
-            problems += duplicate_keys(cache, records)
-        except CacheError:  # a damaged file, named above
-            pass
+    found = spread(cache, part_problems, [(record,) for record in records])
+    problems = [p for part in found for p in part]
+    if cache.complete:  # a partial cache's copies wait for finalize; a part named above may not read: left out
+        problems += duplicate_keys(cache, [r for r, part in zip(records, found) if not part])
     for path in orphans(cache):
         what = ("temporary file of a writer killed before its rename" if TEMP_MARK in path else
                 "orphaned data file, in no commit record (a crashed or losing writer)")
@@ -68,10 +66,10 @@ def duplicate_keys(cache: EmbeddingCache, records: list[dict]) -> list[str]:
     """A key in two parts of a complete cache (kept by a litpipe before duplicates were dropped),
     found by the store's own duplicate pass: no key set held here."""
     problems = []
-    for i, copies in sorted(later_duplicates(cache, records).items()):
+    for i, (rows, firsts) in sorted(later_duplicates(cache, records).items()):
         keys = read_part(cache, open_part(cache, records[i]), records[i], ["key"]).column("key")
         problems += [f"{cache.file_url(records[i])}: key {keys[row].as_py()!r} also in {records[first]['path']} (duplicate key)"
-                     for row, first in sorted(copies)]
+                     for row, first in zip(rows.tolist(), firsts.tolist())]
     return problems
 
 

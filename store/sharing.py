@@ -26,7 +26,9 @@ from litpipe.store.fingerprint import canonical_json
 
 def shard_identities(cache: EmbeddingCache) -> dict[str, str]:
     """{input URL: everything the vectors of that input shard of `cache` depend on}; empty for
-    datasets whose inputs are not shards (folders)."""
+    datasets whose inputs are not shards (folders). `part_bytes` is not in it: it moves part ends
+    only in shards of large images, an adopted shard is whole and never cut again, and caches made
+    before it existed stay adoptable (docs/cache-format.md)."""
     m, dataset = cache.manifest, cache.manifest["dataset"]
     if dataset.get("format") == "folder":
         return {}

@@ -10,8 +10,6 @@ from __future__ import annotations
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
 from litpipe.store.cache import EmbeddingCache
 
 THREADS = 16  # parts worked on at once in this process: on an object store each is a round trip or two
@@ -21,7 +19,8 @@ PARTS_PER_TASK = 16  # parts one Ray task works on: a task costs a few ms to sch
 def joined_ray(cache: EmbeddingCache):
     """Ray, when this process has joined a cluster and its workers can reach the cache; else None."""
     ray = sys.modules.get("ray")
-    reachable = "memory" not in np.atleast_1d(cache.fs.protocol)
+    protocols = cache.fs.protocol
+    reachable = "memory" not in ((protocols,) if isinstance(protocols, str) else protocols)
     return ray if ray is not None and ray.is_initialized() and reachable else None
 
 
@@ -32,14 +31,20 @@ def bare(cache: EmbeddingCache) -> EmbeddingCache:
 
 def spread(cache: EmbeddingCache, fn, calls: list[tuple]) -> list:
     """[fn(cache, *args) for args in calls], in order: over Ray tasks of PARTS_PER_TASK calls each when
-    this process has joined a cluster, else in THREADS threads."""
+    this process has joined a cluster, else in THREADS threads. A failure is raised once every call
+    has ended, so none is still writing when the caller handles it."""
     ray = joined_ray(cache)
     if ray is None:
         with ThreadPoolExecutor(THREADS) as pool:
             return list(pool.map(lambda args: fn(cache, *args), calls))
     task, light = ray.remote(_run_calls), bare(cache)
     chunks = [calls[i:i + PARTS_PER_TASK] for i in range(0, len(calls), PARTS_PER_TASK)]
-    return [out for outs in ray.get([task.remote(fn, light, chunk) for chunk in chunks]) for out in outs]
+    refs = [task.remote(fn, light, chunk) for chunk in chunks]
+    try:
+        return [out for outs in ray.get(refs) for out in outs]
+    except Exception:
+        ray.wait(refs, num_returns=len(refs))
+        raise
 
 
 def _run_calls(fn, cache: EmbeddingCache, calls: list[tuple]) -> list:

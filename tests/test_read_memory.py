@@ -11,7 +11,8 @@ from PIL import Image
 
 from litpipe.config import DatasetConfig, PrecomputeConfig
 from litpipe.models.cpu_pixels import CpuPixels
-from litpipe.precompute.read import cut_parts, held_bytes, load_part, read_parts
+from litpipe.images import decode_image
+from litpipe.precompute.read import cut_parts, load_part, read_parts, sample_bytes
 from litpipe.sources import Sample, iter_shard
 from precompute_samples import encode_image, image_bytes, sample_members, write_tar
 
@@ -73,12 +74,12 @@ def test_parts_are_cut_by_bytes_from_headers_and_a_resumed_task_skips_parts_with
     small, large = image_bytes(0, size=(40, 30)), image_bytes(1, size=(300, 200), fmt="JPEG")
     samples = [Sample(f"k{i:02d}", large if i % 3 == 0 else small, ["c"]) for i in range(30)]
     samples.insert(7, Sample("bad", b"not an image", ["c"]))
-    sizes = [held_bytes(s, pixels, 10**8) for s in samples]
+    sizes = [sample_bytes(s, pixels) for s in samples]
     assert sizes[0] == len(large) + 100 * 67 * 3 and sizes[1] == len(small) + 40 * 30 * 3 and sizes[7] == 12
     budget = 2 * sizes[0]
-    parts = [p for _, p, _ in cut_parts(iter(samples), 1000, budget, lambda s: held_bytes(s, pixels, 10**8))]
+    parts = [p for _, p, _ in cut_parts(iter(samples), 1000, budget, lambda s: sample_bytes(s, pixels))]
     assert [s.key for p in parts for s in p] == [s.key for s in samples]
-    assert all(sum(held_bytes(s, pixels, 10**8) for s in p) <= budget for p in parts) and len(parts) > 3
+    assert all(sum(sample_bytes(s, pixels) for s in p) <= budget for p in parts) and len(parts) > 3
     assert [len(p) for _, p, _ in cut_parts(iter(samples), 4)] == [4] * 7 + [3]  # no budget: rows alone
 
     write_tar(tmp_path / "s.tar", [m for s in samples for m in sample_members(s.key, s.image, "c", ext="jpg")])
@@ -98,3 +99,21 @@ def test_parts_are_cut_by_bytes_from_headers_and_a_resumed_task_skips_parts_with
     for n, part in resumed.items():
         assert part.keys == whole[n].keys and all(np.array_equal(a, b) for a, b in zip(part.pixels, whole[n].pixels))
     assert len(list(iter_shard(dataset["d"], str(tmp_path / "s.tar")))) == 31
+
+    # a resume under another precompute.max_image_pixels (one that skips the large images) cuts the same parts
+    bounded = (dataset, {"d": 1000}, pixels, 300 * 200 - 1, False)
+    row = pa.table({"dataset": ["d"], "input": [str(tmp_path / "s.tar")], "skip": [[]]})
+    cut = [load_part(t["payload"][0], t["buffers"][0])
+           for t in read_parts(row, *bounded, yield_cpu=False, read_retries=0, part_bytes={"d": budget})]
+    assert [len(p.keys) + len(p.errors) for p in cut] == [len(whole[n].keys) + len(whole[n].errors) for n in sorted(whole)]
+
+
+def test_a_sample_weighs_the_pixels_its_decode_makes_with_and_without_jpeg_draft():
+    """sample_bytes, from the header alone, is the encoded bytes plus exactly what the CPU step holds
+    after decoding: on tensor with libjpeg's draft the decode is larger than the full image's
+    integer shrink would be (1800x1400 drafts to 900x700 for a 448 side, where the shrink gives 600x467)."""
+    data = photo(0, size=(1800, 1400))
+    for pixels in (CpuPixels("tensor", (224, 224), []), CpuPixels("tensor", (224, 224), [], draft_to=448)):
+        held = pixels.cpu(decode_image(data, 10**9, pixels.draft_to)).nbytes
+        assert sample_bytes(Sample("k", data, ["c"]), pixels) == len(data) + held
+    assert held == 900 * 700 * 3

@@ -251,7 +251,11 @@ def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_p
     path.write_bytes(bytes(data[:len(data) // 3]) + bytes([data[len(data) // 3] ^ 0xFF]) + bytes(data[len(data) // 3 + 1:]))
     monkeypatch.setattr("litpipe.store.commits.later_duplicates", lambda cache, records: {})
     finalize(written)
-    assert f"{written.url}/{third['path']}: key 's0/0' also in {first['path']} (duplicate key)" in verify(written)
+    duplicate = f"{written.url}/{third['path']}: key 's0/0' also in {first['path']} (duplicate key)"
+    assert duplicate in verify(written)
+    path.write_bytes(bytes(data))  # a damaged part elsewhere is named, and the other parts' keys still checked
+    problems = verify(written)
+    assert duplicate in problems and any(p.startswith(f"{written.url}/{second['path']}: sha256 differs") for p in problems)
 
 
 def test_a_commit_whose_reply_is_lost_is_still_the_writers_own(s3_server, s3_root):

@@ -13,6 +13,12 @@ from PIL import Image
 REDUCE_MARGIN = 2  # the tensor path's CPU shrink keeps the shorter side >= 2x the input size
 
 
+def draft_side(mode: str, size: tuple[int, int], resize_to: int) -> int:
+    """The shorter side libjpeg's draft must keep (`encoder.jpeg_draft`): what the resize keeps on
+    `pil` (`resize_to`, the shorter side before the crop), REDUCE_MARGIN x the input size on `tensor`."""
+    return resize_to if mode == "pil" else REDUCE_MARGIN * min(size)
+
+
 class CpuPixels:
     """An RGB image -> uint8 [H, W, 3]: final size on `pil`, bounded size on `tensor`. With `draft_to`,
     JPEGs are decoded by `decode_image` at the largest DCT scale that keeps both sides >= it."""

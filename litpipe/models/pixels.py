@@ -21,7 +21,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from litpipe.errors import UserError
-from litpipe.models.cpu_pixels import REDUCE_MARGIN, CpuPixels
+from litpipe.models.cpu_pixels import REDUCE_MARGIN, CpuPixels, draft_side
 
 VERSION = 1  # bump when the arithmetic of either path changes: it is in the encoder fingerprint
 
@@ -48,8 +48,8 @@ class PixelSteps:
             raise UserError(f"encoder.preprocess: tensor cannot do the `{self.resize_mode}` resize mode (open_clip's "
                             "`longest` pads to square; timm's non-centre crops); set encoder.preprocess: pil")
         self.mode = mode
-        keep = self.resize_to if mode == "pil" else REDUCE_MARGIN * min(self.size)  # the shorter side a draft keeps
-        self.cpu_step = CpuPixels(mode, self.size, pil_steps if mode == "pil" else [], draft_to=keep if jpeg_draft else None)
+        self.cpu_step = CpuPixels(mode, self.size, pil_steps if mode == "pil" else [],
+                                  draft_to=draft_side(mode, self.size, self.resize_to) if jpeg_draft else None)
 
     def describe(self) -> dict:
         """What decides the pixels this path makes, for the encoder fingerprint."""
