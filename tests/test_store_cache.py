@@ -258,6 +258,46 @@ def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_p
     assert duplicate in problems and any(p.startswith(f"{written.url}/{second['path']}: sha256 differs") for p in problems)
 
 
+def test_a_task_gets_a_cache_without_its_part_records(tmp_path):
+    """What `store.tasks.bare` sends with every task (and the token cache's workers get once) stays
+    the same size as parts grow: a complete manifest lists every part, and a task sent it each time
+    made a pass over N parts move N^2 records (the token cache of 10,000 parts took 45 minutes)."""
+    import pickle
+
+    from litpipe.store.tasks import bare
+
+    sizes = {}
+    for parts in (2, 40):
+        cache = EmbeddingCache.open_or_create(str(tmp_path / str(parts)), ENCODER, DATASET, rows_per_commit=3)
+        for k in range(parts):
+            commit_part(cache, INPUTS[0], shard_table(f"p{k:03d}", 3), part=k, last=k == parts - 1)
+        finalize(cache)
+        light = bare(cache)
+        assert light.file_path(cache.parts()[-1]) == cache.file_path(cache.parts()[-1]) and light.dim == DIM
+        sizes[parts] = (len(pickle.dumps(light)), len(pickle.dumps(cache)))
+    assert abs(sizes[40][0] - sizes[2][0]) < 64 and sizes[40][1] - sizes[2][1] > 38 * 500
+
+
+def test_the_token_cache_built_by_worker_processes_holds_every_caption_tokenised(tmp_path, monkeypatch):
+    from litpipe.models.tokenizer import clip_tokenizer
+    from litpipe.train_text import token_cache
+
+    monkeypatch.setattr(token_cache, "PARALLEL_ROWS", 0)
+    cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET, rows_per_commit=3)
+    for k in range(4):
+        commit_part(cache, INPUTS[0], shard_table(f"p{k}", 3), part=k, last=k == 3)
+    finalize(cache)
+    tokenizer = clip_tokenizer(8)
+    tokens = token_cache.ensure_token_cache(cache, tokenizer, workers=2)
+    assert tokens.complete and tokens.missing() == []
+    for record in cache.parts():
+        ids, offsets = tokens.rows(tokens.open_file(record), 0)
+        assert len(ids) == offsets[-1] == 2 * record["rows"]
+    texts = [c for row in load_all(cache).captions for c in row]
+    every = np.concatenate([tokens.rows(tokens.open_file(r), 0)[0] for r in cache.parts()])
+    np.testing.assert_array_equal(every, tokenizer(texts).numpy())
+
+
 def test_a_commit_whose_reply_is_lost_is_still_the_writers_own(s3_server, s3_root):
     """The PUT of a commit record lands but its reply is lost: the client resends it and is told
     412 (the record exists). The writer must see its own record, not a lost race that deletes the
