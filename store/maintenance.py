@@ -24,9 +24,9 @@ def verify(cache: EmbeddingCache) -> list[str]:
     every copy until `finalize` drops the later."""
     records = cache.parts()
     found = spread(cache, part_problems, [(record,) for record in records])
-    problems = [p for part in found for p in part]
-    if cache.complete:  # a partial cache's copies wait for finalize; a part named above may not read: left out
-        problems += duplicate_keys(cache, [r for r, part in zip(records, found) if not part])
+    problems = [p for part, _ in found for p in part]
+    if cache.complete:  # a partial cache's copies wait for finalize; a part that does not read is named above
+        problems += duplicate_keys(cache, [r for r, (_, readable) in zip(records, found) if readable])
     for path in orphans(cache):
         what = ("temporary file of a writer killed before its rename" if TEMP_MARK in path else
                 "orphaned data file, in no commit record (a crashed or losing writer)")
@@ -34,13 +34,14 @@ def verify(cache: EmbeddingCache) -> list[str]:
     return problems
 
 
-def part_problems(cache: EmbeddingCache, record: dict) -> list[str]:
-    """One part's file against its record: bytes, sha256, page CRCs, rows, dim, NaN/inf."""
+def part_problems(cache: EmbeddingCache, record: dict) -> tuple[list[str], bool]:
+    """One part's file against its record: bytes, sha256, page CRCs, rows, dim, NaN/inf; and whether
+    it reads as Parquet (so its keys can be checked)."""
     url = cache.file_url(record)
     try:
         blob = cache.fs.cat_file(cache.file_path(record))
     except FileNotFoundError:
-        return [f"{url}: committed shard is missing"]
+        return [f"{url}: committed shard is missing"], False
     problems = []
     if len(blob) != record["bytes"]:
         problems.append(f"{url}: {len(blob)} bytes, its commit record says {record['bytes']} (truncated or replaced)")
@@ -49,17 +50,17 @@ def part_problems(cache: EmbeddingCache, record: dict) -> list[str]:
     try:
         table = pq.read_table(pa.BufferReader(blob), page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as err:
-        return problems + [f"{url}: unreadable Parquet ({err})"]
+        return problems + [f"{url}: unreadable Parquet ({err})"], False
     if table.num_rows != record["rows"]:
         problems.append(f"{url}: {table.num_rows} rows, its commit record says {record['rows']}")
     dim = stored_dim(table.schema.field("embedding"), cache.embedding_dtype)
     if dim != cache.dim:
-        return problems + [f"{url}: embedding dim {dim}, the cache's is {cache.dim}"]
+        return problems + [f"{url}: embedding dim {dim}, the cache's is {cache.dim}"], True
     vectors = decode_embeddings(table.column("embedding"), dim, cache.embedding_dtype)
     bad = int(table.num_rows - np.isfinite(vectors).all(axis=1).sum())
     if bad:
         problems.append(f"{url}: {bad} embedding(s) with NaN or inf")
-    return problems
+    return problems, True
 
 
 def duplicate_keys(cache: EmbeddingCache, records: list[dict]) -> list[str]:
