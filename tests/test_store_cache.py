@@ -261,7 +261,7 @@ def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_p
 def test_a_task_gets_a_cache_without_its_part_records(tmp_path):
     """What `store.tasks.bare` sends with every task (and the token cache's workers get once) stays
     the same size as parts grow: a complete manifest lists every part, and a task sent it each time
-    made a pass over N parts move N^2 records (the token cache of 10,000 parts took 45 minutes)."""
+    made a pass over N parts move N^2 records (the token cache of 10,000 parts took about 40 minutes)."""
     import pickle
 
     from litpipe.store.tasks import bare
