@@ -336,8 +336,9 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
 
 
 def train(work: Path, address: str, env: dict) -> dict:
-    """One epoch of `litpipe train` over the cache in one process beside the cluster (the demo's text
-    tower at the given global batch): its rusage, and per step the share spent waiting for data."""
+    """`litpipe train` over the cache (one epoch, or the config's `train.steps`) in one process beside the
+    cluster (the demo's text tower at the given global batch): its rusage, and per step the share spent
+    waiting for data."""
     figures = timed([*LITPIPE, "-q", "train", str(work / "pipeline.yaml"), "--set", f"ray.address={address}"],
                     env, work / "train.log")
     steps = [json.loads(line) for line in open(next((work / "runs").rglob("metrics.jsonl")))
