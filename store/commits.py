@@ -45,7 +45,7 @@ def commit_part(cache: EmbeddingCache, input_url: str, table: pa.Table, errors=(
     type: cast to the cache's embedding_dtype), optional label (int64) and metadata columns.
     """
     name = part_name(input_url, part)
-    commit_path = _join(cache.path, "commits", f"{name}.json")
+    commit_path = _record_path(cache, name)
     cache.fs.invalidate_cache(_join(cache.path, "commits"))
     if cache.fs.exists(commit_path):
         return None
@@ -103,7 +103,7 @@ def rewrite_part(cache: EmbeddingCache, record: dict, rows: list[int], reasons: 
     # The part's own record names the new file from now on (taking over an adopted one), so the
     # cache reads the same if it becomes partial again (`uncommit`).
     cache.fs.makedirs(_join(cache.path, "commits"), exist_ok=True)
-    commit_path = _join(cache.path, "commits", f"{record['name']}.json")
+    commit_path = _record_path(cache, record["name"])
     write_atomic(cache.fs, commit_path, _dumps(rewritten))
     return rewritten
 
@@ -243,8 +243,13 @@ def _drop_later_copies(cache: EmbeddingCache, records: list[dict]) -> list[dict]
              for i, (rows, firsts) in later.items()]
     for i, rewritten in zip(later, spread(cache, rewrite_part, calls)):
         records[i] = rewritten
-        cache.remember_record(_join(cache.path, "commits", f"{rewritten['name']}.json"), rewritten)
+        cache.remember_record(_record_path(cache, rewritten["name"]), rewritten)
     return replaced
+
+
+def _record_path(cache: EmbeddingCache, name: str) -> str:
+    """A part's own commit record file."""
+    return _join(cache.path, "commits", f"{name}.json")
 
 
 def _batch_name(records: list[dict]) -> str:
