@@ -35,7 +35,7 @@ test: $(VENV)/.installed-cpu,demo,test
 # The longest end-to-end tests (about 10 minutes on 2 cores), apart so `make test` stays under 10: the demo's
 # locked-beats-random result, a three-node Ray cluster, two-worker training runs, a whole run's console, S3
 # faults through precompute, the kill tests of the precompute and text-feature jobs, sweeps on Ray Tune (a kill
-# and resume, ASHA, a failing trial), Ctrl-C exit codes. CI runs both.
+# and resume, ASHA, a failing trial), Ctrl-C exit codes, the GPU runbook's dry run. CI runs both.
 test-long: $(VENV)/.installed-cpu,demo,test
 	$(BIN)/python -m pytest -q -m long
 

@@ -1,5 +1,5 @@
 """The GPU runbook's dry run: the same command and code on CPU with tiny models, so it cannot rot between the
-sessions that are lent a GPU."""
+sessions that are lent a GPU. The whole dry run is a minute on 2 cores: it is in `make test-long`, which CI runs."""
 
 import json
 import os
@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.long
 def test_the_device_runbook_runs_every_part_on_cpu_and_writes_its_json_and_table(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "bench" / "device" / "run.sh"), "--dry-run"], cwd=ROOT, timeout=500,
                           env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)},
