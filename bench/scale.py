@@ -254,14 +254,22 @@ class WorkerSampler(threading.Thread):
                 peak["vm_hwm_mb"] = max(peak["vm_hwm_mb"], round(fields.get("VmHWM", 0), 1))
 
 
-def timed(command: list[str], env: dict, log: Path) -> dict:
-    """Run `command`, its output to `log`; its exit code, wall seconds, peak RSS and CPU seconds (rusage)."""
-    start = time.perf_counter()
+def timed(command: list[str], env: dict, log: Path, rss_every: float = 0) -> dict:
+    """Run `command`, its output to `log`; its exit code, wall seconds, peak RSS and CPU seconds (rusage),
+    and with `rss_every` its RSS every that many seconds ("rss_mb": [[seconds in, MB], ...])."""
+    start, timeline = time.perf_counter(), []
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
+        while rss_every and process.poll() is None:
+            with contextlib.suppress(OSError, StopIteration):
+                status = open(f"/proc/{process.pid}/status").read().splitlines()
+                kb = int(next(line for line in status if line.startswith("VmRSS")).split()[1])
+                timeline.append([round(time.perf_counter() - start, 1), round(kb / 1024, 1)])
+            time.sleep(rss_every)
         _, status, usage = os.wait4(process.pid, 0)
     return {"rc": os.waitstatus_to_exitcode(status), "seconds": round(time.perf_counter() - start, 2),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2)}
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            **({"rss_mb": timeline} if rss_every else {})}
 
 
 # --- the rehearsal -------------------------------------------------------------------------------
@@ -307,7 +315,7 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
             killer = threading.Timer(node_loss, lose_a_node)
             killer.start()
         before = requests_in(moto_log)
-        result["driver"] = timed(command, env, work / "precompute.log")
+        result["driver"] = timed(command, env, work / "precompute.log", rss_every=2.0)
         result["requests"] = requests_in(moto_log) - before
         if killer is not None:
             killer.cancel()
@@ -320,6 +328,10 @@ def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit
         result["worker_crashes"] = sum(log.read_text(errors="replace").count("Fatal Python error") for log in logs)
         summary = read_summary(logs[-1])
         result["summary"] = summary
+        if "rerun" not in result:  # the driver's finalize is its last step: its peak before it is the encoding's
+            encoding = result["driver"]["seconds"] - summary["seconds"].get("finalize", 0) - 1
+            result["driver"]["peak_rss_mb_encoding"] = max((mb for t, mb in result["driver"]["rss_mb"] if t < encoding),
+                                                           default=None)
         before = requests_in(moto_log)
         result["verify"] = timed([*LITPIPE, "-q", "cache", "verify", summary["cache_url"]],
                                  env, work / "verify.log")

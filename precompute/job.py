@@ -183,11 +183,11 @@ def finish(p: Plan) -> DatasetResult:
     failed = sorted(set(p.to_encode) - p.cache.committed_inputs()) if p.to_encode else []
     if not failed and not p.cache.complete:
         start = time.perf_counter()
-        manifest = finalize(p.cache, expected_inputs=p.inputs)
+        finalize(p.cache, expected_inputs=p.inputs)
         p.seconds["finalize"] = round(time.perf_counter() - start, 3)
         # Keys repeated across input shards are resolved over every committed part: the copies this
         # run embedded and finalize dropped count as skipped, not embedded.
-        dropped = sum(r.get("duplicates_dropped", 0) for r in manifest["shards"]
+        dropped = sum(r.get("duplicates_dropped", 0) for r in p.cache.parts()
                       if (r["input"], r["part"]) in p.counted)
         if dropped:
             p.embedded -= dropped

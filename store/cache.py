@@ -27,6 +27,7 @@ import litpipe
 from litpipe.errors import UserError
 from litpipe.files import ls_or_empty, to_url, write_exclusive
 from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
+from litpipe.store.records import PartRecords, record_line
 
 # 3: the id covers the stored dtype and names local files by their bytes (store/fingerprint.py). A version 2
 # cache is read as it is, and `litpipe cache migrate` (store/migrate.py) adopts it under its version 3 id.
@@ -89,13 +90,18 @@ def stored_dim(field: pa.Field, dtype: str) -> int:
 
 
 class EmbeddingCache:
-    """One cache folder: its manifest and its committed parts."""
+    """One cache folder: its manifest and its committed parts.
+
+    `manifest` is the manifest file less a complete cache's `shards`, which `parts()` holds as compact
+    lines (`records.py`); a cache made from a manifest without them (`tasks.bare`) reads no parts."""
 
     def __init__(self, url: str, manifest: dict):
         self.url = url
-        self.manifest = manifest
+        self.manifest = {k: v for k, v in manifest.items() if k != "shards"}
+        self._finalized = PartRecords.of(manifest["shards"]) if "shards" in manifest else None
         self.fs, self.path = fsspec.core.url_to_fs(url)
-        self._read_records: dict[str, list[dict]] = {}  # commit record file -> its records, as read
+        # commit record file -> ((input, part), name, line) of each record in it, as read
+        self._read_records: dict[str, list[tuple[tuple[str, int], str, bytes]]] = {}
 
     # --- finding and opening -------------------------------------------------------------
 
@@ -183,6 +189,8 @@ class EmbeddingCache:
             problem = f"not valid JSON: {err}"
         if problem is None and (missing := [k for k in MANIFEST_KEYS if k not in manifest]):
             problem = f"missing {', '.join(missing)}"
+        if problem is None and manifest["complete"] and not isinstance(manifest.get("shards"), list):
+            problem = "complete, but no list of its parts (`shards`)"
         if problem:
             raise CacheError(f"{manifest_url}: corrupt cache manifest ({problem}); "
                              f"delete the cache (`litpipe cache rm`) and re-run `litpipe precompute`")
@@ -252,13 +260,20 @@ class EmbeddingCache:
     def file_url(self, record: dict) -> str:
         return to_url(self.fs, self.file_path(record))
 
-    def parts(self) -> list[dict]:
+    def parts(self) -> PartRecords:
         """Committed part records, in input order: the manifest's when complete, else commits/."""
-        if self.complete:
-            return self.manifest["shards"]
-        return sorted(self._commit_records(), key=lambda r: (r["input"], r["part"]))
+        if not self.complete:
+            return self._commit_records()
+        if self._finalized is None:
+            raise CacheError(f"{self.url}: this copy of the cache was made without its part records (a task's); "
+                             "open the cache again (`EmbeddingCache.open`) to read them")
+        return self._finalized
 
-    def committed_parts(self, records: list[dict] | None = None) -> dict[str, set[int]]:
+    def finalized(self, manifest: dict, records: PartRecords) -> None:
+        """This object once the cache is complete (finalized here or by another process)."""
+        self.manifest, self._finalized = {k: v for k, v in manifest.items() if k != "shards"}, records
+
+    def committed_parts(self, records: PartRecords | None = None) -> dict[str, set[int]]:
         """{input shard URL: its committed part numbers} (of `records`, default `shards()`): what a
         resumed writer skips."""
         parts: dict[str, set[int]] = {}
@@ -288,7 +303,7 @@ class EmbeddingCache:
             return [json.loads(line) for line in text.splitlines() if line]
         return [e for s in self.parts() for e in s["errors"]]
 
-    def _commit_records(self) -> list[dict]:
+    def _commit_records(self) -> PartRecords:
         """The records under commits/: one listing, and a GET only for the record files this object
         has not read yet. Record files are written once (finalize, which replaces some, updates what
         was read: `remember_record`), so a run that looks at commits/ several times reads each record once: at
@@ -307,18 +322,23 @@ class EmbeddingCache:
             except ValueError:
                 raise CacheError(f"{to_url(self.fs, path)}: corrupt commit record; delete it and re-run "
                                  f"`litpipe precompute` to recompute that shard") from None
-            self._read_records[path] = loaded["adopted"] if _is_batch(path) else [loaded]
+            self._read_records[path] = [_held(r) for r in (loaded["adopted"] if _is_batch(path) else [loaded])]
         self._read_records = {p: self._read_records[p] for p in paths if p in self._read_records}  # removed ones go
-        by_name: dict[str, dict] = {}
+        by_name: dict[str, tuple] = {}
         for path in sorted(self._read_records, key=lambda p: (_is_batch(p), p)):  # part records first
-            for record in self._read_records[path]:
-                by_name.setdefault(record["name"], record)  # a part committed twice counts once
-        return list(by_name.values())
+            for held in self._read_records[path]:
+                by_name.setdefault(held[1], held)  # a part committed twice counts once
+        return PartRecords([line for _, _, line in sorted(by_name.values(), key=lambda held: held[0])])
 
     def remember_record(self, path: str, record: dict) -> None:
         """A record file this process has just had replaced (`commits.rewrite_part`, maybe in a Ray task):
         read again as written."""
-        self._read_records[path] = [record]
+        self._read_records[path] = [_held(record)]
+
+
+def _held(record: dict) -> tuple[tuple[str, int], str, bytes]:
+    """A record read from commits/ as a cache object keeps it: its place in input order, its name, its line."""
+    return (record["input"], record["part"]), record["name"], record_line(record)
 
 
 def _is_batch(path: str) -> bool:
@@ -337,6 +357,13 @@ def referenced_files(caches: list[EmbeddingCache]) -> dict[tuple[str, str], set[
 
 def _dumps(obj) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
+
+
+def manifest_blob(manifest: dict, records: PartRecords) -> bytes:
+    """A complete cache's manifest file: indented JSON with `shards` last, one record a line, written from
+    the lines the cache holds (no dict a record); any JSON reader reads it as before."""
+    shards = b",\n  ".join(records.lines())
+    return _dumps(manifest)[:-2] + b',\n "shards": [\n  ' + shards + b"\n ]\n}"
 
 
 # --- the store root ----------------------------------------------------------------------

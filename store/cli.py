@@ -145,7 +145,7 @@ def _show(args: argparse.Namespace) -> int:
     cache = _open(args)
     m = cache.manifest
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps({**m, "shards": list(cache.parts())} if cache.complete else m, indent=2))
         return 0
     shards = cache.parts()
     errors = m.get("error_counts") if cache.complete else dict(Counter(e["reason"] for e in cache.errors()))

@@ -25,14 +25,16 @@ import pyarrow.parquet as pq
 from litpipe.files import naming, ls_or_empty, to_url, write_atomic, write_exclusive
 from litpipe.skips import duplicate_reason
 from litpipe.store.cache import (ERRORS_FILE, MANIFEST, CacheError, EmbeddingCache, _dumps, _is_batch, _join, _now,
-                                 encode_embeddings, list_caches, part_name, referenced_files)
+                                 encode_embeddings, list_caches, manifest_blob, part_name, referenced_files)
 from litpipe.store.duplicates import later_duplicates
 from litpipe.store.fingerprint import canonical_json
 from litpipe.store.parts import open_part, read_part
+from litpipe.store.records import PartRecords, record_line
 from litpipe.store.tasks import spread
 
 REQUIRED_COLUMNS = ("key", "captions", "embedding")
 ADOPT_BATCH = 5000  # adopted parts per batch record
+REWRITE_BATCH = 1024  # parts finalize rewrites at a time: the records it holds as dicts
 FINALIZED_KEYS = ("completed", "num_rows", "bytes", "num_errors", "error_counts", "shards")  # what finalize adds
 
 
@@ -189,9 +191,11 @@ def _conform(cache: EmbeddingCache, table: pa.Table, input_url: str) -> tuple[pa
 
 def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
     """Fold the commit records into the manifest (complete=True) and write errors.jsonl; a key
-    repeated across parts stays in the first only (`duplicates.py`).
+    repeated across parts stays in the first only (`duplicates.py`). The manifest, less its records
+    (`cache.parts()` has them).
 
-    With `expected_inputs`, refuse while any of them is not committed yet.
+    With `expected_inputs`, refuse while any of them is not committed yet. The records pass through one
+    at a time (`records.py`): this process holds their compact lines and the two files, not a dict a part.
     """
     if cache.complete:
         return cache.manifest
@@ -202,49 +206,50 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
             raise CacheError(f"{cache.url}: cannot finalize, {len(missing)} input shard(s) not committed "
                              f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")
     try:
-        replaced = _drop_later_copies(cache, records)
+        records, replaced = _drop_later_copies(cache, records)
     except (OSError, CacheError):  # a finalize beside this one rewrote a part and removed a file this one read
         done = EmbeddingCache.open(cache.url)
         if not done.complete:
             raise
-        cache.manifest = done.manifest
-        return done.manifest
-    errors = [e for r in records for e in r["errors"]]
-    # Keys sorted: a record read back from its file and one made in this process write the same line.
-    errors_blob = "".join(json.dumps(e, sort_keys=True) + "\n" for e in errors).encode()
-    write_atomic(cache.fs, _join(cache.path, ERRORS_FILE), errors_blob)
-    manifest = dict(cache.manifest)
-    manifest.update(
-        complete=True,
-        completed=_now(),
-        dim=cache.dim,
-        num_rows=sum(r["rows"] for r in records),
-        bytes=sum(r["bytes"] for r in records),
-        num_errors=len(errors),
-        error_counts=dict(Counter(e["reason"] for e in errors)),
-        shards=[{**{k: v for k, v in r.items() if k != "errors"}, "num_errors": len(r["errors"])} for r in records],
-    )
-    write_atomic(cache.fs, _join(cache.path, MANIFEST), _dumps(manifest))
-    cache.manifest = manifest
+        cache.finalized(done.manifest, done.parts())
+        return cache.manifest
+    lines, error_lines, reasons, rows, size = [], [], Counter(), 0, 0
+    for record in records:
+        errors = record.pop("errors")
+        # Keys sorted: a record read back from its file and one made in this process write the same line.
+        error_lines += [json.dumps(e, sort_keys=True).encode() + b"\n" for e in errors]
+        reasons.update(e["reason"] for e in errors)
+        rows, size = rows + record["rows"], size + record["bytes"]
+        lines.append(record_line({**record, "num_errors": len(errors)}))
+    write_atomic(cache.fs, _join(cache.path, ERRORS_FILE), b"".join(error_lines))
+    del error_lines
+    manifest = {**cache.manifest, "complete": True, "completed": _now(), "dim": cache.dim, "num_rows": rows,
+                "bytes": size, "num_errors": sum(reasons.values()), "error_counts": dict(reasons)}
+    shards = PartRecords(lines)
+    write_atomic(cache.fs, _join(cache.path, MANIFEST), manifest_blob(manifest, shards))
+    cache.finalized(manifest, shards)
     named = referenced_files(list_caches(to_url(cache.fs, cache.root))) if replaced else {}
     for record in replaced:  # the files of parts rewritten without their duplicates, unless a cache names them
         if (cache.owner(record), record["path"]) not in named:
             with contextlib.suppress(FileNotFoundError):  # a finalize running beside this one took it
                 cache.fs.rm_file(cache.file_path(record))
-    return manifest
+    return cache.manifest
 
 
-def _drop_later_copies(cache: EmbeddingCache, records: list[dict]) -> list[dict]:
-    """Rewrite each part holding a later copy of a key without it (spread, one part a call), in
-    `records` too; the records it replaced."""
-    later = dict(sorted(later_duplicates(cache, records).items()))
-    replaced = [records[i] for i in later]
-    calls = [(records[i], rows.tolist(), [duplicate_reason(records[first]["input"]) for first in firsts.tolist()])
-             for i, (rows, firsts) in later.items()]
-    for i, rewritten in zip(later, spread(cache, rewrite_part, calls)):
-        records[i] = rewritten
-        cache.remember_record(_record_path(cache, rewritten["name"]), rewritten)
-    return replaced
+def _drop_later_copies(cache: EmbeddingCache, records: PartRecords) -> tuple[PartRecords, list[dict]]:
+    """`records` with each part holding a later copy of a key rewritten without it (spread, one part
+    a call, REWRITE_BATCH parts at a time); where the replaced records' files are ({"path", "owner"})."""
+    later = sorted(later_duplicates(cache, records).items())
+    replaced, rewritten = [], {}
+    for start in range(0, len(later), REWRITE_BATCH):
+        batch = later[start:start + REWRITE_BATCH]
+        calls = [(records[i], rows.tolist(), [duplicate_reason(records[first]["input"]) for first in firsts.tolist()])
+                 for i, (rows, firsts) in batch]
+        replaced += [{k: record[k] for k in ("path", "owner") if k in record} for record, _, _ in calls]
+        for (i, _), record in zip(batch, spread(cache, rewrite_part, calls)):
+            rewritten[i] = record_line(record)
+            cache.remember_record(_record_path(cache, record["name"]), record)
+    return records.replaced(rewritten), replaced
 
 
 def _record_path(cache: EmbeddingCache, name: str) -> str:

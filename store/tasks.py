@@ -26,9 +26,9 @@ def joined_ray(cache: EmbeddingCache):
 
 def bare(cache: EmbeddingCache) -> EmbeddingCache:
     """What a task needs of a cache to open its parts: its store and manifest, less the part records
-    (those this process has read, and a complete manifest's list of every one: about 4 kB a part,
+    (those this process has read, and a complete cache's every one: about a kilobyte a part, pickled,
     sent with each task otherwise, so a pass over N parts moved N^2 of them)."""
-    return EmbeddingCache(cache.url, {k: v for k, v in cache.manifest.items() if k != "shards"})
+    return EmbeddingCache(cache.url, cache.manifest)
 
 
 def spread(cache: EmbeddingCache, fn, calls: list[tuple]) -> list:

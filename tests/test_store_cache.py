@@ -387,8 +387,9 @@ def test_a_format_1_cache_reads_as_it_is_and_lends_its_shards(tmp_path):
     for i, url in enumerate(INPUTS[:2]):
         commit_part(old, url, shard_table(f"s{i}", 3, seed=i))
     manifest = finalize(old)
-    assert all("owner" not in r for r in manifest["shards"])
-    (tmp_path / "store" / old.id / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    assert all("owner" not in r for r in old.parts())
+    (tmp_path / "store" / old.id / "manifest.json").write_text(
+        json.dumps({**manifest, "shards": list(old.parts()), "format_version": 1}))
     reopened = EmbeddingCache.open(old.url)
     assert reopened.manifest["format_version"] == 1 and verify(reopened) == []
     assert load_all(reopened).keys == [f"s{i}/{j}" for i in range(2) for j in range(3)]
@@ -410,8 +411,8 @@ def test_finalize_keeps_a_key_repeated_across_parts_in_the_first_and_the_token_c
     commit_part(cache, INPUTS[0], shard_table("s0", 3))
     tokens = ensure_token_cache(cache, clip_tokenizer(8))
     stale = {r["name"]: r["sha256"] for r in cache.parts()}
-    manifest = finalize(cache)
-    assert [(r["input"], r["rows"], r.get("duplicates_dropped", 0)) for r in manifest["shards"]] == [
+    finalize(cache)
+    assert [(r["input"], r["rows"], r.get("duplicates_dropped", 0)) for r in cache.parts()] == [
         (INPUTS[0], 3, 0), (INPUTS[1], 2, 1)]
     assert cache.errors() == [{"key": "s0/2", "input": INPUTS[1], "reason": f"duplicate key: first in {INPUTS[0]}"}]
     assert load_all(cache).keys == ["s0/0", "s0/1", "s0/2", "s1/0", "s1/2"] and verify(cache) == []
