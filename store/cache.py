@@ -27,7 +27,7 @@ import litpipe
 from litpipe.errors import UserError
 from litpipe.files import ls_or_empty, to_url, write_exclusive
 from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
-from litpipe.store.records import PartRecords, record_line
+from litpipe.store.records import PartRecords, record_line, split_manifest
 
 # 3: the id covers the stored dtype and names local files by their bytes (store/fingerprint.py). A version 2
 # cache is read as it is, and `litpipe cache migrate` (store/migrate.py) adopts it under its version 3 id.
@@ -35,6 +35,7 @@ FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 MANIFEST_KEYS = ("format_version", "id", "complete", "embedding_dtype", "row_group_rows", "encoder", "dataset")
+READ_PAGE = 1000  # commit record files fetched at once (one listing page's worth): held as bytes until parsed
 
 
 class CacheError(UserError):
@@ -93,12 +94,13 @@ class EmbeddingCache:
     """One cache folder: its manifest and its committed parts.
 
     `manifest` is the manifest file less a complete cache's `shards`, which `parts()` holds as compact
-    lines (`records.py`); a cache made from a manifest without them (`tasks.bare`) reads no parts."""
+    lines (`records`, or made from `manifest["shards"]`); a complete cache made without them
+    (`tasks.bare`) reads no parts."""
 
-    def __init__(self, url: str, manifest: dict):
+    def __init__(self, url: str, manifest: dict, records: PartRecords | None = None):
         self.url = url
         self.manifest = {k: v for k, v in manifest.items() if k != "shards"}
-        self._finalized = PartRecords.of(manifest["shards"]) if "shards" in manifest else None
+        self._finalized = records if records is not None else PartRecords.of(manifest["shards"]) if "shards" in manifest else None
         self.fs, self.path = fsspec.core.url_to_fs(url)
         # commit record file -> ((input, part), name, line) of each record in it, as read
         self._read_records: dict[str, list[tuple[tuple[str, int], str, bytes]]] = {}
@@ -183,13 +185,14 @@ class EmbeddingCache:
             raise CacheError(f"{manifest_url}: no cache manifest here; check the cache URL or id "
                              f"(`litpipe cache ls` lists caches), or run `litpipe precompute` to build it") from None
         try:
-            manifest = json.loads(raw)
+            head, records = split_manifest(raw)
+            manifest = json.loads(head)
             problem = None if isinstance(manifest, dict) else "not a JSON object"
         except ValueError as err:
             problem = f"not valid JSON: {err}"
         if problem is None and (missing := [k for k in MANIFEST_KEYS if k not in manifest]):
             problem = f"missing {', '.join(missing)}"
-        if problem is None and manifest["complete"] and not isinstance(manifest.get("shards"), list):
+        if problem is None and manifest["complete"] and records is None and not isinstance(manifest.get("shards"), list):
             problem = "complete, but no list of its parts (`shards`)"
         if problem:
             raise CacheError(f"{manifest_url}: corrupt cache manifest ({problem}); "
@@ -198,7 +201,7 @@ class EmbeddingCache:
         if version > FORMAT_VERSION:
             raise CacheError(f"{manifest_url}: cache format version {version} is newer than this litpipe "
                              f"{litpipe.__version__} reads (up to {FORMAT_VERSION}); upgrade litpipe")
-        return cls(url, manifest)
+        return cls(url, manifest, records)
 
     # --- what it holds -------------------------------------------------------------------
 
@@ -272,6 +275,7 @@ class EmbeddingCache:
     def finalized(self, manifest: dict, records: PartRecords) -> None:
         """This object once the cache is complete (finalized here or by another process)."""
         self.manifest, self._finalized = {k: v for k, v in manifest.items() if k != "shards"}, records
+        self._read_records = {}
 
     def committed_parts(self, records: PartRecords | None = None) -> dict[str, set[int]]:
         """{input shard URL: its committed part numbers} (of `records`, default `shards()`): what a
@@ -312,7 +316,8 @@ class EmbeddingCache:
         self.fs.invalidate_cache(commits)
         paths = [p for p in ls_or_empty(self.fs, commits) if p.endswith(".json")]
         unread = [p for p in paths if p not in self._read_records]
-        for path, blob in (self.fs.cat(unread, on_error="return") if unread else {}).items():
+        pages = (self.fs.cat(unread[i:i + READ_PAGE], on_error="return") for i in range(0, len(unread), READ_PAGE))
+        for path, blob in ((path, blob) for page in pages for path, blob in page.items()):
             if isinstance(blob, FileNotFoundError):
                 continue
             if isinstance(blob, Exception):
@@ -357,13 +362,6 @@ def referenced_files(caches: list[EmbeddingCache]) -> dict[tuple[str, str], set[
 
 def _dumps(obj) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True).encode()
-
-
-def manifest_blob(manifest: dict, records: PartRecords) -> bytes:
-    """A complete cache's manifest file: indented JSON with `shards` last, one record a line, written from
-    the lines the cache holds (no dict a record); any JSON reader reads it as before."""
-    shards = b",\n  ".join(records.lines())
-    return _dumps(manifest)[:-2] + b',\n "shards": [\n  ' + shards + b"\n ]\n}"
 
 
 # --- the store root ----------------------------------------------------------------------

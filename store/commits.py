@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 from litpipe.files import naming, ls_or_empty, to_url, write_atomic, write_exclusive
 from litpipe.skips import duplicate_reason
 from litpipe.store.cache import (ERRORS_FILE, MANIFEST, CacheError, EmbeddingCache, _dumps, _is_batch, _join, _now,
-                                 encode_embeddings, list_caches, manifest_blob, part_name, referenced_files)
+                                 encode_embeddings, list_caches, part_name, referenced_files)
 from litpipe.store.duplicates import later_duplicates
 from litpipe.store.fingerprint import canonical_json
 from litpipe.store.parts import open_part, read_part
-from litpipe.store.records import PartRecords, record_line
+from litpipe.store.records import PartRecords, manifest_file, record_line
 from litpipe.store.tasks import spread
 
 REQUIRED_COLUMNS = ("key", "captions", "embedding")
@@ -226,7 +226,7 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
     manifest = {**cache.manifest, "complete": True, "completed": _now(), "dim": cache.dim, "num_rows": rows,
                 "bytes": size, "num_errors": sum(reasons.values()), "error_counts": dict(reasons)}
     shards = PartRecords(lines)
-    write_atomic(cache.fs, _join(cache.path, MANIFEST), manifest_blob(manifest, shards))
+    write_atomic(cache.fs, _join(cache.path, MANIFEST), manifest_file(_dumps(manifest), shards))
     cache.finalized(manifest, shards)
     named = referenced_files(list_caches(to_url(cache.fs, cache.root))) if replaced else {}
     for record in replaced:  # the files of parts rewritten without their duplicates, unless a cache names them

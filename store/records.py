@@ -1,16 +1,23 @@
-"""A cache's part records, held as the compact JSON line each one is and parsed when asked for.
+"""A cache's part records, held as the compact JSON line each one is and parsed when asked for, and
+the complete manifest's layout that lets them be read and written as lines.
 
 Every process that opens a cache holds all its records: the run's driver at finalize, a reader for as
 long as it reads. A record as a Python dict is about 2.5 kB (3.6 kB with three skip records); its
 compact JSON line is 450-900 bytes. At 10,000 parts that was 36 MB of the driver's peak (the 10M-image
 rehearsal, docs/benchmarks.md); at a billion images of 4,096-image parts it would be a gigabyte.
 Readers take one record at a time, so a dict lives only while it is used.
+
+A complete manifest lists its records under `shards`, last and one a line, so opening one splits the
+lines off its head and never builds a dict a part either (a 100,000-part manifest made 240 MB of them).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
+
+
+SHARDS_OPEN, SEPARATOR, SHARDS_CLOSE = b',\n "shards": [\n  ', b",\n  ", b"\n ]\n}"
 
 
 def record_line(record: dict) -> bytes:
@@ -50,3 +57,26 @@ class PartRecords(Sequence):
 
     def lines(self) -> list[bytes]:
         return self._lines
+
+
+def manifest_file(head: bytes, records: PartRecords) -> bytes:
+    """A complete cache's manifest file: `head` (the manifest less its records, indented JSON ending
+    in `}`) with `shards` added last, one record a line. Any JSON reader reads it whole."""
+    return head[:-2] + SHARDS_OPEN + SEPARATOR.join(records.lines()) + SHARDS_CLOSE
+
+
+def split_manifest(raw: bytes) -> tuple[bytes, PartRecords | None]:
+    """A manifest file as (its JSON less `shards`, its records) when laid out as `manifest_file` writes
+    it, else (the file, None) to be read whole (caches finalized before it, hand-written ones). A line
+    never holds a newline (JSON escapes them), so the split is exact; each line is parsed once here,
+    so a damaged one is found when the cache is opened, as a damaged manifest was."""
+    start = raw.rfind(SHARDS_OPEN)
+    if start < 0 or not raw.endswith(SHARDS_CLOSE):
+        return raw, None
+    body = raw[start + len(SHARDS_OPEN):len(raw) - len(SHARDS_CLOSE)]
+    lines = body.split(SEPARATOR) if body else []
+    if any(b"\n" in line for line in lines):  # an indented list (finalized before this layout)
+        return raw, None
+    if not all(isinstance(json.loads(line), dict) for line in lines):
+        raise ValueError("a record of `shards` is not a JSON object")
+    return raw[:start] + b"\n}", PartRecords(lines)

@@ -216,6 +216,9 @@ def test_missing_corrupt_and_too_new_manifests_name_the_file_and_the_fix(written
     manifest.write_text(json.dumps({**json.loads(original), "format_version": FORMAT_VERSION + 1}))
     with pytest.raises(CacheError, match=f"{manifest}: cache format version {FORMAT_VERSION + 1} is newer.*upgrade litpipe"):
         EmbeddingCache.open(written.id, root=str(tmp_path))
+    manifest.write_text(json.dumps({**json.loads(original), "complete": True}))
+    with pytest.raises(CacheError, match=f"{manifest}: corrupt cache manifest \\(complete, but no list of its parts"):
+        EmbeddingCache.open(written.id, root=str(tmp_path))
 
 
 def test_truncated_shard_and_dim_mismatch_fail_reads_naming_the_shard(written, tmp_path):
@@ -258,6 +261,40 @@ def test_verify_reports_corruption_nan_and_duplicate_keys_by_file(written, tmp_p
     assert duplicate in problems and any(p.startswith(f"{written.url}/{second['path']}: sha256 differs") for p in problems)
 
 
+def test_finalize_holds_a_compact_line_a_part_and_writes_the_manifest_one_record_a_line(tmp_path, monkeypatch):
+    """A run's driver holds every part record at finalize. As dicts, with the two copies finalize made
+    of them, that was 3.8 kB a part held and 7.7 kB at finalize's peak (three skips a part; 80 MB of the
+    driver at 10,000 parts, docs/benchmarks.md); as compact JSON lines passed through one at a time,
+    1.2 and 2.6 kB."""
+    import tracemalloc
+
+    def measured(parts: int) -> tuple[int, int, EmbeddingCache]:
+        cache = EmbeddingCache.open_or_create(str(tmp_path / str(parts)), ENCODER, DATASET, rows_per_commit=2)
+        skips = [{"key": f"bad{k}", "reason": "undecodable image: cannot identify image file"} for k in range(3)]
+        for k in range(parts):
+            commit_part(cache, INPUTS[0], shard_table(f"p{k:04d}", 2), skips, part=k, last=k == parts - 1)
+        driver = EmbeddingCache.open(cache.url)  # reads every record at finalize, as a run's driver does
+        tracemalloc.start()
+        records = driver.parts()
+        held = tracemalloc.get_traced_memory()[0]
+        finalize(driver)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(records) == parts
+        return held, peak, driver
+
+    # The duplicate pass (tests/test_duplicates.py) runs in Ray tasks under a run's driver: here, finalize's own share.
+    monkeypatch.setattr("litpipe.store.commits.later_duplicates", lambda cache, records: {})
+    (held, peak, _), (more_held, more_peak, driver) = measured(400), measured(1200)  # the slope: one-offs cancel
+    assert (more_held - held) / 800 < 2000 and (more_peak - peak) / 800 < 4000, ((more_held - held) / 800, (more_peak - peak) / 800)
+    text = (tmp_path / "1200" / driver.id / "manifest.json").read_text()
+    records = json.loads(text)["shards"]
+    assert [r["part"] for r in records] == list(range(1200)) and all(r["num_errors"] == 3 and "errors" not in r for r in records)
+    assert records == list(EmbeddingCache.open(driver.url).parts()) == list(driver.parts())
+    assert sum(1 for line in text.splitlines() if line.lstrip().startswith('{"bytes"')) == 1200  # one a line
+    assert len(driver.errors()) == 3 * 1200 and verify(driver) == []
+
+
 def test_a_task_gets_a_cache_without_its_part_records(tmp_path):
     """What `store.tasks.bare` sends with every task (and the token cache's workers get once) stays
     the same size as parts grow: a complete manifest lists every part, and a task sent it each time
@@ -275,7 +312,7 @@ def test_a_task_gets_a_cache_without_its_part_records(tmp_path):
         light = bare(cache)
         assert light.file_path(cache.parts()[-1]) == cache.file_path(cache.parts()[-1]) and light.dim == DIM
         sizes[parts] = (len(pickle.dumps(light)), len(pickle.dumps(cache)))
-    assert abs(sizes[40][0] - sizes[2][0]) < 64 and sizes[40][1] - sizes[2][1] > 38 * 500
+    assert abs(sizes[40][0] - sizes[2][0]) < 64 and sizes[40][1] - sizes[2][1] > 38 * 300
 
 
 def test_the_token_cache_built_by_worker_processes_holds_every_caption_tokenised(tmp_path, monkeypatch):
