@@ -260,13 +260,14 @@ def timed(command: list[str], env: dict, log: Path, rss_every: float = 0) -> dic
     start, timeline = time.perf_counter(), []
     with open(log, "w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
-        while rss_every and process.poll() is None:
+        # wait4 with WNOHANG, not Popen.poll: poll would reap the process and lose its rusage.
+        while not (ended := os.wait4(process.pid, os.WNOHANG if rss_every else 0))[0]:
             with contextlib.suppress(OSError, StopIteration):
-                status = open(f"/proc/{process.pid}/status").read().splitlines()
-                kb = int(next(line for line in status if line.startswith("VmRSS")).split()[1])
+                lines = open(f"/proc/{process.pid}/status").read().splitlines()
+                kb = int(next(line for line in lines if line.startswith("VmRSS")).split()[1])
                 timeline.append([round(time.perf_counter() - start, 1), round(kb / 1024, 1)])
             time.sleep(rss_every)
-        _, status, usage = os.wait4(process.pid, 0)
+        _, status, usage = ended
     return {"rc": os.waitstatus_to_exitcode(status), "seconds": round(time.perf_counter() - start, 2),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
             **({"rss_mb": timeline} if rss_every else {})}
