@@ -100,7 +100,9 @@ class EmbeddingCache:
     def __init__(self, url: str, manifest: dict, records: PartRecords | None = None):
         self.url = url
         self.manifest = {k: v for k, v in manifest.items() if k != "shards"}
-        self._finalized = records if records is not None else PartRecords.of(manifest["shards"]) if "shards" in manifest else None
+        if records is None and "shards" in manifest:
+            records = PartRecords.of(manifest["shards"])
+        self._finalized = records
         self.fs, self.path = fsspec.core.url_to_fs(url)
         # commit record file -> ((input, part), name, line) of each record in it, as read
         self._read_records: dict[str, list[tuple[tuple[str, int], str, bytes]]] = {}
@@ -278,7 +280,7 @@ class EmbeddingCache:
         self._read_records = {}
 
     def committed_parts(self, records: PartRecords | None = None) -> dict[str, set[int]]:
-        """{input shard URL: its committed part numbers} (of `records`, default `shards()`): what a
+        """{input shard URL: its committed part numbers} (of `records`, default `parts()`): what a
         resumed writer skips."""
         parts: dict[str, set[int]] = {}
         for record in self.parts() if records is None else records:

@@ -2,10 +2,10 @@
 the complete manifest's layout that lets them be read and written as lines.
 
 Every process that opens a cache holds all its records: the run's driver at finalize, a reader for as
-long as it reads. A record as a Python dict is about 2.5 kB (3.6 kB with three skip records); its
-compact JSON line is 450-900 bytes. At 10,000 parts that was 36 MB of the driver's peak (the 10M-image
-rehearsal, docs/benchmarks.md); at a billion images of 4,096-image parts it would be a gigabyte.
-Readers take one record at a time, so a dict lives only while it is used.
+long as it reads. A record as a Python dict is about 2.5 kB (3.8 kB with three skip records); its
+compact JSON line is 450-900 bytes. Held as dicts, with the copies finalize made, the records grew a
+run's driver by 80 MB at 10,000 parts (docs/benchmarks.md); a billion images in 4,096-image parts
+would have wanted 2 GB. Readers take one record at a time, so a dict lives only while it is used.
 
 A complete manifest lists its records under `shards`, last and one a line, so opening one splits the
 lines off its head and never builds a dict a part either (a 100,000-part manifest made 240 MB of them).
