@@ -243,8 +243,8 @@ def _drop_later_copies(cache: EmbeddingCache, records: PartRecords) -> tuple[Par
     replaced, rewritten = [], {}
     for start in range(0, len(later), REWRITE_BATCH):
         batch = later[start:start + REWRITE_BATCH]
-        calls = [(records[i], rows.tolist(), [duplicate_reason(records[first]["input"]) for first in firsts.tolist()])
-                 for i, (rows, firsts) in batch]
+        reasons = {first: duplicate_reason(records[first]["input"]) for _, (_, firsts) in batch for first in set(firsts.tolist())}
+        calls = [(records[i], rows.tolist(), [reasons[first] for first in firsts.tolist()]) for i, (rows, firsts) in batch]
         replaced += [{k: record[k] for k in ("path", "owner") if k in record} for record, _, _ in calls]
         for (i, _), record in zip(batch, spread(cache, rewrite_part, calls)):
             rewritten[i] = record_line(record)
