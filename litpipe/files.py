@@ -11,7 +11,9 @@ import functools
 import hashlib
 import os
 import posixpath
+import tempfile
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
@@ -207,13 +209,21 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol in ("file", "local")
 
 
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | Iterable[bytes]) -> None:
     """Replace a file in one step, so a reader sees the old or the new bytes, never a half-written
-    file: temp + rename on local disk, one PUT on object stores (where a PUT is atomic)."""
+    file: temp + rename on local disk, one PUT (or one multipart upload) on object stores. `data` may
+    come in pieces (a generator), so a large file is never held whole: it is written to a local
+    temporary file first, and nothing is uploaded if making it fails."""
     if is_local(fs):
         os.replace(write_temp(path, data), path)
-    else:
+    elif isinstance(data, bytes):
         fs.pipe_file(path, data)
+    else:
+        with tempfile.NamedTemporaryFile(prefix="litpipe-upload-") as tmp:
+            for chunk in data:
+                tmp.write(chunk)
+            tmp.flush()
+            fs.put_file(tmp.name, path)
 
 
 def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
@@ -240,16 +250,19 @@ def write_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bo
     return fs.cat_file(path) == data
 
 
-def write_temp(path: str, data: bytes) -> str:
-    """`data` in a new uniquely named file beside `path` (local disk); its path."""
+def write_temp(path: str, data: bytes | Iterable[bytes]) -> str:
+    """`data` (bytes or pieces of them) in a new uniquely named file beside `path` (local disk); its path."""
     tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
-    except OSError as err:  # a full disk: no half-written file stays behind
+            for chunk in [data] if isinstance(data, bytes) else data:
+                f.write(chunk)
+    except BaseException as err:  # a full disk, or the pieces' maker failed: no half-written file stays behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise naming(err, tmp) from err
+        if isinstance(err, OSError):
+            raise naming(err, tmp) from err
+        raise
     return tmp
 
 

@@ -27,7 +27,7 @@ import litpipe
 from litpipe.errors import UserError
 from litpipe.files import ls_or_empty, to_url, write_exclusive
 from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
-from litpipe.store.records import PartRecords, record_line, split_manifest
+from litpipe.store.records import PartRecords, Spool, record_line, split_manifest
 
 # 3: the id covers the stored dtype and names local files by their bytes (store/fingerprint.py). A version 2
 # cache is read as it is, and `litpipe cache migrate` (store/migrate.py) adopts it under its version 3 id.
@@ -104,8 +104,14 @@ class EmbeddingCache:
             records = PartRecords.of(manifest["shards"])
         self._finalized = records
         self.fs, self.path = fsspec.core.url_to_fs(url)
-        # commit record file -> ((input, part), name, line) of each record in it, as read
-        self._read_records: dict[str, list[tuple[tuple[str, int], str, bytes]]] = {}
+        # commit record file -> ((input, part), name, where its line is in the spool) of each record in it, as read
+        self._read_records: dict[str, list[tuple[tuple[str, int], str, int, int]]] = {}
+        self._spool = Spool()
+
+    def __reduce__(self):
+        """Pickled (sent to a Ray task) as its URL, manifest and a complete cache's records; what this
+        process has read of commits/ stays here."""
+        return EmbeddingCache, (self.url, self.manifest, self._finalized)
 
     # --- finding and opening -------------------------------------------------------------
 
@@ -317,6 +323,7 @@ class EmbeddingCache:
         commits = _join(self.path, "commits")
         self.fs.invalidate_cache(commits)
         paths = [p for p in ls_or_empty(self.fs, commits) if p.endswith(".json")]
+        self.fs.invalidate_cache(commits)  # s3fs would keep the listing, a dict a part
         unread = [p for p in paths if p not in self._read_records]
         pages = (self.fs.cat(unread[i:i + READ_PAGE], on_error="return") for i in range(0, len(unread), READ_PAGE))
         for path, blob in ((path, blob) for page in pages for path, blob in page.items()):
@@ -329,23 +336,25 @@ class EmbeddingCache:
             except ValueError:
                 raise CacheError(f"{to_url(self.fs, path)}: corrupt commit record; delete it and re-run "
                                  f"`litpipe precompute` to recompute that shard") from None
-            self._read_records[path] = [_held(r) for r in (loaded["adopted"] if _is_batch(path) else [loaded])]
+            self._read_records[path] = [self._held(r) for r in (loaded["adopted"] if _is_batch(path) else [loaded])]
         self._read_records = {p: self._read_records[p] for p in paths if p in self._read_records}  # removed ones go
         by_name: dict[str, tuple] = {}
         for path in sorted(self._read_records, key=lambda p: (_is_batch(p), p)):  # part records first
             for held in self._read_records[path]:
                 by_name.setdefault(held[1], held)  # a part committed twice counts once
-        return PartRecords([line for _, _, line in sorted(by_name.values(), key=lambda held: held[0])])
+        held = sorted(by_name.values(), key=lambda held: held[0])
+        return PartRecords.placed(self._spool, [start for *_, start, _ in held], [size for *_, size in held])
 
     def remember_record(self, path: str, record: dict) -> None:
         """A record file this process has just had replaced (`commits.rewrite_part`, maybe in a Ray task):
         read again as written."""
-        self._read_records[path] = [_held(record)]
+        self._read_records[path] = [self._held(record)]
 
-
-def _held(record: dict) -> tuple[tuple[str, int], str, bytes]:
-    """A record read from commits/ as a cache object keeps it: its place in input order, its name, its line."""
-    return (record["input"], record["part"]), record["name"], record_line(record)
+    def _held(self, record: dict) -> tuple[tuple[str, int], str, int, int]:
+        """A record read from commits/ as this object keeps it: its place in input order, its name, where
+        its line is in the spool."""
+        line = record_line(record)
+        return (record["input"], record["part"]), record["name"], self._spool.append(line), len(line)
 
 
 def _is_batch(path: str) -> bool:

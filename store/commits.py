@@ -29,12 +29,11 @@ from litpipe.store.cache import (ERRORS_FILE, MANIFEST, CacheError, EmbeddingCac
 from litpipe.store.duplicates import later_duplicates
 from litpipe.store.fingerprint import canonical_json
 from litpipe.store.parts import open_part, read_part
-from litpipe.store.records import PartRecords, manifest_file, record_line
-from litpipe.store.tasks import spread
+from litpipe.store.records import PartRecords, manifest_chunks, record_line
+from litpipe.store.tasks import spread_as_done
 
 REQUIRED_COLUMNS = ("key", "captions", "embedding")
 ADOPT_BATCH = 5000  # adopted parts per batch record
-REWRITE_BATCH = 1024  # parts finalize rewrites at a time: the records it holds as dicts
 FINALIZED_KEYS = ("completed", "num_rows", "bytes", "num_errors", "error_counts", "shards")  # what finalize adds
 
 
@@ -195,7 +194,8 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
     (`cache.parts()` has them).
 
     With `expected_inputs`, refuse while any of them is not committed yet. The records pass through one
-    at a time (`records.py`): this process holds their compact lines and the two files, not a dict a part.
+    at a time and the files are written a piece at a time: this process holds where each record's line
+    is (`records.Spool`, 16 bytes a part), never a dict a part or a whole file.
     """
     if cache.complete:
         return cache.manifest
@@ -205,51 +205,59 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
         if missing:
             raise CacheError(f"{cache.url}: cannot finalize, {len(missing)} input shard(s) not committed "
                              f"(first: {missing[0]}); re-run `litpipe precompute` to finish them")
+    before = records
     try:
-        records, replaced = _drop_later_copies(cache, records)
+        records, rewritten = _drop_later_copies(cache, before)
     except (OSError, CacheError):  # a finalize beside this one rewrote a part and removed a file this one read
         done = EmbeddingCache.open(cache.url)
         if not done.complete:
             raise
         cache.finalized(done.manifest, done.parts())
         return cache.manifest
-    lines, error_lines, reasons, rows, size = [], [], Counter(), 0, 0
-    for record in records:
-        errors = record.pop("errors")
-        # Keys sorted: a record read back from its file and one made in this process write the same line.
-        error_lines += [json.dumps(e, sort_keys=True).encode() + b"\n" for e in errors]
-        reasons.update(e["reason"] for e in errors)
-        rows, size = rows + record["rows"], size + record["bytes"]
-        lines.append(record_line({**record, "num_errors": len(errors)}))
-    write_atomic(cache.fs, _join(cache.path, ERRORS_FILE), b"".join(error_lines))
-    del error_lines
-    manifest = {**cache.manifest, "complete": True, "completed": _now(), "dim": cache.dim, "num_rows": rows,
-                "bytes": size, "num_errors": sum(reasons.values()), "error_counts": dict(reasons)}
-    shards = PartRecords(lines)
-    write_atomic(cache.fs, _join(cache.path, MANIFEST), manifest_file(_dumps(manifest), shards))
+    reasons, totals = Counter(), Counter()
+
+    def error_lines():  # errors.jsonl, a record at a time, and the totals on the way
+        for record in records:
+            totals.update(rows=record["rows"], bytes=record["bytes"])
+            for error in record["errors"]:
+                reasons[error["reason"]] += 1
+                # Keys sorted: a record read back from its file and one made in this process write the same line.
+                yield json.dumps(error, sort_keys=True).encode() + b"\n"
+
+    write_atomic(cache.fs, _join(cache.path, ERRORS_FILE), error_lines())
+    manifest = {**cache.manifest, "complete": True, "completed": _now(), "dim": cache.dim, "num_rows": totals["rows"],
+                "bytes": totals["bytes"], "num_errors": sum(reasons.values()), "error_counts": dict(reasons)}
+    shards = PartRecords(record_line(_without_errors(record)) for record in records)
+    write_atomic(cache.fs, _join(cache.path, MANIFEST), manifest_chunks(_dumps(manifest), shards))
     cache.finalized(manifest, shards)
-    named = referenced_files(list_caches(to_url(cache.fs, cache.root))) if replaced else {}
-    for record in replaced:  # the files of parts rewritten without their duplicates, unless a cache names them
+    named = referenced_files(list_caches(to_url(cache.fs, cache.root))) if len(rewritten) else {}
+    for record in map(before.__getitem__, rewritten):  # the files of parts rewritten without their duplicates, unless a cache names them
         if (cache.owner(record), record["path"]) not in named:
             with contextlib.suppress(FileNotFoundError):  # a finalize running beside this one took it
                 cache.fs.rm_file(cache.file_path(record))
     return cache.manifest
 
 
-def _drop_later_copies(cache: EmbeddingCache, records: PartRecords) -> tuple[PartRecords, list[dict]]:
-    """`records` with each part holding a later copy of a key rewritten without it (spread, one part
-    a call, REWRITE_BATCH parts at a time); where the replaced records' files are ({"path", "owner"})."""
-    later = sorted(later_duplicates(cache, records).items())
-    replaced, rewritten = [], {}
-    for start in range(0, len(later), REWRITE_BATCH):
-        batch = later[start:start + REWRITE_BATCH]
-        reasons = {first: duplicate_reason(records[first]["input"]) for _, (_, firsts) in batch for first in set(firsts.tolist())}
-        calls = [(records[i], rows.tolist(), [reasons[first] for first in firsts.tolist()]) for i, (rows, firsts) in batch]
-        replaced += [{k: record[k] for k in ("path", "owner") if k in record} for record, _, _ in calls]
-        for (i, _), record in zip(batch, spread(cache, rewrite_part, calls)):
-            rewritten[i] = record_line(record)
+def _without_errors(record: dict) -> dict:
+    """A part's record as the manifest lists it: its skip records are in errors.jsonl, their number here."""
+    errors = record.pop("errors")
+    return {**record, "num_errors": len(errors)}
+
+
+def _drop_later_copies(cache: EmbeddingCache, records: PartRecords) -> tuple[PartRecords, np.ndarray]:
+    """`records` with each part holding a later copy of a key rewritten without it (spread, one part a
+    call, taken up as earlier rewrites end); the indices of the parts rewritten."""
+    later = later_duplicates(cache, records)
+    reasons = {first: duplicate_reason(records[first]["input"]) for _, firsts in later.values() for first in set(firsts.tolist())}
+    calls = ((records[i], rows.tolist(), [reasons[first] for first in firsts.tolist()]) for i, (rows, firsts) in later.items())
+
+    def rewritten():
+        for n, record in spread_as_done(cache, rewrite_part, calls):
             cache.remember_record(_record_path(cache, record["name"]), record)
-    return records.replaced(rewritten), replaced
+            yield indices[n], record_line(record)
+
+    indices = np.fromiter(later, np.int64, len(later))
+    return records.replaced(rewritten()), indices
 
 
 def _record_path(cache: EmbeddingCache, name: str) -> str:
