@@ -16,7 +16,7 @@ from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
 from litpipe.errors import UserError
-from litpipe.files import LISTING_MIN_FILES, list_files
+from litpipe.files import LISTING_MIN_FILES, file_paths, list_files
 
 BIG = 20  # files wanted from a folder that gets listed (more than LISTING_MIN_FILES)
 SMALL = 3  # files wanted from a folder small enough for a HEAD each
@@ -159,3 +159,17 @@ def test_s3_sees_what_another_writer_changed_after_this_process_listed(s3_root, 
                 f"{s3_root}/small/t-{SMALL}.tar": b"added"})
     pattern = pattern.format(root=s3_root)
     assert list_files(pattern) == per_file_reference([pattern])
+
+
+def test_file_paths_lists_as_ls_does_and_on_s3_keeps_no_listing(root):
+    """A cache's commits/ is listed at every look, and s3fs's `ls` makes and caches an info dict an object
+    (13 MB of a run's driver at 10,000 parts): `file_paths` pages through it keeping the paths alone."""
+    files = {f"{root}/commits/r-{i:04d}.json": b"{}" for i in range(1500)}  # two pages of S3's 1,000
+    files[f"{root}/commits/sub/x.json"] = b"{}"
+    write(files)
+    fs, folder = fsspec.core.url_to_fs(f"{root}/commits")
+    fs.invalidate_cache()
+    assert sorted(file_paths(fs, folder)) == sorted(fs.ls(folder, detail=False))
+    fs.invalidate_cache()
+    assert len(file_paths(fs, folder)) == 1501 and folder not in getattr(fs, "dircache", {})
+    assert file_paths(fs, folder + "-none") == []
