@@ -6,9 +6,9 @@ Every process that opens a cache holds all its records: the run's driver at fina
 long as it reads. A record as a Python dict is about 2.5 kB (3.8 kB with three skip records); its
 compact JSON line is 450-900 bytes. Held as dicts, with the copies finalize made, the records grew a
 run's driver by 80 MB at 10,000 parts (docs/benchmarks.md); held as lines in memory, still 10 kB a part
-at 10 million images. In a `Spool` a record costs its holder 16 bytes (where its line is), so a
-driver's memory stays the same from a hundred parts to a hundred thousand. Readers take one record at a
-time, so a dict lives only while it is used.
+at 10 million images. In a `Spool` a record costs its holder 16 bytes (where its line is): 1.6 MB at
+100,000 parts, the lines in a temporary file. Readers take one record at a time, so a dict lives only
+while it is used.
 
 A complete manifest lists its records under `shards`, last and one a line, so opening one splits the
 lines off its head and never builds a dict a part either (a 100,000-part manifest made 240 MB of them).
