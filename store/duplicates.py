@@ -30,12 +30,14 @@ import pyarrow.compute as pc
 
 from litpipe.store.cache import EmbeddingCache
 from litpipe.store.parts import open_part, read_part
+from litpipe.store.records import PartRecords
 from litpipe.store.tasks import THREADS, bare, joined_ray
 
 KEYS_PER_BUCKET = 4_000_000  # keys one reduce task groups: ~150 MB at 20-byte keys
 MIN_KEYS_PER_MAP = 262_144  # a map task reads parts until it holds this many keys...
 MIN_KEYS_PER_OUTPUT = 8_192  # ...and this many per bucket: Ray keeps objects under 100 kB in their owner, the driver
 SCHEMA = pa.schema([("key", pa.string()), ("ordinal", pa.int64())])
+KEY_FIELDS = ("name", "path", "owner", "rows")  # what a map task reads of a part's record (`parts.open_part`)
 
 
 def later_duplicates(cache: EmbeddingCache, records: list[dict]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -66,13 +68,15 @@ def later_duplicates(cache: EmbeddingCache, records: list[dict]) -> dict[int, tu
             for part, rows, first in zip(parts, np.split(ordinals, starts[1:]), np.split(firsts, starts[1:]))}
 
 
-def map_tasks(records: list[dict], keys_per_task: int) -> list[tuple[int, list[dict]]]:
-    """Runs of consecutive parts of about `keys_per_task` rows: (index of the first, the records)."""
+def map_tasks(records: PartRecords, keys_per_task: int) -> list[tuple[int, PartRecords]]:
+    """Runs of consecutive parts of about `keys_per_task` rows: (index of the first, their records less
+    what reading keys does not need: a run's driver sends every part's record to these tasks at once,
+    and the skip records and row-group counts were most of their bytes)."""
     tasks, start, rows = [], 0, 0
     for i, record in enumerate(records):
         rows += record["rows"]
         if rows >= keys_per_task or i == len(records) - 1:
-            tasks.append((start, records[start:i + 1]))
+            tasks.append((start, PartRecords.of({k: r[k] for k in KEY_FIELDS if k in r} for r in records[start:i + 1])))
             start, rows = i + 1, 0
     return tasks
 

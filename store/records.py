@@ -1,5 +1,5 @@
-"""A cache's part records, held as the compact JSON line each one is, spooled to local disk past a few
-megabytes and parsed when asked for; and the complete manifest's layout that lets them be read and
+"""A cache's part records, held as the compact JSON line each one is, spooled to local disk past a
+megabyte and parsed when asked for; and the complete manifest's layout that lets them be read and
 written as lines.
 
 Every process that opens a cache holds all its records: the run's driver at finalize, a reader for as
@@ -23,7 +23,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 
 SHARDS_OPEN, SEPARATOR, SHARDS_CLOSE = b',\n "shards": [\n  ', b",\n  ", b"\n ]\n}"
-SPOOL_MEMORY = 4 << 20  # bytes of lines a spool holds in memory before it moves them to a temporary file
+SPOOL_MEMORY = 1 << 20  # bytes of lines a spool holds in memory before it moves them to a temporary file
 
 
 def record_line(record: dict) -> bytes:

@@ -75,6 +75,22 @@ def test_the_pass_over_ray_tasks_equals_a_dict_over_every_key(tmp_path, small_bu
     assert as_pairs(duplicates.later_duplicates(cache, cache.parts())) == reference(cache)
 
 
+def test_a_map_task_is_sent_what_reading_keys_needs_of_each_record(tmp_path):
+    """Every map task is submitted at once, so a run's driver holds every part's record as task
+    arguments; the skip records and row-group counts were most of their bytes."""
+    import pickle
+
+    cache = write_cache(tmp_path, 30, 5, pool=1_000)
+    errors = [{"key": f"bad{k}", "reason": "undecodable image: cannot identify image file"} for k in range(3)]
+    commit_part(cache, "/data/in-late.tar", pa.table({"key": ["z1"], "captions": [["c"]], "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(np.zeros(8, np.float32)), 8)}), errors)
+    records = cache.parts()
+    tasks = duplicates.map_tasks(records, 40)
+    assert [first for first, _ in tasks] == list(range(0, 31, 8)) and sum(len(chunk) for _, chunk in tasks) == 31
+    assert all(set(r) <= set(duplicates.KEY_FIELDS) for _, chunk in tasks for r in chunk)
+    assert sum(len(pickle.dumps(chunk)) for _, chunk in tasks) < len(pickle.dumps(records)) / 2
+
+
 DRIVER = """
 import json, sys
 import pyarrow as pa

@@ -293,7 +293,7 @@ def test_finalize_holds_no_record_in_memory_and_writes_the_manifest_one_record_a
 
     # The duplicate pass (tests/test_duplicates.py) runs in Ray tasks under a run's driver: here, finalize's own share.
     monkeypatch.setattr("litpipe.store.commits.later_duplicates", lambda cache, records: {})
-    monkeypatch.setattr("litpipe.store.records.SPOOL_MEMORY", 1)  # the lines on disk from the first, as past 4 MB
+    monkeypatch.setattr("litpipe.store.records.SPOOL_MEMORY", 1)  # the lines on disk from the first, as past 1 MB
     few, many = measured(400), measured(1200)  # the slope: one-offs cancel
     reading, held, peak, opened = ((b - a) / 800 for a, b in zip(few[:4], many[:4]))
     assert reading < 900 and held < 100 and peak < 2000 and opened < 100, (reading, held, peak, opened)
