@@ -17,6 +17,7 @@ lines off its head and never builds a dict a part either (a 100,000-part manifes
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import threading
 from array import array
@@ -33,32 +34,47 @@ def record_line(record: dict) -> bytes:
 
 class Spool:
     """Bytes appended once and read back by place: in memory up to SPOOL_MEMORY, then in an unnamed
-    temporary file on local disk (`tempfile.SpooledTemporaryFile`, gone with this object). Thread-safe:
-    a cache's records are read from the threads that spread its work."""
+    temporary file on local disk (gone with this object). Thread-safe, and safe across a fork (a
+    DataLoader's workers): the file is read and written at explicit offsets (`os.pread`), never through
+    a file position parent and child share, and a forked process that appends takes a copy first."""
 
-    __slots__ = ("_file", "_lock", "_end")
+    __slots__ = ("_memory", "_file", "_end", "_pid", "_lock")
 
     def __init__(self):
-        self._file = tempfile.SpooledTemporaryFile(SPOOL_MEMORY, prefix="litpipe-records-")
-        self._lock = threading.Lock()
-        self._end = 0
+        self._memory, self._file, self._end, self._pid, self._lock = bytearray(), None, 0, os.getpid(), threading.Lock()
 
     def append(self, data: bytes) -> int:
         """Store `data`; where it starts."""
         with self._lock:
             start = self._end
-            self._file.seek(start)
-            self._file.write(data)
+            if self._file is None and start + len(data) <= SPOOL_MEMORY:
+                self._memory += data
+            else:
+                if self._file is None or self._pid != os.getpid():
+                    self._file = self._own_file(bytes(self._memory) if self._file is None else self._read(0, start))
+                    self._memory = bytearray()
+                os.pwrite(self._file.fileno(), data, start)
             self._end += len(data)
         return start
 
     def read(self, start: int, size: int) -> bytes:
         with self._lock:
-            self._file.seek(start)
-            return self._file.read(size)
+            return self._read(start, size)
+
+    def _read(self, start: int, size: int) -> bytes:
+        if self._file is None:
+            return bytes(self._memory[start:start + size])
+        return os.pread(self._file.fileno(), size, start)
+
+    def _own_file(self, content: bytes):
+        file = tempfile.TemporaryFile(prefix="litpipe-records-", buffering=0)
+        os.pwrite(file.fileno(), content, 0)
+        self._pid = os.getpid()
+        return file
 
     def __del__(self):
-        self._file.close()  # closed here, not by the file's own finaliser, which warns of it
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
 
 
 class PartRecords(Sequence):

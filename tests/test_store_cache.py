@@ -306,6 +306,61 @@ def test_finalize_holds_no_record_in_memory_and_writes_the_manifest_one_record_a
     assert len(driver.errors()) == 3 * 1200 and verify(driver) == []
 
 
+def test_spooled_records_read_right_in_a_forked_process_and_after_its_appends(monkeypatch):
+    """A DataLoader's workers are forked with the cache's records: past SPOOL_MEMORY they are one file
+    that parent and child share, so a shared file position or an append into it would garble lines."""
+    import multiprocessing
+
+    from litpipe.store.records import PartRecords
+
+    monkeypatch.setattr("litpipe.store.records.SPOOL_MEMORY", 64)
+    records = PartRecords.of({"part": k, "name": f"n{k}" * (k % 7)} for k in range(500))
+    expected = [{"part": k, "name": f"n{k}" * (k % 7)} for k in range(500)]
+
+    fork = multiprocessing.get_context("fork")
+    out, appended, overwritten = fork.Queue(), fork.Event(), fork.Event()
+
+    def child():
+        seen = list(records)
+        changed = records.replaced((k, json.dumps({"part": -k}).encode()) for k in range(0, 500, 3))
+        appended.set()
+        overwritten.wait(60)  # the parent has appended its own lines where this process put its own
+        out.put((seen == expected, [r["part"] for r in changed][:7]))
+
+    process = fork.Process(target=child)
+    process.start()
+    assert list(records) == expected  # read beside the child's reads
+    appended.wait(60)
+    mine = records.replaced((k, json.dumps({"part": 1000 + k}).encode()) for k in range(0, 500, 3))
+    overwritten.set()
+    same, parts = out.get(timeout=60)
+    process.join(60)
+    assert same and parts == [0, 1, 2, -3, 4, 5, -6]
+    assert list(records) == expected and [r["part"] for r in mine][:4] == [1000, 1, 2, 1003]
+
+
+def test_spread_work_starts_as_calls_end_not_in_rounds_behind_the_slowest(tmp_path):
+    """finalize rewrote parts in rounds of 1,024, each waiting for its slowest task (528 s against 399 at
+    10M): here the first of 3,000 calls waits until the last has run, which such rounds would never
+    reach; taken up as calls end, all of them run, and each output comes back as its call ends."""
+    import threading
+
+    from litpipe.store.tasks import spread_as_done
+
+    cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET)
+    last_ran = threading.Event()
+
+    def call(cache, k):
+        if k == 0:
+            assert last_ran.wait(30), "the last call never started"
+        if k == 2999:
+            last_ran.set()
+        return k * 2
+
+    done = list(spread_as_done(cache, call, ((k,) for k in range(3000))))
+    assert sorted(done) == [(k, 2 * k) for k in range(3000)] and done[-1] == (0, 0)
+
+
 def test_a_task_gets_a_cache_without_its_part_records(tmp_path):
     """What `store.tasks.bare` sends with every task (and the token cache's workers get once) stays
     the same size as parts grow: a complete manifest lists every part, and a task sent it each time
