@@ -339,7 +339,7 @@ def test_spooled_records_read_right_in_a_forked_process_and_after_its_appends(mo
     assert list(records) == expected and [r["part"] for r in mine][:4] == [1000, 1, 2, 1003]
 
 
-def test_spread_work_starts_as_calls_end_not_in_rounds_behind_the_slowest(tmp_path):
+def test_spread_work_starts_as_calls_end_not_in_rounds_behind_the_slowest(tmp_path, monkeypatch):
     """finalize rewrote parts in rounds of 1,024, each waiting for its slowest task (528 s against 399 at
     10M): here the first of 3,000 calls waits until the last has run, which such rounds would never
     reach; taken up as calls end, all of them run, and each output comes back as its call ends."""
@@ -347,6 +347,7 @@ def test_spread_work_starts_as_calls_end_not_in_rounds_behind_the_slowest(tmp_pa
 
     from litpipe.store.tasks import spread_as_done
 
+    monkeypatch.setattr("litpipe.store.tasks.joined_ray", lambda cache: None)  # threads: the calls share an Event
     cache = EmbeddingCache.open_or_create(str(tmp_path), ENCODER, DATASET)
     last_ran = threading.Event()
 
@@ -358,7 +359,7 @@ def test_spread_work_starts_as_calls_end_not_in_rounds_behind_the_slowest(tmp_pa
         return k * 2
 
     done = list(spread_as_done(cache, call, ((k,) for k in range(3000))))
-    assert sorted(done) == [(k, 2 * k) for k in range(3000)] and done[-1] == (0, 0)
+    assert sorted(done) == [(k, 2 * k) for k in range(3000)] and done.index((0, 0)) > 2900  # back as it ended
 
 
 def test_a_task_gets_a_cache_without_its_part_records(tmp_path):
