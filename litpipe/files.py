@@ -107,12 +107,17 @@ def ls_or_empty(fs, folder: str, detail: bool = False) -> list:
 
 
 def file_paths(fs, folder: str) -> list[str]:
-    """The paths under `folder` (`ls_or_empty`'s, without details). On S3 a page of the listing at a time,
-    keeping the paths alone: s3fs's `ls` makes an info dict an object first, 1.2 kB each, which stayed
-    in a run's driver as 13 MB at 10,000 parts (docs/benchmarks.md). Its paging (`_iterdir`) is not
-    public API, so any other store, or an s3fs without it, is listed with `ls`."""
+    """The paths under `folder` now (`ls_or_empty`'s, without details), keeping no listing behind. On S3
+    a page of the listing at a time, keeping the paths alone: s3fs's `ls` makes an info dict an object
+    first, 1.2 kB each, which stayed in a run's driver as 13 MB at 10,000 parts (docs/benchmarks.md). Its
+    paging (`_iterdir`) is not public API, so any other store, or an s3fs without it, is listed with `ls`
+    and its listing cache emptied before (a stale listing) and after (a dict an entry)."""
     if not (getattr(fs, "async_impl", False) and hasattr(fs, "_iterdir") and "s3" in fs.protocol):
-        return ls_or_empty(fs, folder)
+        fs.invalidate_cache(folder)
+        try:
+            return ls_or_empty(fs, folder)
+        finally:
+            fs.invalidate_cache(folder)
     bucket, key, _ = fs.split_path(folder)
 
     async def paths():
@@ -236,8 +241,7 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | Iterabl
         fs.pipe_file(path, data)
     else:
         with tempfile.NamedTemporaryFile(prefix="litpipe-upload-") as tmp:
-            for chunk in data:
-                tmp.write(chunk)
+            _write_pieces(tmp, data)
             tmp.flush()
             fs.put_file(tmp.name, path)
 
@@ -271,8 +275,7 @@ def write_temp(path: str, data: bytes | Iterable[bytes]) -> str:
     tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
         with open(tmp, "wb") as f:
-            for chunk in [data] if isinstance(data, bytes) else data:
-                f.write(chunk)
+            _write_pieces(f, data)
     except BaseException as err:  # a full disk, or the pieces' maker failed: no half-written file stays behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -280,6 +283,11 @@ def write_temp(path: str, data: bytes | Iterable[bytes]) -> str:
             raise naming(err, tmp) from err
         raise
     return tmp
+
+
+def _write_pieces(f, data: bytes | Iterable[bytes]) -> None:
+    for chunk in [data] if isinstance(data, bytes) else data:
+        f.write(chunk)
 
 
 def naming(err: OSError, path: str) -> OSError:

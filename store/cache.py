@@ -320,10 +320,7 @@ class EmbeddingCache:
         has not read yet. Record files are written once (finalize, which replaces some, updates what
         was read: `remember_record`), so a run that looks at commits/ several times reads each record once: at
         100,000 parts, a plan/finish cycle is a listing page per 1,000 parts a look, not a GET per part."""
-        commits = _join(self.path, "commits")
-        self.fs.invalidate_cache(commits)
-        paths = [p for p in file_paths(self.fs, commits) if p.endswith(".json")]
-        self.fs.invalidate_cache(commits)  # a store listed with `ls` keeps the listing, a dict a part
+        paths = [p for p in file_paths(self.fs, _join(self.path, "commits")) if p.endswith(".json")]
         unread = [p for p in paths if p not in self._read_records]
         pages = (self.fs.cat(unread[i:i + READ_PAGE], on_error="return") for i in range(0, len(unread), READ_PAGE))
         for path, blob in ((path, blob) for page in pages for path, blob in page.items()):
@@ -362,12 +359,15 @@ def _is_batch(path: str) -> bool:
     return path.rsplit("/", 1)[-1].startswith("adopted-")
 
 
-def referenced_files(caches: list[EmbeddingCache]) -> dict[tuple[str, str], set[str]]:
-    """(owner cache id, data file path in its folder) -> the ids of the caches whose records name it."""
+def referenced_files(caches: list[EmbeddingCache], among: set | None = None) -> dict[tuple[str, str], set[str]]:
+    """(owner cache id, data file path in its folder) -> the ids of the caches whose records name it;
+    with `among`, those files alone (finalize asks about the few it replaced, not every part's)."""
     refs: dict[tuple[str, str], set[str]] = {}
     for cache in caches:
         for record in cache.parts():
-            refs.setdefault((cache.owner(record), record["path"]), set()).add(cache.id)
+            file = (cache.owner(record), record["path"])
+            if among is None or file in among:
+                refs.setdefault(file, set()).add(cache.id)
     return refs
 
 

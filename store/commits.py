@@ -230,18 +230,19 @@ def finalize(cache: EmbeddingCache, expected_inputs=None) -> dict:
     shards = PartRecords(record_line(_without_errors(record)) for record in records)
     write_atomic(cache.fs, _join(cache.path, MANIFEST), manifest_chunks(_dumps(manifest), shards))
     cache.finalized(manifest, shards)
-    named = referenced_files(list_caches(to_url(cache.fs, cache.root))) if len(rewritten) else {}
-    for record in map(before.__getitem__, rewritten):  # the files of parts rewritten without their duplicates, unless a cache names them
-        if (cache.owner(record), record["path"]) not in named:
-            with contextlib.suppress(FileNotFoundError):  # a finalize running beside this one took it
-                cache.fs.rm_file(cache.file_path(record))
+    # The files of parts rewritten without their duplicates go, unless a cache names them.
+    replaced = {(cache.owner(record), record["path"]) for record in map(before.__getitem__, rewritten)}
+    named = referenced_files(list_caches(to_url(cache.fs, cache.root)), among=replaced) if replaced else {}
+    for owner, path in sorted(replaced - named.keys()):
+        with contextlib.suppress(FileNotFoundError):  # a finalize running beside this one took it
+            cache.fs.rm_file(_join(cache.root, owner, path))
     return cache.manifest
 
 
 def _without_errors(record: dict) -> dict:
     """A part's record as the manifest lists it: its skip records are in errors.jsonl, their number here."""
-    errors = record.pop("errors")
-    return {**record, "num_errors": len(errors)}
+    record["num_errors"] = len(record.pop("errors"))
+    return record
 
 
 def _drop_later_copies(cache: EmbeddingCache, records: PartRecords) -> tuple[PartRecords, np.ndarray]:

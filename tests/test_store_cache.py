@@ -481,6 +481,29 @@ def test_a_part_taken_out_is_committed_again_and_its_file_stays_while_another_ca
     assert verify(partial) == []
 
 
+def test_finalize_removes_a_rewritten_parts_old_file_unless_another_cache_names_it(tmp_path):
+    """Finalize rewrites parts holding later copies of a key; each old file goes, but one that another
+    cache under the root adopted (its record names it) stays, and both caches read and verify clean."""
+    from litpipe.store.sharing import adopt_from_other_caches
+
+    root = tmp_path / "store"
+    cache = EmbeddingCache.open_or_create(str(root), ENCODER, DATASET)
+    commit_part(cache, INPUTS[0], shard_table("s0", 3))
+    for i in (1, 2):
+        table = shard_table(f"s{i}", 3, seed=i)
+        commit_part(cache, INPUTS[i], table.set_column(0, "key", pa.array([f"s{i}/0", f"s0/{i}", f"s{i}/2"])))
+    other = EmbeddingCache.open_or_create(str(root), ENCODER, {**DATASET, "inputs": DATASET["inputs"][1:2]})
+    assert adopt_from_other_caches(other, [INPUTS[1]]) == {INPUTS[1]: cache.id}
+    old = {r["input"]: root / cache.id / r["path"] for r in cache.parts()}
+    finalize(cache)
+    new = {r["input"]: root / cache.id / r["path"] for r in cache.parts()}
+    assert [url for url in INPUTS[:3] if new[url] != old[url]] == INPUTS[1:3]
+    assert old[INPUTS[1]].exists() and not old[INPUTS[2]].exists() and old[INPUTS[0]].exists()
+    assert load_all(cache).keys == ["s0/0", "s0/1", "s0/2", "s1/0", "s1/2", "s2/0", "s2/2"] and verify(cache) == []
+    finalize(other)
+    assert load_all(other).keys == ["s1/0", "s0/1", "s1/2"] and verify(other) == []
+
+
 def test_a_format_1_cache_reads_as_it_is_and_lends_its_shards(tmp_path):
     """Format 2 added records that name another cache's file; a format-1 cache (records without `owner`)
     is read in place, never re-encoded, and a grown dataset adopts its shards."""
