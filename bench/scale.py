@@ -15,11 +15,14 @@ cluster on this machine, the store on an S3 protocol server, measured per image 
   then runs over the cache (one epoch, or --train-steps N) beside the cluster (data wait per step,
   its rusage), and one epoch of its input path alone (the reader serving vectors and token ids at B)
   gives the rows/s and MB/s the store feeds a trainer.
+- `epoch`: one training epoch (`litpipe train`, the demo's text tower) over a cache of --rows rows built
+  without images, where the rehearsal's cache cannot travel (the GPU runbook's `--epoch`).
 
     .venv/bin/python bench/scale.py generate --images 100000 --dir /tmp/litpipe-scale/100k
     .venv/bin/python bench/scale.py run --dir /tmp/litpipe-scale/100k [--nodes 2] [--node-loss 60 [--lose encoder]]
         [--train-batch 65536 [--train-steps 3]] [--json F]
     .venv/bin/python bench/scale.py table F      # the runs in F as docs/benchmarks.md's table, with slopes
+    .venv/bin/python bench/scale.py epoch --rows 10000000 --batch 65536 [--gpu]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from moto_s3 import free_port, start_moto
@@ -389,6 +393,71 @@ def read_epoch(cache_url: str, batch: int, work: Path, env: dict) -> dict:
             "mb_per_s": round(found["bytes"] / 1e6 / found["read_s"], 1)}
 
 
+# --- one training epoch over a cache built without images (where the rehearsal's 10M cache cannot go) ----
+
+CAPTION_WORDS = np.array("a an the photo picture of with on in at dog cat man woman car house tree street beach city "
+                         "red blue green small large old new night sunny view close up white black two three".split())
+
+
+def commit_synthetic(args: tuple) -> None:
+    """Parts `first`.. of a synthetic cache, one input shard each, through the store's own `commit_part`."""
+    from litpipe.store import EmbeddingCache
+    from litpipe.store.commits import commit_part
+
+    url, first, last, rows, per_part, dim = args
+    cache = EmbeddingCache.open(url)
+    for part in range(first, last):
+        n = min(per_part, rows - part * per_part)
+        rng = np.random.default_rng(part)
+        vectors = rng.standard_normal((n, dim), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        words = CAPTION_WORDS[rng.integers(0, len(CAPTION_WORDS), (n, 12))]
+        lengths = rng.integers(4, 13, n)
+        commit_part(cache, f"synthetic/{part:07d}.tar", pa.table({
+            "key": [f"{part:07d}/{row:05d}" for row in range(n)],
+            "captions": [[" ".join(w[:k])] for w, k in zip(words.tolist(), lengths.tolist())],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)}))
+
+
+def synthetic_cache(root: str, rows: int, per_part: int = 4_096, dim: int = 64) -> str:
+    """A complete cache of `rows` rows (random unit vectors, crawl-like captions of 4-12 words, `per_part`
+    rows an input shard, float16 as the rehearsal's) written by the store's own commit path from a
+    process per CPU, then finalized; its URL. It stands in for the rehearsal's 10M cache on a machine the
+    shards cannot travel to (a lent GPU): the trainer reads it as it reads any cache."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from litpipe.store import EmbeddingCache
+    from litpipe.store.commits import finalize
+
+    parts = -(-rows // per_part)
+    inputs = [{"url": f"synthetic/{part:07d}.tar", "size": 1, "mtime": 1.0} for part in range(parts)]
+    encoder = {"model": "synthetic", "weights_sha256": "0" * 64, "dim": dim, "spec": {"model": "synthetic"}}
+    cache = EmbeddingCache.open_or_create(root, encoder, {"format": "webdataset", "options": {}, "inputs": inputs},
+                                          rows_per_commit=per_part)
+    workers = os.cpu_count() or 1
+    spans = [(cache.url, a, min(a + -(-parts // workers), parts), rows, per_part, dim)
+             for a in range(0, parts, -(-parts // workers))]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(commit_synthetic, spans))
+    finalize(EmbeddingCache.open(cache.url))
+    return cache.url
+
+
+def epoch(folder: Path, rows: int, batch: int, use_gpu: bool) -> dict:
+    """One epoch of `litpipe train` (the demo's text tower, global batch `batch`) over a synthetic cache of
+    `rows` rows: the build's seconds, then train's rusage, data wait and samples/s per step (`train`)."""
+    work = Path(tempfile.mkdtemp(prefix="epoch-", dir=folder))
+    start = time.perf_counter()
+    url = synthetic_cache(str(work / "store"), rows)
+    built = round(time.perf_counter() - start, 1)
+    config = {"workdir": str(work / "runs"), "store": {"root": str(work / "store")},
+              "data": {"train": {"format": "webdataset", "urls": "synthetic/{0000000..0000001}.tar"}},
+              "train": {**TRAIN, "cache": url, "batch_size": batch, "epochs": 1, "use_gpu": use_gpu}}
+    (work / "pipeline.yaml").write_text(json.dumps(config))
+    trained = train(work, "local", {**os.environ, "RAY_ADDRESS": "local"})
+    return {"rows": rows, "batch": batch, "use_gpu": use_gpu, "build_s": built, "train": trained}
+
+
 def read_summary(log: Path) -> dict:
     """The train dataset's result from `precompute --json`'s output."""
     text = log.read_text()
@@ -485,6 +554,11 @@ def main() -> None:
                      help="then train one epoch at this global batch (0: no), and read one epoch of its input alone")
     run.add_argument("--train-steps", type=int, default=0, help="train this many steps instead of one epoch")
     run.add_argument("--json", type=Path, help="append the result as one JSON line")
+    one = sub.add_parser("epoch", help="one training epoch over a synthetic cache of --rows rows (built here)")
+    one.add_argument("--rows", type=int, default=10_000_000)
+    one.add_argument("--batch", type=int, default=65_536)
+    one.add_argument("--gpu", action="store_true", help="train on the GPU (train.use_gpu)")
+    one.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     show = sub.add_parser("table", help="the markdown table of the runs in a --json file, with slopes")
     show.add_argument("results", type=Path)
     show.add_argument("--rows-per-commit", type=int, default=1_000)
@@ -495,6 +569,9 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the cluster and moto are stopped on the way out
     if args.command == "generate":
         print(json.dumps(generate(args.dir, args.images, args.per_shard), indent=2))
+        return
+    if args.command == "epoch":
+        print(json.dumps(epoch(args.dir, args.rows, args.batch, args.gpu)))
         return
     result = rehearse(args.dir.resolve(), args.nodes, args.cpus, args.object_store_mb, args.rows_per_commit, args.node_loss,
                       args.lose, args.train_batch, args.train_steps)

@@ -30,6 +30,18 @@ def test_the_device_runbook_runs_every_part_on_cpu_and_writes_its_json_and_table
     assert "dry run" in (tmp_path / "device.md").read_text()
 
 
+@pytest.mark.long
+def test_the_runbooks_training_epoch_reads_every_row_of_a_cache_built_by_the_store(tmp_path):
+    """`run.sh --epoch` (#40's epoch over 10M rows on a GPU) on CPU: 10,000 rows at 2,048, so 4 steps."""
+    done = subprocess.run(["bash", str(ROOT / "bench" / "device" / "run.sh"), "--dry-run", "--epoch"], cwd=ROOT,
+                          timeout=300, env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert done.returncode == 0, done.stdout[-4000:]
+    (figures,) = json.loads((tmp_path / "epoch.json").read_text())["parts"].values()
+    assert figures["rows"] == 10_000 and figures["train"]["rc"] == 0 and figures["train"]["steps"] == 4
+    assert 0 <= figures["train"]["data_wait_median"] < 1 and figures["train"]["samples_per_s_median"] > 0
+
+
 def test_a_missing_package_is_named_with_how_to_carry_it(tmp_path):
     code = "import sys; sys.modules['open_clip'] = None; sys.argv = ['runbook', '--check']; " \
            f"sys.path.insert(0, {str(ROOT / 'bench' / 'device')!r}); import runbook; sys.exit(runbook.main())"

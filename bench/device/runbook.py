@@ -3,6 +3,7 @@ and printed as soon as it is done, into device.json and device.md named by the m
 
     bash bench/device/run.sh              # on a GPU machine (the device tool): parts bounded to 9 min 20 s in all
     bash bench/device/run.sh --dry-run    # here, on CPU: tiny models, a few images, the same code (a test runs it)
+    bash bench/device/run.sh --epoch      # a second call: #40's one training epoch over 10M rows (bounded 8 min)
 
 Parts:
   precompute  ViT-B-32 and ViT-L-14 in bf16 (random init): the bare forward against the whole Ray pipeline
@@ -14,6 +15,9 @@ Parts:
   train       a CLIP-B-sized text tower (width 512, 12 layers, 77 tokens) on cached vectors with GradCache:
               samples/s, peak GPU memory and MFU at global batches 16k, 64k, 256k, 1M
   cached      cached against on-the-fly (ViT-B-32 run every step) training samples/s (bench/train.py)
+  epoch       (--epoch alone) one epoch of `litpipe train` at a global batch of 65,536, the demo's text tower,
+              over a 10M-row cache built there by the store's own commit path (bench/scale.py epoch): data wait
+              per step and the trainer's memory, which a 2-core CPU needs 8 hours for
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ TEXT_TOWER = {"width": 512, "layers": 12, "heads": 8, "context_length": 77, "voc
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", help="folder for device.json and device.md")
+    parser.add_argument("--out", help="folder for device.json and device.md (epoch.json and epoch.md with --epoch)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models, a few images: the same code")
     parser.add_argument("--check", action="store_true", help="only say which packages are missing (exit 3 if any)")
+    parser.add_argument("--epoch", action="store_true", help="only the training epoch over 10M rows (its own call)")
     args = parser.parse_args()
     missing = missing_packages()
     if missing:
@@ -52,10 +57,11 @@ def main() -> int:
     if not args.out:
         parser.error("--out is required")
     gpu = torch.cuda.is_available() and not args.dry_run
-    plan = dry_plan() if args.dry_run else gpu_plan()
+    plan = epoch_plan(gpu) if args.epoch else dry_plan() if args.dry_run else gpu_plan()
     results = {"machine": machine(gpu), "dry_run": args.dry_run, "parts": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    stem = "epoch" if args.epoch else "device"
     print(f"== litpipe device runbook on {results['machine']}", flush=True)
     for name, bound, part in plan:
         started = time.perf_counter()
@@ -67,8 +73,8 @@ def main() -> int:
         figures["seconds"] = round(time.perf_counter() - started, 1)
         results["parts"][name] = figures
         print(f"-- {name} ({figures['seconds']} s, bound {bound} s): {json.dumps(figures)}", flush=True)
-        (out / "device.json").write_text(json.dumps(results, indent=2))  # after every part: a later kill keeps it
-    (out / "device.md").write_text(table(results))
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=2))  # after every part: a later kill keeps it
+    (out / f"{stem}.md").write_text(table(results))
     print(table(results))
     return 0 if not any("error" in p for p in results["parts"].values()) else 1
 
@@ -97,6 +103,12 @@ def dry_plan() -> list:
         ("train text tower, GradCache", 60, lambda: train_steps(tiny, [64, 128], 32, "cpu")),
         ("cached vs on the fly", 120, lambda: cached_vs_on_the_fly("small (litpipe-tiny-vit, 64px)", 16, 2)),
     ]
+
+
+def epoch_plan(gpu: bool) -> list:
+    if gpu:
+        return [("one epoch over 10M rows, demo tower at 65,536", 480, lambda: epoch(10_000_000, 65_536, True))]
+    return [("one epoch over 10,000 rows, demo tower at 2,048", 200, lambda: epoch(10_000, 2_048, False))]
 
 
 def missing_packages() -> list[str]:
@@ -242,6 +254,17 @@ def cached_vs_on_the_fly(tower_name: str, batch: int, steps: int) -> dict:
     cached, on_the_fly = throughput(tower_name, IMAGE_TOWERS[tower_name], batch, steps)
     return {"batch": batch, "cached": round(cached, 1), "on_the_fly": round(on_the_fly, 1),
             "ratio": round(cached / on_the_fly, 2)}
+
+
+def epoch(rows: int, batch: int, gpu: bool) -> dict:
+    """bench/scale.py epoch in its own process: the cache's build seconds, then train's rusage, steps, data
+    wait (first step, and the median of the rest) and samples/s."""
+    command = [sys.executable, str(ROOT / "bench" / "scale.py"), "epoch", "--rows", str(rows), "--batch", str(batch),
+               *(["--gpu"] if gpu else [])]
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-1500:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def table(results: dict) -> str:
