@@ -280,8 +280,11 @@ def timed(command: list[str], env: dict, log: Path, rss_every: float = 0) -> dic
 # --- the rehearsal -------------------------------------------------------------------------------
 
 def requests_in(log: Path) -> int:
-    """Requests moto answered: one access-log line each."""
-    return sum(1 for line in open(log, errors="replace") if re.search(r'"(GET|PUT|POST|HEAD|DELETE) ', line))
+    """Requests moto answered: one access-log line each. Its server colours the lines of answers other
+    than 200 (206 ranges, 204 deletes, 404s) with terminal escapes before the method, which runs before
+    #40's seventh session did not count: their figures were 4-6 requests a part short."""
+    return sum(1 for line in open(log, errors="replace")
+               if re.search(r'"(?:\x1b\[[0-9;]*m)*(GET|PUT|POST|HEAD|DELETE) ', line))
 
 
 def rehearse(folder: Path, nodes: int, cpus: int, store_mb: int, rows_per_commit: int, node_loss: float | None,

@@ -120,9 +120,9 @@ class Plan:
     failures: dict[str, str] = field(default_factory=dict)  # input -> why a part of it could not be written
     actors: set[str] = field(default_factory=set)  # host:pid of each encoder actor that wrote a part
     readers: set[str] = field(default_factory=set)  # host:pid of each read task's worker that decoded one
-    # (input, part) whose rows this run counted: committed by it, or found committed by an attempt of
-    # it whose answer was lost with its node (its rows are in the cache all the same)
-    counted: set[tuple[str, int]] = field(default_factory=set)
+    # input -> its parts whose rows this run counted: committed by it, or found committed by an attempt
+    # of it whose answer was lost with its node (its rows are in the cache all the same)
+    counted: dict[str, set[int]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # driver's steps: plan, finalize
 
     def count(self, summary: PartSummary) -> None:
@@ -135,7 +135,7 @@ class Plan:
         self.actors.add(summary.actor)
         self.readers.add(summary.decoded_by)
         if not summary.failure:
-            self.counted.add((summary.input, summary.part))
+            self.counted.setdefault(summary.input, set()).add(summary.part)
 
 
 def plan(cfg: PipelineConfig, name: str, encoder: EncoderDescription) -> Plan:
@@ -188,7 +188,7 @@ def finish(p: Plan) -> DatasetResult:
         # Keys repeated across input shards are resolved over every committed part: the copies this
         # run embedded and finalize dropped count as skipped, not embedded.
         dropped = sum(r.get("duplicates_dropped", 0) for r in p.cache.parts()
-                      if (r["input"], r["part"]) in p.counted)
+                      if r["part"] in p.counted.get(r["input"], ()))
         if dropped:
             p.embedded -= dropped
             p.skipped[DUPLICATE_KEY] += dropped

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 import litpipe
 from litpipe.errors import UserError
-from litpipe.files import file_paths, to_url, write_exclusive
+from litpipe.files import file_paths, read_small, to_url, write_exclusive
 from litpipe.store.fingerprint import cache_id, canonical_json, dataset_fingerprint
 from litpipe.store.records import PartRecords, Spool, record_line, split_manifest
 
@@ -322,7 +322,7 @@ class EmbeddingCache:
         100,000 parts, a plan/finish cycle is a listing page per 1,000 parts a look, not a GET per part."""
         paths = [p for p in file_paths(self.fs, _join(self.path, "commits")) if p.endswith(".json")]
         unread = [p for p in paths if p not in self._read_records]
-        pages = (self.fs.cat(unread[i:i + READ_PAGE], on_error="return") for i in range(0, len(unread), READ_PAGE))
+        pages = (read_small(self.fs, unread[i:i + READ_PAGE]) for i in range(0, len(unread), READ_PAGE))
         for path, blob in ((path, blob) for page in pages for path, blob in page.items()):
             if isinstance(blob, FileNotFoundError):
                 continue

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from litpipe.files import naming, ls_or_empty, to_url, write_atomic, write_exclusive
+from litpipe.files import file_exists, ls_or_empty, make_folder, naming, to_url, write_atomic, write_exclusive
 from litpipe.skips import duplicate_reason
 from litpipe.store.cache import (ERRORS_FILE, MANIFEST, CacheError, EmbeddingCache, _dumps, _is_batch, _join, _now,
                                  encode_embeddings, list_caches, part_name, referenced_files)
@@ -48,7 +48,7 @@ def commit_part(cache: EmbeddingCache, input_url: str, table: pa.Table, errors=(
     name = part_name(input_url, part)
     commit_path = _record_path(cache, name)
     cache.fs.invalidate_cache(_join(cache.path, "commits"))
-    if cache.fs.exists(commit_path):
+    if file_exists(cache.fs, commit_path):
         return None
     if cache.complete:
         raise CacheError(f"{cache.url}: cache is complete (finalized) and takes no more shards; "
@@ -65,7 +65,7 @@ def commit_part(cache: EmbeddingCache, input_url: str, table: pa.Table, errors=(
         "errors": [{"key": str(e["key"]), "input": e.get("input", input_url), "reason": str(e["reason"])}
                    for e in errors],
     }
-    cache.fs.makedirs(_join(cache.path, "commits"), exist_ok=True)
+    make_folder(cache.fs, _join(cache.path, "commits"))
     if not write_exclusive(cache.fs, commit_path, _dumps(record)):
         cache.fs.rm_file(_join(cache.path, record["path"]))  # lost the race: the winner's shard stands
         return None
@@ -76,7 +76,7 @@ def _write_data(cache: EmbeddingCache, name: str, table: pa.Table) -> dict:
     """Write a part's data file under a writer-unique name; the record's fields that describe it."""
     data_path = f"shards/{name}.{uuid.uuid4().hex[:12]}.parquet"
     blob = _parquet_bytes(table, cache.manifest["row_group_rows"])
-    cache.fs.makedirs(_join(cache.path, "shards"), exist_ok=True)
+    make_folder(cache.fs, _join(cache.path, "shards"))
     try:
         cache.fs.pipe_file(_join(cache.path, data_path), blob)
     except OSError as err:  # a full disk leaves part of the file, which no record will ever name
@@ -93,7 +93,7 @@ def _write_data(cache: EmbeddingCache, name: str, table: pa.Table) -> dict:
 def rewrite_part(cache: EmbeddingCache, record: dict, rows: list[int], reasons: list[str]) -> dict:
     """A committed part's record, its data file written again (in this cache's folder) without
     `rows`, each recorded as skipped with its reason; the old file is the caller's to delete."""
-    table = read_part(cache, open_part(cache, record), record, record["columns"])
+    table = read_part(cache, open_part(cache, record, whole=True), record, record["columns"])  # every column: one GET
     keys = table.column("key").to_pylist()
     keep = np.ones(table.num_rows, bool)
     keep[rows] = False
@@ -103,7 +103,7 @@ def rewrite_part(cache: EmbeddingCache, record: dict, rows: list[int], reasons: 
                      errors=record.get("errors", []) + skipped)
     # The part's own record names the new file from now on (taking over an adopted one), so the
     # cache reads the same if it becomes partial again (`uncommit`).
-    cache.fs.makedirs(_join(cache.path, "commits"), exist_ok=True)
+    make_folder(cache.fs, _join(cache.path, "commits"))
     commit_path = _record_path(cache, record["name"])
     write_atomic(cache.fs, commit_path, _dumps(rewritten))
     return rewritten
@@ -125,7 +125,7 @@ def adopt(cache: EmbeddingCache, parts: list[tuple[dict, EmbeddingCache, list[di
             del adopted["owner"]
         records.append(adopted)
     if records:
-        cache.fs.makedirs(_join(cache.path, "commits"), exist_ok=True)
+        make_folder(cache.fs, _join(cache.path, "commits"))
     for start in range(0, len(records), ADOPT_BATCH):
         batch = records[start:start + ADOPT_BATCH]
         write_exclusive(cache.fs, _join(cache.path, "commits", _batch_name(batch)),

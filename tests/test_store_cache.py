@@ -95,6 +95,26 @@ def test_crash_before_commit_leaves_exactly_the_committed_shards_and_resume_writ
     assert verify(reopened) == []
 
 
+def test_on_s3_a_commit_is_four_requests_and_reading_a_record_is_one(s3_root):
+    """Requests per part are the store's running cost at scale: a commit is the check that the part is not
+    committed yet, the data and record PUTs, and reading the record back; a process opening a partial cache
+    lists commits/ and GETs each record. s3fs's own calls would add a HEAD before each small GET, a listing
+    after the check's 404 and a bucket HEAD for each `makedirs`: 8 requests a commit before."""
+    from collections import Counter
+
+    cache = EmbeddingCache.open_or_create(s3_root, ENCODER, DATASET)
+    sent = Counter()
+    cache.fs.connect(refresh=False)
+    cache.fs.s3.meta.events.register("before-parameter-build.s3", lambda model, params, **_: sent.update(
+        [(model.name, "/commits/" in params.get("Key", ""))]))
+    for i in range(3):
+        commit_part(cache, INPUTS[i], shard_table(f"s{i}", 3, seed=i))
+    assert sent == {("GetObject", True): 6, ("PutObject", True): 3, ("PutObject", False): 3}
+    sent.clear()
+    assert [r["input"] for r in EmbeddingCache.open(cache.url).parts()] == INPUTS[:3]
+    assert {op: n for (op, record), n in sent.items() if record} == {"GetObject": 3}
+
+
 def test_two_writers_racing_on_the_same_inputs_commit_each_key_once(root):
     results = {}
 
