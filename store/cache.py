@@ -361,7 +361,7 @@ def _is_batch(path: str) -> bool:
 
 def referenced_files(caches: list[EmbeddingCache], among: set | None = None) -> dict[tuple[str, str], set[str]]:
     """(owner cache id, data file path in its folder) -> the ids of the caches whose records name it;
-    with `among`, those files alone (finalize asks about the few it replaced, not every part's)."""
+    with `among`, those files alone (finalize asks about the files it replaced, not every part of every cache)."""
     refs: dict[tuple[str, str], set[str]] = {}
     for cache in caches:
         for record in cache.parts():
