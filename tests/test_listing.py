@@ -16,7 +16,7 @@ from braceexpand import braceexpand
 from fsspec.implementations.local import LocalFileSystem
 
 from litpipe.errors import UserError
-from litpipe.files import LISTING_MIN_FILES, file_paths, list_files
+from litpipe.files import LISTING_MIN_FILES, file_exists, file_paths, list_files
 
 BIG = 20  # files wanted from a folder that gets listed (more than LISTING_MIN_FILES)
 SMALL = 3  # files wanted from a folder small enough for a HEAD each
@@ -173,3 +173,28 @@ def test_file_paths_lists_as_ls_does_and_on_s3_keeps_no_listing(root):
     fs.invalidate_cache()
     assert len(file_paths(fs, folder)) == 1501 and folder not in getattr(fs, "dircache", {})
     assert file_paths(fs, folder + "-none") == []
+
+
+def test_a_file_missing_on_s3_is_answered_in_one_request_holding_nothing_of_its_caller(s3_root):
+    """`file_exists` takes the 404 as a value: raised through fsspec's `sync`, the FileNotFoundError sat in a
+    reference cycle with its traceback, keeping the caller's frames (an encoder actor's decoded part) until
+    the next full garbage collection, 100 MB in the rehearsal's actor."""
+    import gc
+    import weakref
+
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{s3_root}/there.json", b"{}")
+
+    class Part:
+        pass
+
+    def commit(name: str) -> tuple[bool, weakref.ref]:
+        part = Part()
+        return file_exists(fs, f"{s3_root}/{name}"), weakref.ref(part)
+
+    gc.disable()
+    try:
+        answers = [commit("there.json"), commit("none.json")]
+        assert [(found, held()) for found, held in answers] == [(True, None), (False, None)]
+    finally:
+        gc.enable()
