@@ -47,7 +47,6 @@ def commit_part(cache: EmbeddingCache, input_url: str, table: pa.Table, errors=(
     """
     name = part_name(input_url, part)
     commit_path = _record_path(cache, name)
-    cache.fs.invalidate_cache(_join(cache.path, "commits"))
     if file_exists(cache.fs, commit_path):
         return None
     if cache.complete:

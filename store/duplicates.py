@@ -72,12 +72,13 @@ def map_tasks(records: PartRecords, keys_per_task: int) -> list[tuple[int, PartR
     """Runs of consecutive parts of about `keys_per_task` rows: (index of the first, their records less
     what reading keys does not need: a run's driver sends every part's record to these tasks at once,
     and the skip records and row-group counts were most of their bytes)."""
-    tasks, start, rows = [], 0, 0
+    tasks, start, rows, run = [], 0, 0, []
     for i, record in enumerate(records):
         rows += record["rows"]
+        run.append({k: record[k] for k in KEY_FIELDS if k in record})
         if rows >= keys_per_task or i == len(records) - 1:
-            tasks.append((start, PartRecords.of({k: r[k] for k in KEY_FIELDS if k in r} for r in records[start:i + 1])))
-            start, rows = i + 1, 0
+            tasks.append((start, PartRecords.of(run)))
+            start, rows, run = i + 1, 0, []
     return tasks
 
 
